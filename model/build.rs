@@ -1,0 +1,1 @@
+include!("../scripts/build_rpath.rs");

@@ -1,0 +1,1 @@
+//! rewards crate (no libtorch).

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Installs libtorch (from PyPI's torch==2.11.0 wheel) once per machine into a versioned cache outside the
+# repository, links <repo>/.libtorch to it and writes an untracked .cargo/config.toml so that plain
+# `cargo build` / `cargo test` find it in any clone. Idempotent; concurrent runs wait on a lock.
+#
+#   scripts/libtorch.sh [auto|cpu|cuda|env]
+#
+#   cpu   torch + cudart + cupti (needed by libtorch_cpu.so even on CPU), CUDA-only libraries pruned (~550 MB)
+#   cuda  torch + the full NVIDIA wheel set (~2.5 GB): libtorch_cuda.so can be loaded at run time
+#   auto  cuda when an NVIDIA driver is visible, else cpu (default)
+#   env   print `export LIBTORCH=... LD_LIBRARY_PATH=...` for the installed flavour
+#
+# Environment: TCH_CACHE_DIR (default ${XDG_CACHE_HOME:-$HOME/.cache}/whet), PYTHON (default python3).
+set -euo pipefail
+
+TORCH_VERSION=2.11.0
+mode="${1:-auto}"
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cache="${TCH_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/whet}"
+py="${PYTHON:-python3}"
+
+CPU_WHEELS=(torch==$TORCH_VERSION nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85)
+CUDA_EXTRA=(nvidia-cublas==13.1.0.3 nvidia-cuda-nvrtc==13.0.88 nvidia-cufft==12.0.0.61 nvidia-cufile==1.15.1.6
+  nvidia-curand==10.4.0.35 nvidia-cusolver==12.0.4.66 nvidia-cusparse==12.6.3.3 nvidia-nvjitlink==13.0.88
+  nvidia-nvtx==13.0.85 nvidia-cudnn-cu13==9.19.0.56 nvidia-cusparselt-cu13==0.8.0 nvidia-nccl-cu13==2.28.9
+  nvidia-nvshmem-cu13==3.4.5)
+
+detect() {
+  if [ -e /dev/nvidiactl ] || command -v nvidia-smi >/dev/null 2>&1; then echo cuda; else echo cpu; fi
+}
+
+installed_flavour() {
+  # the flavour the repo currently points at, else the best one in the cache
+  if [ -e "$repo/.libtorch/.complete" ]; then basename "$(readlink -f "$repo/.libtorch")" | sed 's/.*-//'; return; fi
+  for f in cuda cpu; do [ -e "$cache/libtorch-$TORCH_VERSION-$f/.complete" ] && { echo $f; return; }; done
+  return 1
+}
+
+case "$mode" in
+  env)
+    f=$(installed_flavour) || { echo "libtorch is not installed: run scripts/libtorch.sh" >&2; exit 1; }
+    dir=$(readlink -f "$cache/libtorch-$TORCH_VERSION-$f")
+    echo "export LIBTORCH=$dir/torch"
+    echo "export LD_LIBRARY_PATH=$dir/torch/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
+    exit 0 ;;
+  auto) flavour=$(detect) ;;
+  cpu|cuda) flavour=$mode ;;
+  *) echo "usage: scripts/libtorch.sh [auto|cpu|cuda|env]" >&2; exit 2 ;;
+esac
+
+target="$cache/libtorch-$TORCH_VERSION-$flavour"
+mkdir -p "$cache"
+exec 9>"$cache/.libtorch-$flavour.lock"
+flock 9
+
+if [ ! -e "$target/.complete" ]; then
+  tmp=$(mktemp -d "$cache/.tmp-libtorch-$flavour.XXXXXX")
+  trap 'rm -rf "$tmp"' EXIT
+  wheels=("${CPU_WHEELS[@]}")
+  [ "$flavour" = cuda ] && wheels+=("${CUDA_EXTRA[@]}")
+  echo "whet: installing libtorch $TORCH_VERSION ($flavour) into $target ..." >&2
+  start=$(date +%s)
+  "$py" -m pip install --quiet --disable-pip-version-check --no-deps --only-binary=:all: --no-cache-dir \
+    --target "$tmp/pkg" "${wheels[@]}"
+  if [ "$flavour" = cpu ]; then
+    rm -f "$tmp"/pkg/torch/lib/libtorch_cuda*.so "$tmp"/pkg/torch/lib/libtorch_nvshmem.so \
+      "$tmp"/pkg/torch/lib/libtorch_python.so "$tmp"/pkg/torch/lib/libcaffe2_nvrtc.so
+  fi
+  echo "$TORCH_VERSION" > "$tmp/pkg/torch/build-version"
+  touch "$tmp/pkg/.complete"
+  rm -rf "$target"
+  mv "$tmp/pkg" "$target"
+  echo "whet: libtorch ready in $(( $(date +%s) - start )) s ($(du -sh "$target" | cut -f1) on disk)" >&2
+fi
+
+real=$(readlink -f "$target")
+ln -sfn "$real" "$repo/.libtorch.tmp" && mv -T "$repo/.libtorch.tmp" "$repo/.libtorch"
+mkdir -p "$repo/.cargo"
+cfg="$repo/.cargo/config.toml"
+new=$(mktemp "$repo/.cargo/.config.XXXXXX")
+{
+  echo "# written by scripts/libtorch.sh; not tracked by git"
+  echo "[env]"
+  echo "LIBTORCH = \"$real/torch\""
+  if command -v ccache >/dev/null 2>&1; then echo 'CXX = "ccache g++"'; echo 'CC = "ccache gcc"'; fi
+} > "$new"
+if cmp -s "$new" "$cfg" 2>/dev/null; then rm -f "$new"; else mv "$new" "$cfg"; fi
