@@ -1,1 +1,5 @@
-//! rewards crate (no libtorch).
+//! whet rewards: math answer verification, reward functions and reward plugins.
+//!
+//! This crate does not depend on libtorch.
+
+pub mod math;
