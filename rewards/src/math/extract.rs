@@ -81,7 +81,8 @@ pub fn extract_candidates(text: &str, cfg: &ExtractConfig) -> Vec<Candidate> {
     let boxed = if cfg.boxed { boxed_group_pos(text) } else { None };
     let phrase = if cfg.answer_phrases { answer_phrase_pos(text) } else { None };
     let phrase_after_box = match (&boxed, &phrase) {
-        (Some((_, bend)), Some((_, ppos))) => ppos > bend,
+        // ... but "so our answer is correct" after the box is not an answer.
+        (Some((_, bend)), Some((ptext, ppos))) => ppos > bend && ptext.contains(|c: char| c.is_ascii_digit() || c == '\\'),
         _ => true,
     };
     if let Some(ch) = &cfg.choices {
@@ -485,10 +486,10 @@ fn looks_like_answer(text: &str) -> bool {
     if text.len() > 2000 {
         return false;
     }
-    // Words of 4+ letters outside commands and \text{} make it prose.
+    // Words of 4+ letters outside commands, \text{}, \mbox{} and environment names make it prose.
     let mut stripped = String::with_capacity(text.len());
     let mut rest = text;
-    while let Some(k) = rest.find("\\text") {
+    while let Some(k) = ["\\text", "\\mbox", "\\begin", "\\end", "\\mathrm", "\\operatorname"].iter().filter_map(|p| rest.find(p)).min() {
         stripped.push_str(&rest[..k]);
         let after = &rest[k..];
         match after.find('}') {
@@ -551,7 +552,7 @@ fn last_number_pos(text: &str) -> Option<(String, usize)> {
         if st > 0 && b[st - 1] == b'.' {
             st -= 1; // `.4`
         }
-        if st > 0 && b[st - 1].is_ascii_alphabetic() {
+        if st > 0 && (b[st - 1].is_ascii_alphabetic() || b[st - 1] == b'^' || b[st - 1] == b'_') {
             // glued to a word (`AZYUK2A`, `x2`): not a number answer; keep looking.
             i = st;
             continue;
@@ -585,7 +586,7 @@ mod tests {
     #[test]
     fn last_boxed_nested_and_fbox() {
         let c = ExtractConfig::default();
-        assert_eq!(extract_answer("so \\boxed{\\frac{1}{2}} and then \\boxed{\\frac{a}{b^{2}}}", &c).as_deref(), Some("\\frac{a}{b^{2}}"));
+        assert_eq!(extract_answer("so \\boxed{\\frac{1}{2}} is the first step of the computation, and the result is \\boxed{\\frac{a}{b^{2}}}", &c).as_deref(), Some("\\frac{a}{b^{2}}"));
         assert_eq!(extract_answer("x \\fbox{7}.", &c).as_deref(), Some("7"));
         assert_eq!(extract_answer("answer \\boxed 5.", &c).as_deref(), Some("5"));
         assert_eq!(extract_answer("\\boxed{1} and \\boxed{2}", &c).as_deref(), Some("1, 2"));
