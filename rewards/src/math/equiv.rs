@@ -62,6 +62,16 @@ pub fn is_label(e: &Expr) -> bool {
     }
 }
 
+fn has_inf(e: &Expr) -> bool {
+    let mut f = false;
+    e.walk(&mut |x| {
+        if matches!(x, Expr::Const(Const::Inf)) {
+            f = true
+        }
+    });
+    f
+}
+
 fn has_vars(e: &Expr) -> bool {
     let mut f = false;
     e.walk(&mut |x| {
@@ -509,6 +519,10 @@ impl Checker<'_> {
                 return Ok(false);
             }
             let (Some(a), Some(b)) = (numeric(&g, &env, self.budget)?, numeric(&p, &env, self.budget)?) else { continue };
+            // An overflow (not a written infinity) cannot be compared.
+            if (!a.is_finite() && !has_inf(&g)) || (!b.is_finite() && !has_inf(&p)) {
+                continue;
+            }
             if !self.close(a, b, decimals) {
                 return Ok(false);
             }

@@ -14,7 +14,7 @@ use num_rational::BigRational;
 use num_traits::{One, Zero};
 
 /// Deepest nesting the parser accepts.
-pub const MAX_DEPTH: usize = 120;
+pub const MAX_DEPTH: usize = 400;
 /// Longest answer string the parser accepts (characters).
 pub const MAX_ANSWER_CHARS: usize = 20_000;
 
@@ -554,9 +554,13 @@ impl Parser<'_> {
                 } else if w.len() > 12 {
                     Expr::Text(w)
                 } else {
-                    // `xy` is x*y in math mode.
-                    let v: Vec<Expr> = w.chars().map(letter_expr).collect();
-                    Expr::Mul(v)
+                    // `xy` is x*y in math mode: re-read the word as single letters.
+                    self.pos -= 1;
+                    let letters: Vec<Tok> = w.chars().map(Tok::Letter).collect();
+                    self.toks.splice(self.pos..self.pos + 1, letters);
+                    let e = self.parse_primary()?;
+                    self.leave();
+                    return Ok(e);
                 }
             }
             Tok::Text(s) => {
