@@ -1,1 +1,71 @@
-//! Decoder-only transformers on libtorch.
+//! Decoder-only transformers on libtorch (tch), loaded from and saved to the Hugging Face layout.
+//!
+//! Families: Llama (SmolLM2, Llama 3.x), Qwen2/2.5, Qwen3, Phi-3/Phi-4-mini. The crate knows nothing
+//! about training: it gives forward passes (logits or hidden states), an incremental-decoding KV cache,
+//! weight I/O (safetensors, GGUF import) and the tokenizer.
+
+pub mod config;
+pub mod error;
+pub mod gguf;
+pub mod kv_cache;
+pub mod params;
+pub mod rope;
+pub mod runtime;
+pub mod transformer;
+pub mod weights;
+
+pub use config::{Family, ModelConfig, RopeScaling};
+pub use error::{ModelError, Result};
+pub use kv_cache::KvCache;
+pub use params::{Fill, ParamStore};
+pub use transformer::{AttnMask, Batch, Transformer};
+
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind};
+
+/// A model and where it came from.
+pub struct Model {
+    pub net: Transformer,
+    /// The directory it was loaded from (its tokenizer files are copied when saving).
+    pub source_dir: Option<PathBuf>,
+}
+
+/// Parses a dtype name as used in recipes and config.json.
+pub fn parse_kind(s: &str) -> std::result::Result<Kind, String> {
+    match s {
+        "float32" | "fp32" | "f32" | "float" => Ok(Kind::Float),
+        "bfloat16" | "bf16" => Ok(Kind::BFloat16),
+        "float16" | "fp16" | "f16" | "half" => Ok(Kind::Half),
+        _ => Err(format!("unknown dtype \"{s}\" (expected float32, bfloat16 or float16)")),
+    }
+}
+
+impl Model {
+    /// Loads a Hugging Face model directory. `kind` defaults to float32.
+    pub fn load(dir: &Path, kind: Option<Kind>, device: Device) -> Result<Model> {
+        if !dir.is_dir() {
+            return Err(ModelError::Other(format!("{}: model directory does not exist", dir.display())));
+        }
+        let cfg = ModelConfig::from_path(dir)?;
+        let kind = kind.unwrap_or(Kind::Float);
+        let net = Transformer::build(&cfg, kind, device, Fill::Empty);
+        weights::load_into(&net.params, dir, cfg.tie_word_embeddings)?;
+        Ok(Model { net, source_dir: Some(dir.to_path_buf()) })
+    }
+
+    /// A randomly initialised model (normal(0, 0.02) weights, unit norms, zero biases), seeded.
+    pub fn random(cfg: &ModelConfig, kind: Kind, device: Device, seed: i64) -> Model {
+        tch::manual_seed(seed);
+        let net = Transformer::build(cfg, kind, device, Fill::Normal(0.02));
+        Model { net, source_dir: None }
+    }
+
+    /// Saves in the Hugging Face layout (see [`weights::save_pretrained`]).
+    pub fn save(&self, out: &Path, opts: &weights::SaveOptions) -> Result<()> {
+        let mut o = weights::SaveOptions { kind: opts.kind, max_shard_bytes: opts.max_shard_bytes, source_dir: opts.source_dir };
+        if o.source_dir.is_none() {
+            o.source_dir = self.source_dir.as_deref();
+        }
+        weights::save_pretrained(&self.net.params, &self.net.cfg.raw, self.net.cfg.tie_word_embeddings, out, &o)
+    }
+}

@@ -1,3 +1,79 @@
+//! `train`: the whet command line.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+mod smoke;
+
+#[derive(Parser)]
+#[command(name = "train", version, about = "whet: RL post-training for small language models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Device: cpu, cuda, cuda:N or auto.
+    #[arg(long, global = true, default_value = "auto")]
+    device: String,
+    /// Intra-op CPU threads for libtorch (default: libtorch's choice).
+    #[arg(long, global = true)]
+    threads: Option<i32>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build a tiny random model and generate from it: checks that libtorch works on this machine.
+    Smoke {
+        /// Tokens to generate.
+        #[arg(long, default_value_t = 32)]
+        tokens: i64,
+        #[arg(long, default_value_t = 0)]
+        seed: i64,
+    },
+    /// Convert a model from another format.
+    Convert {
+        #[command(subcommand)]
+        what: Convert,
+    },
+}
+
+#[derive(Subcommand)]
+enum Convert {
+    /// A llama.cpp GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1) to a Hugging Face directory (float32).
+    Gguf { file: PathBuf, out_dir: PathBuf },
+}
+
 fn main() {
-    println!("whet train: not yet");
+    // Before any other torch call: CUDA hooks register only if libtorch_cuda.so is loaded first.
+    model::runtime::preload_cuda();
+    if let Err(e) = run() {
+        eprintln!("error: {}", format_chain(&e));
+        std::process::exit(1);
+    }
+}
+
+fn format_chain(e: &anyhow::Error) -> String {
+    e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+}
+
+fn run() -> Result<()> {
+    let cli = Cli::parse();
+    if let Some(t) = cli.threads {
+        if t < 1 {
+            bail!("--threads must be at least 1, got {t}");
+        }
+        tch::set_num_threads(t);
+    }
+    let device = model::runtime::parse_device(&cli.device).map_err(anyhow::Error::msg)?;
+    eprintln!("whet {}: {}", env!("CARGO_PKG_VERSION"), model::runtime::describe(device));
+    match cli.command {
+        Some(Command::Smoke { tokens, seed }) => smoke::run(device, tokens, seed),
+        Some(Command::Convert { what: Convert::Gguf { file, out_dir } }) => {
+            let t = std::time::Instant::now();
+            model::gguf::convert_to_hf(&file, &out_dir)
+                .with_context(|| format!("converting {}", file.display()))?;
+            eprintln!("wrote {} in {:.1} s", out_dir.display(), t.elapsed().as_secs_f64());
+            Ok(())
+        }
+        None => bail!("nothing to do: try `train smoke` or `train --help`"),
+    }
 }

@@ -1,0 +1,384 @@
+//! The decoder-only transformer shared by Llama, Qwen2, Qwen3 and Phi-3: pre-norm blocks of grouped-query
+//! attention (through libtorch's `scaled_dot_product_attention`, so GPUs use fused kernels) and a SwiGLU MLP.
+//! Parameter names are exactly Hugging Face's.
+
+use crate::config::{Family, ModelConfig};
+use crate::kv_cache::KvCache;
+use crate::params::{Fill, ParamStore};
+use crate::rope::Rope;
+use tch::{Device, Kind, Tensor};
+
+struct Linear {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    fn new(ps: &mut ParamStore, name: &str, inp: i64, out: i64, bias: bool, init: Fill) -> Linear {
+        let w = ps.get_or_create(&format!("{name}.weight"), &[out, inp], init);
+        let b = bias.then(|| {
+            let bf = if matches!(init, Fill::Empty) { Fill::Empty } else { Fill::Zeros };
+            ps.get_or_create(&format!("{name}.bias"), &[out], bf)
+        });
+        Linear { w, b }
+    }
+    fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.w, self.b.as_ref())
+    }
+}
+
+/// RMSNorm (Zhang & Sennrich 2019) computed in fp32 and cast back, as transformers' LlamaRMSNorm does.
+struct RmsNorm {
+    w: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(ps: &mut ParamStore, name: &str, dim: i64, eps: f64, init: Fill) -> RmsNorm {
+        let f = if matches!(init, Fill::Empty) { Fill::Empty } else { Fill::Ones };
+        RmsNorm { w: ps.get_or_create(&format!("{name}.weight"), &[dim], f), eps }
+    }
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let kind = x.kind();
+        let xf = x.to_kind(Kind::Float);
+        let var = xf.square().mean_dim(-1, true, Kind::Float);
+        let y = xf * (var + self.eps).rsqrt();
+        &self.w * y.to_kind(kind)
+    }
+}
+
+enum Qkv {
+    Split { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
+}
+
+struct Attention {
+    qkv: Qkv,
+    o: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    n_head: i64,
+    n_kv: i64,
+    head_dim: i64,
+}
+
+enum Mlp {
+    Split { gate: Linear, up: Linear, down: Linear },
+    Fused { gate_up: Linear, down: Linear },
+}
+
+struct Block {
+    input_norm: RmsNorm,
+    attn: Attention,
+    post_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// What each query may attend to, besides causality.
+pub enum AttnMask<'a> {
+    /// Plain causal attention over the whole row.
+    Causal,
+    /// `[B, T_keys]`, nonzero where the key is a real token (left- or right-padded batches).
+    Padding(&'a Tensor),
+    /// `[B, T]` document index per token: packed rows, no attention across documents.
+    Documents(&'a Tensor),
+}
+
+/// Inputs of one forward pass.
+pub struct Batch<'a> {
+    /// `[B, T]` token ids (int64).
+    pub input_ids: &'a Tensor,
+    /// `[B, T]` position ids; `None` means 0..T for every row.
+    pub position_ids: Option<&'a Tensor>,
+    pub mask: AttnMask<'a>,
+    /// LongRoPE only: force the long (`Some(true)`) or short factors. `None` follows transformers: long
+    /// when the largest position id in the batch reaches past `original_max_position_embeddings`.
+    /// Training on sequences that were sampled with a KV cache should pass the cache's choice
+    /// ([`KvCache::rope_long`]) so that log-probabilities agree.
+    pub rope_long: Option<bool>,
+}
+
+impl<'a> Batch<'a> {
+    /// Plain causal attention, positions 0..T.
+    pub fn causal(input_ids: &'a Tensor) -> Batch<'a> {
+        Batch { input_ids, position_ids: None, mask: AttnMask::Causal, rope_long: None }
+    }
+    /// A padded batch: `attention_mask` [B, T] nonzero on real tokens.
+    pub fn padded(input_ids: &'a Tensor, position_ids: &'a Tensor, attention_mask: &'a Tensor) -> Batch<'a> {
+        Batch { input_ids, position_ids: Some(position_ids), mask: AttnMask::Padding(attention_mask), rope_long: None }
+    }
+    /// Packed rows: `doc_ids` [B, T] names each token's document; no attention across documents.
+    pub fn packed(input_ids: &'a Tensor, position_ids: &'a Tensor, doc_ids: &'a Tensor) -> Batch<'a> {
+        Batch { input_ids, position_ids: Some(position_ids), mask: AttnMask::Documents(doc_ids), rope_long: None }
+    }
+}
+
+pub struct Transformer {
+    pub cfg: ModelConfig,
+    pub params: ParamStore,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Tensor,
+    rope: Rope,
+}
+
+impl Transformer {
+    /// Builds the module tree with parameters filled by `init` (use [`Fill::Empty`] before loading weights).
+    pub fn build(cfg: &ModelConfig, kind: Kind, device: Device, init: Fill) -> Transformer {
+        let mut ps = ParamStore::new(kind, device);
+        let h = cfg.hidden_size;
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let embed = ps.get_or_create("model.embed_tokens.weight", &[cfg.vocab_size, h], init);
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers as usize);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let input_norm = RmsNorm::new(&mut ps, &format!("{p}.input_layernorm"), h, cfg.rms_norm_eps, init);
+            let a = format!("{p}.self_attn");
+            let qkv = match cfg.family {
+                Family::Phi3 => Qkv::Fused(Linear::new(&mut ps, &format!("{a}.qkv_proj"), h, (nh + 2 * nkv) * hd, cfg.qkv_bias, init)),
+                _ => Qkv::Split {
+                    q: Linear::new(&mut ps, &format!("{a}.q_proj"), h, nh * hd, cfg.qkv_bias, init),
+                    k: Linear::new(&mut ps, &format!("{a}.k_proj"), h, nkv * hd, cfg.qkv_bias, init),
+                    v: Linear::new(&mut ps, &format!("{a}.v_proj"), h, nkv * hd, cfg.qkv_bias, init),
+                },
+            };
+            let o = Linear::new(&mut ps, &format!("{a}.o_proj"), nh * hd, h, cfg.o_bias, init);
+            let (q_norm, k_norm) = if cfg.qk_norm {
+                (
+                    Some(RmsNorm::new(&mut ps, &format!("{a}.q_norm"), hd, cfg.rms_norm_eps, init)),
+                    Some(RmsNorm::new(&mut ps, &format!("{a}.k_norm"), hd, cfg.rms_norm_eps, init)),
+                )
+            } else {
+                (None, None)
+            };
+            let post_norm = RmsNorm::new(&mut ps, &format!("{p}.post_attention_layernorm"), h, cfg.rms_norm_eps, init);
+            let m = format!("{p}.mlp");
+            let inter = cfg.intermediate_size;
+            let mlp = match cfg.family {
+                Family::Phi3 => Mlp::Fused {
+                    gate_up: Linear::new(&mut ps, &format!("{m}.gate_up_proj"), h, 2 * inter, cfg.mlp_bias, init),
+                    down: Linear::new(&mut ps, &format!("{m}.down_proj"), inter, h, cfg.mlp_bias, init),
+                },
+                _ => Mlp::Split {
+                    gate: Linear::new(&mut ps, &format!("{m}.gate_proj"), h, inter, cfg.mlp_bias, init),
+                    up: Linear::new(&mut ps, &format!("{m}.up_proj"), h, inter, cfg.mlp_bias, init),
+                    down: Linear::new(&mut ps, &format!("{m}.down_proj"), inter, h, cfg.mlp_bias, init),
+                },
+            };
+            blocks.push(Block {
+                input_norm,
+                attn: Attention { qkv, o, q_norm, k_norm, n_head: nh, n_kv: nkv, head_dim: hd },
+                post_norm,
+                mlp,
+            });
+        }
+        let norm = RmsNorm::new(&mut ps, "model.norm", h, cfg.rms_norm_eps, init);
+        let lm_head = if cfg.tie_word_embeddings {
+            embed.shallow_clone()
+        } else {
+            ps.get_or_create("lm_head.weight", &[cfg.vocab_size, h], init)
+        };
+        let rope = Rope::new(cfg, device);
+        Transformer { cfg: cfg.clone(), params: ps, embed, blocks, norm, lm_head, rope }
+    }
+
+    pub fn device(&self) -> Device {
+        self.params.device
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.params.kind
+    }
+
+    /// The output projection `[vocab, hidden]` (the embedding matrix when tied).
+    pub fn lm_head_weight(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    /// Final hidden states `[B, T, hidden]` (after the last norm).
+    pub fn hidden_states(&self, batch: &Batch) -> Tensor {
+        let (b, t) = batch.input_ids.size2().expect("input_ids must be [batch, seq]");
+        let device = self.device();
+        let default_pos;
+        let pos = match batch.position_ids {
+            Some(p) => p,
+            None => {
+                default_pos = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(0).expand([b, t], false);
+                &default_pos
+            }
+        };
+        let long = match batch.rope_long {
+            Some(l) => l,
+            None if self.rope.has_long() => {
+                let max_pos = if batch.position_ids.is_some() { pos.max().int64_value(&[]) } else { t - 1 };
+                self.rope.long_for(max_pos)
+            }
+            None => false,
+        };
+        let (cos, sin) = self.rope.cos_sin(pos, long, self.kind());
+        let mask = build_mask(&batch.mask, b, t, 0, self.cfg.sliding_window, device);
+        let mut x = self.embed.embedding_fwd(batch.input_ids);
+        for blk in &self.blocks {
+            x = blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), None);
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Logits `[B, T, vocab]` in the model's dtype.
+    pub fn forward(&self, batch: &Batch) -> Tensor {
+        self.hidden_states(batch).linear(&self.lm_head, None::<Tensor>)
+    }
+
+    /// Whether a context of `len` positions uses LongRoPE's long factors (false for other scalings).
+    pub fn rope_long_for_len(&self, len: i64) -> bool {
+        self.rope.long_for(len - 1)
+    }
+
+    /// Incremental decoding: runs `input_ids` `[B, T]` at `position_ids` after the `cache.len()` cached
+    /// positions, appends their keys and values to `cache`, and returns logits `[B, T, vocab]`.
+    /// `key_mask` `[B, cache.len() + T]` is nonzero for real (non-padding) keys.
+    ///
+    /// LongRoPE: one cache uses one set of factors for all its positions (mixing them would make cached
+    /// keys inconsistent), chosen from the cache's capacity unless set with [`KvCache::set_rope_long`].
+    pub fn forward_cached(&self, input_ids: &Tensor, position_ids: &Tensor, key_mask: &Tensor, cache: &mut KvCache) -> Tensor {
+        let (b, t) = input_ids.size2().expect("input_ids must be [batch, seq]");
+        let past = cache.len();
+        assert!(past + t <= cache.capacity(), "KV cache overflow: {} + {} > {}", past, t, cache.capacity());
+        let long = match cache.rope_long() {
+            Some(l) => l,
+            None => {
+                let l = self.rope.long_for(cache.capacity() - 1);
+                cache.set_rope_long(l);
+                l
+            }
+        };
+        let (cos, sin) = self.rope.cos_sin(position_ids, long, self.kind());
+        let mask = build_mask(&AttnMask::Padding(key_mask), b, t, past, self.cfg.sliding_window, self.device());
+        let mut x = self.embed.embedding_fwd(input_ids);
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let (k, v) = cache.layer_mut(i);
+            x = blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), Some((k, v, past)));
+        }
+        cache.advance(t);
+        self.norm.forward(&x).linear(&self.lm_head, None::<Tensor>)
+    }
+}
+
+trait EmbeddingFwd {
+    fn embedding_fwd(&self, ids: &Tensor) -> Tensor;
+}
+
+impl EmbeddingFwd for Tensor {
+    fn embedding_fwd(&self, ids: &Tensor) -> Tensor {
+        Tensor::embedding(self, ids, -1, false, false)
+    }
+}
+
+/// Boolean attention mask `[B, 1, T, past + T]` (true = may attend), or `None` for plain causal attention
+/// without a cache (then SDPA runs with `is_causal`, which lets fused kernels skip the mask).
+fn build_mask(mask: &AttnMask, b: i64, t: i64, past: i64, window: Option<i64>, device: Device) -> Option<Tensor> {
+    let total = past + t;
+    let need_window = window.is_some_and(|w| total > w);
+    if matches!(mask, AttnMask::Causal) && past == 0 && !need_window {
+        return None;
+    }
+    let q_idx = Tensor::arange_start(past, total, (Kind::Int64, device)).view([t, 1]);
+    let k_idx = Tensor::arange(total, (Kind::Int64, device)).view([1, total]);
+    let mut allowed = k_idx.le_tensor(&q_idx); // [T, total]
+    if let Some(w) = window.filter(|_| need_window) {
+        allowed = allowed.logical_and(&(&q_idx - &k_idx).lt(w));
+    }
+    let mut allowed = allowed.view([1, 1, t, total]).expand([b, 1, t, total], false);
+    match mask {
+        AttnMask::Causal => {}
+        AttnMask::Padding(keys) => {
+            let keys = keys.to_device(device).ne(0).view([b, 1, 1, total]);
+            allowed = allowed.logical_and(&keys);
+        }
+        AttnMask::Documents(docs) => {
+            let d = docs.to_device(device);
+            let same = d.view([b, 1, t, 1]).eq_tensor(&d.view([b, 1, 1, t]));
+            allowed = allowed.logical_and(&same);
+        }
+    }
+    // A query with nothing to attend to (a padding position) would give NaN through softmax; let it see
+    // itself. Its output is never used.
+    let diag = q_idx.eq_tensor(&k_idx).view([1, 1, t, total]);
+    Some(allowed.logical_or(&diag))
+}
+
+impl Block {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        rope: &Rope,
+        mask: Option<&Tensor>,
+        cache: Option<(&mut Tensor, &mut Tensor, i64)>,
+    ) -> Tensor {
+        let h = self.attn.forward(&self.input_norm.forward(x), cos, sin, rope, mask, cache);
+        let x = x + h;
+        let m = self.mlp.forward(&self.post_norm.forward(&x));
+        x + m
+    }
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        match self {
+            Mlp::Split { gate, up, down } => down.forward(&(gate.forward(x).silu() * up.forward(x))),
+            Mlp::Fused { gate_up, down } => {
+                let gu = gate_up.forward(x);
+                let parts = gu.chunk(2, -1);
+                down.forward(&(parts[0].silu() * &parts[1]))
+            }
+        }
+    }
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        rope: &Rope,
+        mask: Option<&Tensor>,
+        cache: Option<(&mut Tensor, &mut Tensor, i64)>,
+    ) -> Tensor {
+        let (b, t, _) = x.size3().unwrap();
+        let (nh, nkv, hd) = (self.n_head, self.n_kv, self.head_dim);
+        let (q, k, v) = match &self.qkv {
+            Qkv::Split { q, k, v } => (q.forward(x), k.forward(x), v.forward(x)),
+            Qkv::Fused(l) => {
+                let qkv = l.forward(x);
+                (qkv.narrow(-1, 0, nh * hd), qkv.narrow(-1, nh * hd, nkv * hd), qkv.narrow(-1, (nh + nkv) * hd, nkv * hd))
+            }
+        };
+        let mut q = q.view([b, t, nh, hd]);
+        let mut k = k.view([b, t, nkv, hd]);
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(&q);
+            k = kn.forward(&k);
+        }
+        let q = rope.apply(&q.transpose(1, 2), cos, sin);
+        let k = rope.apply(&k.transpose(1, 2), cos, sin);
+        let v = v.view([b, t, nkv, hd]).transpose(1, 2);
+        let (k, v) = match cache {
+            Some((kc, vc, past)) => {
+                kc.narrow(2, past, t).copy_(&k);
+                vc.narrow(2, past, t).copy_(&v);
+                (kc.narrow(2, 0, past + t), vc.narrow(2, 0, past + t))
+            }
+            None => (k, v),
+        };
+        let gqa = nh != nkv;
+        let y = match mask {
+            Some(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, gqa),
+            None => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, gqa),
+        };
+        self.o.forward(&y.transpose(1, 2).reshape([b, t, nh * hd]))
+    }
+}
