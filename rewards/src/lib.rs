@@ -2,4 +2,7 @@
 //!
 //! This crate does not depend on libtorch.
 
+pub mod cli;
 pub mod math;
+
+pub use cli::run_verify_cli;

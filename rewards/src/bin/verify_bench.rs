@@ -1,1 +1,61 @@
-fn main(){}
+//! Throughput and latency of `math::verify` on one core over the math-verify peer cases.
+//!
+//! `cargo run --release -p rewards --bin verify-bench [-- CASES.jsonl [SECONDS]]`
+use rewards::math::{verify, VerifyConfig};
+use std::time::{Duration, Instant};
+
+fn main() {
+    let default = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/peers/math-verify/cases.jsonl");
+    let mut args = std::env::args().skip(1);
+    let path = args.next().unwrap_or_else(|| default.to_string());
+    let secs: f64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(3.0);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("verify-bench: reading {path}: {e}");
+            std::process::exit(2);
+        }
+    };
+    let mut pairs = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        match serde_json::from_str::<serde_json::Value>(line) {
+            Ok(v) => pairs.push((v["gold"].as_str().unwrap_or("").to_string(), v["pred"].as_str().unwrap_or("").to_string())),
+            Err(e) => {
+                eprintln!("verify-bench: {path}:{}: {e}", i + 1);
+                std::process::exit(2);
+            }
+        }
+    }
+    let cfg = VerifyConfig::default();
+    // Warm-up pass.
+    for (g, p) in &pairs {
+        std::hint::black_box(verify(g, p, &cfg));
+    }
+    let mut lat: Vec<Duration> = Vec::new();
+    let mut per_case: Vec<Vec<Duration>> = vec![Vec::new(); pairs.len()];
+    let start = Instant::now();
+    let mut rounds = 0;
+    while start.elapsed().as_secs_f64() < secs || rounds == 0 {
+        for (k, (g, p)) in pairs.iter().enumerate() {
+            let t = Instant::now();
+            std::hint::black_box(verify(g, p, &cfg));
+            let d = t.elapsed();
+            lat.push(d);
+            per_case[k].push(d);
+        }
+        rounds += 1;
+    }
+    let total = start.elapsed();
+    lat.sort();
+    let pct = |q: f64| lat[((lat.len() as f64 - 1.0) * q).round() as usize];
+    let n = lat.len();
+    println!("pairs: {} ({} distinct x {} rounds), one thread", n, pairs.len(), rounds);
+    println!("throughput: {:.0} pairs/s", n as f64 / total.as_secs_f64());
+    // Slowest cases by their median over rounds (robust to scheduler noise).
+    let mut meds: Vec<(Duration, usize)> = per_case.iter_mut().enumerate().map(|(k, v)| { v.sort(); (v[v.len() / 2], k) }).collect();
+    meds.sort();
+    for (d, k) in meds.iter().rev().take(3) {
+        println!("slow case: line {} median {:.1} us", k + 1, d.as_secs_f64() * 1e6);
+    }
+    println!("latency: median {:.1} us, p99 {:.1} us, max {:.1} us", pct(0.5).as_secs_f64() * 1e6, pct(0.99).as_secs_f64() * 1e6, lat[n - 1].as_secs_f64() * 1e6);
+}

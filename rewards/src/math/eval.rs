@@ -6,7 +6,7 @@ use super::budget::Budget;
 use super::MathError;
 use num_bigint::BigInt;
 use num_complex::Complex64;
-use num_integer::{Integer, Roots};
+use num_integer::Integer;
 use num_rational::BigRational;
 use num_traits::{One, Signed, ToPrimitive, Zero};
 
