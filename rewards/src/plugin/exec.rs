@@ -1,0 +1,145 @@
+//! `transport = "exec"`: a long-running child process speaking JSON lines.
+//!
+//! One request line per batch on the child's stdin, one response line on its stdout; the child's
+//! stderr is forwarded to our stderr prefixed with the plugin name. A batch waits at most
+//! `timeout_s`; a crash, a hang, malformed output or a wrong number of rewards kills the child,
+//! and the next attempt starts a fresh one (at most `retries` extra attempts per batch and
+//! `max_restarts` restarts over the plugin's life). Nothing here can block training forever.
+
+use super::protocol::parse_response;
+use super::{Backend, PluginConfig};
+use crate::reward::RewardOutput;
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::Mutex;
+use std::time::Duration;
+
+struct Proc {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Receiver<std::io::Result<String>>,
+}
+
+impl Proc {
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct State {
+    proc: Option<Proc>,
+    starts: u64,
+}
+
+/// The exec transport.
+pub struct ExecBackend {
+    cfg: PluginConfig,
+    state: Mutex<State>,
+}
+
+impl ExecBackend {
+    pub fn new(cfg: PluginConfig) -> Self {
+        ExecBackend { cfg, state: Mutex::new(State { proc: None, starts: 0 }) }
+    }
+
+    fn spawn(&self) -> Result<Proc, String> {
+        let mut cmd = Command::new(&self.cfg.command[0]);
+        cmd.args(&self.cfg.command[1..]).envs(&self.cfg.env).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|e| format!("cannot start {:?}: {e}", self.cfg.command))?;
+        let stdin = child.stdin.take().ok_or("no stdin")?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let stderr = child.stderr.take().ok_or("no stderr")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name(format!("plugin-{}-out", self.cfg.name))
+            .spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start reader thread: {e}"))?;
+        let name = self.cfg.name.clone();
+        std::thread::Builder::new()
+            .name(format!("plugin-{}-err", self.cfg.name))
+            .spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    eprintln!("[reward plugin {name}] {line}");
+                }
+            })
+            .map_err(|e| format!("cannot start stderr thread: {e}"))?;
+        Ok(Proc { child, stdin, lines: rx })
+    }
+
+    fn attempt(&self, st: &mut State, line: &str, n: usize, batch_id: u64) -> Result<Vec<RewardOutput>, String> {
+        if st.proc.is_none() {
+            if st.starts > self.cfg.max_restarts as u64 {
+                return Err(format!("gave up: the process was restarted {} times (max_restarts = {})", st.starts - 1, self.cfg.max_restarts));
+            }
+            st.starts += 1;
+            st.proc = Some(self.spawn()?);
+        }
+        let p = st.proc.as_mut().unwrap();
+        let sent = p.stdin.write_all(line.as_bytes()).and_then(|_| p.stdin.write_all(b"\n")).and_then(|_| p.stdin.flush());
+        let timeout = Duration::from_secs_f64(self.cfg.timeout_s);
+        let result = match sent {
+            Err(e) => Err(format!("cannot write the request (process died?): {e}")),
+            Ok(()) => match p.lines.recv_timeout(timeout) {
+                Ok(Ok(resp)) => parse_response(&resp, n, batch_id),
+                Ok(Err(e)) => Err(format!("reading the response: {e}")),
+                Err(RecvTimeoutError::Timeout) => Err(format!("no response within {}s", self.cfg.timeout_s)),
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = p.child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                    Err(format!("the process exited ({status}) without a response"))
+                }
+            },
+        };
+        if result.is_err() {
+            // Unknown protocol state: replace the process.
+            if let Some(p) = st.proc.take() {
+                p.kill();
+            }
+        }
+        result
+    }
+}
+
+impl Backend for ExecBackend {
+    fn call(&self, request: &Value, n: usize, batch_id: u64) -> Result<Vec<RewardOutput>, String> {
+        let line = request.to_string();
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut errors = Vec::new();
+        for _ in 0..=self.cfg.retries {
+            match self.attempt(&mut st, &line, n, batch_id) {
+                Ok(out) => return Ok(out),
+                Err(e) => {
+                    eprintln!("[reward plugin {}] batch {batch_id}: {e}", self.cfg.name);
+                    let give_up = e.starts_with("gave up") || e.starts_with("cannot start");
+                    errors.push(e);
+                    if give_up {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(format!("{} attempt(s) failed; last: {}", errors.len(), errors.last().cloned().unwrap_or_default()))
+    }
+
+    fn restarts(&self) -> u64 {
+        self.state.lock().map(|s| s.starts.saturating_sub(1)).unwrap_or(0)
+    }
+}
+
+impl Drop for ExecBackend {
+    fn drop(&mut self) {
+        if let Ok(mut st) = self.state.lock() {
+            if let Some(p) = st.proc.take() {
+                p.kill();
+            }
+        }
+    }
+}
