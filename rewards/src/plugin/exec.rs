@@ -31,7 +31,10 @@ impl Proc {
 
 struct State {
     proc: Option<Proc>,
+    /// Processes started so far.
     starts: u64,
+    /// Restarts since the last successful batch.
+    failing_restarts: u64,
 }
 
 /// The exec transport.
@@ -42,7 +45,7 @@ pub struct ExecBackend {
 
 impl ExecBackend {
     pub fn new(cfg: PluginConfig) -> Self {
-        ExecBackend { cfg, state: Mutex::new(State { proc: None, starts: 0 }) }
+        ExecBackend { cfg, state: Mutex::new(State { proc: None, starts: 0, failing_restarts: 0 }) }
     }
 
     fn spawn(&self) -> Result<Proc, String> {
@@ -77,8 +80,11 @@ impl ExecBackend {
 
     fn attempt(&self, st: &mut State, line: &str, n: usize, batch_id: u64) -> Result<Vec<RewardOutput>, String> {
         if st.proc.is_none() {
-            if st.starts > self.cfg.max_restarts as u64 {
-                return Err(format!("gave up: the process was restarted {} times (max_restarts = {})", st.starts - 1, self.cfg.max_restarts));
+            if st.starts > 0 {
+                if st.failing_restarts >= self.cfg.max_restarts as u64 {
+                    return Err(format!("gave up: {} restarts without a successful batch (max_restarts = {})", st.failing_restarts, self.cfg.max_restarts));
+                }
+                st.failing_restarts += 1;
             }
             st.starts += 1;
             st.proc = Some(self.spawn()?);
@@ -98,6 +104,9 @@ impl ExecBackend {
                 }
             },
         };
+        if result.is_ok() {
+            st.failing_restarts = 0;
+        }
         if result.is_err() {
             // Unknown protocol state: replace the process.
             if let Some(p) = st.proc.take() {

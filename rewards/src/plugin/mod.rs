@@ -73,7 +73,7 @@ pub struct PluginConfig {
     /// Extra attempts per batch after a failure (exec restarts the process for each).
     #[serde(default = "two")]
     pub retries: u32,
-    /// exec: process restarts allowed over the plugin's lifetime before it is considered dead.
+    /// exec: restarts in a row without a successful batch before the plugin is considered dead.
     #[serde(default = "five")]
     pub max_restarts: u32,
     /// `fail` (default) or `fixed`.
