@@ -1,0 +1,35 @@
+//! JSON Lines: one object per line, read lazily line by line. Blank lines are skipped (but counted, so row
+//! numbers are line numbers).
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::sync::Arc;
+
+use super::{RowIter, SourceRow};
+use crate::error::{DataError, Result};
+
+/// Rows of a JSONL file.
+pub fn rows(path: &Path) -> Result<RowIter> {
+    let f = File::open(path).map_err(|e| DataError::io(path, e))?;
+    let file: Arc<str> = Arc::from(path.display().to_string());
+    let path = path.to_path_buf();
+    let mut lines = BufReader::with_capacity(1 << 20, f).lines().enumerate();
+    Ok(Box::new(std::iter::from_fn(move || loop {
+        let (i, line) = lines.next()?;
+        let row = i + 1;
+        let line = match line {
+            Ok(l) => l,
+            Err(e) => return Some(Err(DataError::io(&path, e))),
+        };
+        let t = line.trim();
+        if t.is_empty() {
+            continue;
+        }
+        return Some(match serde_json::from_str::<serde_json::Value>(t) {
+            Ok(serde_json::Value::Object(fields)) => Ok(SourceRow { file: file.clone(), row, fields }),
+            Ok(_) => Err(DataError::Json { file: file.to_string(), row, msg: "expected a JSON object".into() }),
+            Err(e) => Err(DataError::Json { file: file.to_string(), row, msg: e.to_string() }),
+        });
+    })))
+}

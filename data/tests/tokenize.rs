@@ -1,0 +1,186 @@
+//! Tokenization with loss labels (tiny in-memory tokenizer and, when cached, the real Qwen3 / Llama 3 /
+//! SmolLM2 tokenizers), truncation and the on-disk cache.
+
+mod common;
+
+use data::synth::{Arithmetic, ArithmeticConfig};
+use data::tokenize::{tokenize_conversation, tokenize_dataset, tokenize_preference, tokenize_prompt, tokenize_records, CacheOutcome, IGNORE_INDEX};
+use data::{ChatTemplate, DataConfig, LossOn, Message, TokenizeConfig, Tokenizer, Truncation};
+
+fn labelled_text(tok: &Tokenizer, ex: &data::TokenizedExample) -> Vec<String> {
+    // Contiguous labelled runs, decoded.
+    let mut runs = vec![];
+    let mut cur = vec![];
+    for (&id, &l) in ex.input_ids.iter().zip(&ex.labels) {
+        if l == IGNORE_INDEX {
+            if !cur.is_empty() {
+                runs.push(tok.decode(&cur, false).unwrap());
+                cur.clear();
+            }
+        } else {
+            assert_eq!(l, id as i64);
+            cur.push(id);
+        }
+    }
+    if !cur.is_empty() {
+        runs.push(tok.decode(&cur, false).unwrap());
+    }
+    runs
+}
+
+fn conv() -> Vec<Message> {
+    vec![
+        Message::user("What is 2 + 3 ?"),
+        Message::assistant("The answer is 5 ."),
+        Message::user("Hi"),
+        Message::assistant("hello !"),
+    ]
+}
+
+#[test]
+fn assistant_turns_carry_the_loss_with_their_end_token() {
+    let tok = common::tiny_tokenizer();
+    let t = ChatTemplate::from_str(common::CHATML, &[("eos_token", "<|im_end|>")]).unwrap();
+    let cfg = TokenizeConfig::default();
+    let (ex, truncated) = tokenize_conversation(&tok, &t, &conv(), &cfg).unwrap().unwrap();
+    assert!(!truncated);
+    assert_eq!(ex.input_ids, tok.encode(&t.render(&conv(), false).unwrap(), false).unwrap());
+    assert_eq!(labelled_text(&tok, &ex), vec!["The answer is 5 . <|im_end|>", "hello ! <|im_end|>"]);
+
+    let last = TokenizeConfig { loss_on: LossOn::LastTurn, ..cfg.clone() };
+    let (ex, _) = tokenize_conversation(&tok, &t, &conv(), &last).unwrap().unwrap();
+    assert_eq!(labelled_text(&tok, &ex), vec!["hello ! <|im_end|>"]);
+
+    let all = TokenizeConfig { loss_on: LossOn::All, ..cfg.clone() };
+    let (ex, _) = tokenize_conversation(&tok, &t, &conv(), &all).unwrap().unwrap();
+    assert_eq!(ex.num_loss_tokens(), ex.len());
+
+    let prompt = tokenize_prompt(&tok, Some(&t), &conv()[..1], &cfg).unwrap();
+    assert_eq!(tok.decode(&prompt[prompt.len() - 2..], false).unwrap(), "<|im_start|> assistant");
+}
+
+#[test]
+fn truncation_policies() {
+    let tok = common::tiny_tokenizer();
+    let t = ChatTemplate::from_str(common::CHATML, &[]).unwrap();
+    let full = tokenize_conversation(&tok, &t, &conv(), &TokenizeConfig::default()).unwrap().unwrap().0;
+    let n = 12;
+    let right = TokenizeConfig { max_length: n, truncation: Truncation::Right, ..Default::default() };
+    // The first 12 tokens hold no assistant content: nothing left to learn, so the example is dropped.
+    assert!(tokenize_conversation(&tok, &t, &conv(), &right).unwrap().is_err());
+    let right = TokenizeConfig { max_length: full.len() - 3, ..right };
+    let (ex, cut) = tokenize_conversation(&tok, &t, &conv(), &right).unwrap().unwrap();
+    assert!(cut);
+    assert_eq!(ex.input_ids, full.input_ids[..full.len() - 3]);
+    let left = TokenizeConfig { max_length: n, truncation: Truncation::Left, ..Default::default() };
+    let (ex, _) = tokenize_conversation(&tok, &t, &conv(), &left).unwrap().unwrap();
+    assert_eq!(ex.input_ids, full.input_ids[full.len() - n..]);
+    assert_eq!(ex.labels, full.labels[full.len() - n..]);
+    let drop = TokenizeConfig { max_length: n, truncation: Truncation::Drop, ..Default::default() };
+    assert_eq!(tokenize_conversation(&tok, &t, &conv(), &drop).unwrap().unwrap_err(), data::tokenize::Dropped::TooLong);
+}
+
+#[test]
+fn preference_pairs_share_the_prompt() {
+    let tok = common::tiny_tokenizer();
+    let t = ChatTemplate::from_str(common::CHATML, &[]).unwrap();
+    let pair = tokenize_preference(&tok, Some(&t), &[Message::user("What is 2 + 2 ?")], "4", "5", &TokenizeConfig::default())
+        .unwrap()
+        .unwrap();
+    let p = pair.chosen.labels.iter().position(|&l| l != IGNORE_INDEX).unwrap();
+    assert_eq!(pair.chosen.input_ids[..p], pair.rejected.input_ids[..p]);
+    assert_eq!(labelled_text(&tok, &pair.chosen), vec!["4 <|im_end|>"]);
+    assert_eq!(labelled_text(&tok, &pair.rejected), vec!["5 <|im_end|>"]);
+    // Without a template: raw concatenation, completion + eos labelled.
+    let raw = tokenize_preference(&tok, None, &[Message::user("What is 2 + 2 ?")], "4", "5", &TokenizeConfig::default()).unwrap().unwrap();
+    assert_eq!(labelled_text(&tok, &raw.chosen), vec!["4 <|im_end|>"]);
+}
+
+#[test]
+fn dataset_cache_hits_on_the_second_run_and_misses_after_a_change() {
+    let d = common::scratch("cache");
+    let p = d.join("arith.jsonl");
+    let g = Arithmetic::new(ArithmeticConfig { seed: 1, ..Default::default() }).unwrap();
+    let write = |n: usize| {
+        let lines: Vec<String> = g
+            .conversations(0, n)
+            .iter()
+            .map(|r| {
+                let data::Record::Conversation { messages } = r else { panic!() };
+                serde_json::json!({ "messages": messages }).to_string()
+            })
+            .collect();
+        std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+    };
+    write(300);
+    let tok = common::tiny_tokenizer();
+    let t = ChatTemplate::from_str(common::CHATML, &[]).unwrap();
+    let mut dc = DataConfig::new(&p);
+    dc.messages = Some("messages".into());
+    let cfg = TokenizeConfig::default();
+    let cache = d.join("tok-cache");
+    let a = tokenize_dataset(&dc, &tok, Some(&t), &cfg, Some(&cache)).unwrap();
+    assert_eq!(a.cache, CacheOutcome::Miss);
+    assert_eq!(a.examples.len(), 300);
+    let b = tokenize_dataset(&dc, &tok, Some(&t), &cfg, Some(&cache)).unwrap();
+    assert_eq!(b.cache, CacheOutcome::Hit);
+    assert_eq!(a.examples, b.examples);
+    assert_eq!(a.stats, b.stats);
+    // Same result as tokenizing directly.
+    let recs = data::load_records(&dc).unwrap();
+    assert_eq!(tokenize_records(&tok, Some(&t), &recs, &cfg).unwrap().0, a.examples);
+    // Different settings or data: a new key.
+    let c = tokenize_dataset(&dc, &tok, Some(&t), &TokenizeConfig { max_length: 99, ..cfg.clone() }, Some(&cache)).unwrap();
+    assert_eq!(c.cache, CacheOutcome::Miss);
+    write(301);
+    let e = tokenize_dataset(&dc, &tok, Some(&t), &cfg, Some(&cache)).unwrap();
+    assert_eq!(e.cache, CacheOutcome::Miss);
+    assert_eq!(e.examples.len(), 301);
+    // A corrupt cache file is a clear error, not a panic.
+    std::fs::write(e.cache_path.as_ref().unwrap(), b"WHETTOK1junk").unwrap();
+    let err = tokenize_dataset(&dc, &tok, Some(&t), &cfg, Some(&cache)).unwrap_err().to_string();
+    assert!(err.contains("corrupt token cache"), "{err}");
+}
+
+#[test]
+fn qwen3_real_tokenizer_masks_multi_turn_reasoning() {
+    let Some(dir) = common::tokenizer_dir("qwen3") else { return };
+    let (tok, t) = Tokenizer::from_dir(&dir).unwrap();
+    let t = t.unwrap();
+    assert_eq!(tok.vocab_size(), 151_669);
+    assert_eq!(tok.eos_token.as_deref(), Some("<|im_end|>"));
+    assert!(tok.stop_token_ids().contains(&tok.token_to_id("<|im_end|>").unwrap()));
+    let msgs = vec![
+        Message::system("Be brief."),
+        Message::user("What is 7 * 8?"),
+        Message::assistant("<think>\n7 * 8 = 56.\n</think>\n\nThe answer is 56."),
+        Message::user("Minus 6?"),
+        Message::assistant("<think>\n56 - 6 = 50\n</think>\n\n50"),
+    ];
+    let (ex, _) = tokenize_conversation(&tok, &t, &msgs, &TokenizeConfig::default()).unwrap().unwrap();
+    // Qwen3 drops the reasoning of earlier turns; the last turn keeps it, and each span ends with <|im_end|>.
+    assert_eq!(labelled_text(&tok, &ex), vec!["The answer is 56.<|im_end|>", "<think>\n56 - 6 = 50\n</think>\n\n50<|im_end|>"]);
+}
+
+#[test]
+fn llama3_real_tokenizer_masks_assistant_turns() {
+    let Some(dir) = common::tokenizer_dir("llama3") else { return };
+    let (tok, t) = Tokenizer::from_dir(&dir).unwrap();
+    let t = t.unwrap();
+    let msgs = vec![Message::user("What is 2 + 3?"), Message::assistant("  5  "), Message::user("Times 4?"), Message::assistant("20")];
+    let (ex, _) = tokenize_conversation(&tok, &t, &msgs, &TokenizeConfig::default()).unwrap().unwrap();
+    assert_eq!(ex.input_ids[0], tok.token_to_id("<|begin_of_text|>").unwrap());
+    assert_eq!(labelled_text(&tok, &ex), vec!["5<|eot_id|>", "20<|eot_id|>"]);
+}
+
+#[test]
+fn smollm2_real_tokenizer_golden_ids() {
+    let Some(dir) = common::tokenizer_dir("smollm2") else { return };
+    let (tok, t) = Tokenizer::from_dir(&dir).unwrap();
+    let t = t.expect("SmolLM2 config has a chat template");
+    // Golden ids from shared/notes/offline-assets.md §A1 (transformers).
+    let ids = tok.encode("<|im_start|>user\nWhat is 23 + 14?<|im_end|>\n<|im_start|>assistant\n", false).unwrap();
+    assert_eq!(ids, vec![1, 4093, 198, 1780, 314, 216, 34, 35, 1232, 216, 33, 36, 47, 2, 198, 1, 520, 9531, 198]);
+    let text = t.render(&[Message::user("What is 23 + 14?")], true).unwrap();
+    assert!(text.ends_with("<|im_start|>user\nWhat is 23 + 14?<|im_end|>\n<|im_start|>assistant\n"), "{text:?}");
+}
