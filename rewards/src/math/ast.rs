@@ -117,7 +117,7 @@ impl Expr {
 
     /// Apply `f` to every direct child, rebuilding the node.
     pub fn map_children(self, f: &mut dyn FnMut(Expr) -> Expr) -> Expr {
-        let mv = |v: Vec<Expr>, f: &mut dyn FnMut(Expr) -> Expr| v.into_iter().map(|e| f(e)).collect::<Vec<_>>();
+        let mv = |v: Vec<Expr>, f: &mut dyn FnMut(Expr) -> Expr| v.into_iter().map(&mut *f).collect::<Vec<_>>();
         match self {
             Expr::Add(v) => Expr::Add(mv(v, f)),
             Expr::Mul(v) => Expr::Mul(mv(v, f)),

@@ -54,7 +54,7 @@ pub fn is_label(e: &Expr) -> bool {
     match e {
         Expr::Sym(_) => true,
         Expr::Const(Const::E) | Expr::Const(Const::I) => true,
-        Expr::Func(_, args) => args.iter().all(|a| !matches!(a, Expr::Num(_) | Expr::Dec(_)) || true) && !args.is_empty(),
+        Expr::Func(_, args) => !args.is_empty(),
         Expr::Mul(v) | Expr::Tuple(v) | Expr::Ratio(v) => v.iter().all(is_label),
         Expr::Div(a, b) => is_label(a) && is_label(b),
         Expr::Pow(a, _) => is_label(a),
@@ -126,7 +126,6 @@ fn replace_first_pm(e: Expr, minus: bool, done: &mut bool) -> Expr {
 pub fn prepare(e: Expr) -> Expr {
     let e = match e {
         Expr::Rel(parts, ops) => prepare_rel(parts, ops),
-        Expr::List(v) | Expr::Set(v) if v.len() == 1 && false => v.into_iter().next().unwrap(),
         Expr::List(v) => {
             let mut out = Vec::new();
             for x in v {
@@ -447,7 +446,7 @@ impl Checker<'_> {
         let mut b_hit = vec![false; b.len()];
         for (i, x) in a.iter().enumerate() {
             for (j, y) in b.iter().enumerate() {
-                if (a_hit[i] && b_hit[j]) || (a_hit[i] && !b_hit[j] && false) {
+                if a_hit[i] && b_hit[j] {
                     continue;
                 }
                 if self.equiv(x, y)? {

@@ -26,7 +26,7 @@ fn charge_big(budget: &mut Budget, a: &BigRational, b: &BigRational) -> Result<(
     budget.charge(wa.saturating_mul(wb).min(1 << 40) + 1)
 }
 
-const LOG2_10: f64 = 3.321928094887362;
+const LOG2_10: f64 = std::f64::consts::LOG2_10;
 
 /// Exact rational value, or `None` when the expression is not a rational number
 /// we can compute exactly (irrational, symbolic, too large).

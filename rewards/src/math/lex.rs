@@ -394,10 +394,6 @@ fn lex_number(chars: &[char], start: usize, top_level: bool) -> Result<(Tok, usi
             if j - g0 != 3 || (j < n && (chars[j].is_ascii_digit() || (sep_space && chars[j] == ','))) {
                 break;
             }
-            // A space-separated group must not be followed by a decimal-looking continuation of a list.
-            if sep_space && j < n && chars[j] == '.' && j + 1 < n && chars[j + 1].is_ascii_digit() && false {
-                break;
-            }
             s.extend(&chars[g0..j]);
             i = j;
         }

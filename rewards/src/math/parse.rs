@@ -32,7 +32,7 @@ fn is_separator_word(w: &str) -> bool {
 /// Words inside `\text{}` that only separate list items.
 fn text_is_separator(t: &str) -> bool {
     let t = t.trim().trim_matches(|c: char| c == ',' || c == ';' || c == '.');
-    t.is_empty() && false || t.split_whitespace().all(|w| is_separator_word(&w.to_ascii_lowercase())) && !t.trim().is_empty()
+    t.split_whitespace().all(|w| is_separator_word(&w.to_ascii_lowercase())) && !t.trim().is_empty()
 }
 
 /// Parse one extracted answer.
