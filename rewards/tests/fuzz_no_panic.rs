@@ -11,7 +11,8 @@ fn latexish() -> impl Strategy<Value = String> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 600, .. ProptestConfig::default() })]
+    // PROPTEST_CASES=100000 for a longer run.
+    #![proptest_config(ProptestConfig { cases: std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(600), .. ProptestConfig::default() })]
 
     #[test]
     fn arbitrary_unicode_never_panics(g in "\\PC{0,60}", p in "\\PC{0,120}") {

@@ -48,6 +48,8 @@ fn numbers() {
 
 #[test]
 fn optional_rounding() {
+    let cfg6 = VerifyConfig { float_rounding: Some(6), ..VerifyConfig::default() };
+    assert!(verify("\\sqrt{17}", "4.123105625617661", &cfg6).equivalent);
     let cfg = VerifyConfig { float_rounding: Some(3), ..VerifyConfig::default() };
     assert!(verify("\\frac{1}{3}", "0.333", &cfg).equivalent);
     let cfg4 = VerifyConfig { float_rounding: Some(4), ..VerifyConfig::default() };
@@ -70,7 +72,14 @@ fn radicals_constants_functions() {
         "5 \\text{ cm}", "\\boxed{5}";
         "\\sqrt[3]{27}", "\\boxed{3}";
     }
+    same! {
+        "\\frac{1}{2}", "\\boxed{\\sin(\\pi/6)}";
+        "0.5", "\\boxed{\\sin(\\pi/6)}";
+    }
     differ! {
+        // A rounded decimal is not the irrational it approximates (unless float_rounding is set).
+        "\\sqrt{17}", "\\boxed{4.123105625617661}";
+        "\\sqrt{2}", "\\boxed{1.4142136}";
         "2\\sqrt{2}", "\\boxed{\\sqrt{6}}";
         "\\pi", "\\boxed{3.14}";
         "\\infty", "\\boxed{-\\infty}";

@@ -62,6 +62,27 @@ pub fn is_label(e: &Expr) -> bool {
     }
 }
 
+/// Most decimal places among the decimal literals of `e` (0 when there are none).
+fn decimal_places(e: &Expr) -> u64 {
+    let mut m = 0;
+    e.walk(&mut |x| {
+        if let Expr::Dec(r) = x {
+            // The denominator of a reduced decimal is 2^a 5^b; it has max(a, b) places.
+            let d = r.denom();
+            let a = d.trailing_zeros().unwrap_or(0);
+            let mut b = 0;
+            let mut q = d.clone();
+            let five = BigInt::from(5);
+            while b < 400 && (&q % &five).is_zero() {
+                q /= &five;
+                b += 1;
+            }
+            m = m.max(a.max(b));
+        }
+    });
+    m
+}
+
 fn has_inf(e: &Expr) -> bool {
     let mut f = false;
     e.walk(&mut |x| {
@@ -518,6 +539,14 @@ impl Checker<'_> {
                 return Ok(false);
             }
             let (Some(a), Some(b)) = (numeric(&g, &env, self.budget)?, numeric(&p, &env, self.budget)?) else { continue };
+            // A long decimal (more than 6 places) against a value we could not compute exactly
+            // (a radical, pi, ...) is an approximation: equal only with float_rounding.
+            if self.cfg.float_rounding.is_none() && (eg.is_none() || ep.is_none()) {
+                let (dg, dp) = (decimal_places(&g), decimal_places(&p));
+                if (dg > 6 && dp == 0) || (dp > 6 && dg == 0) {
+                    return Ok(false);
+                }
+            }
             // An overflow (not a written infinity) cannot be compared.
             if (!a.is_finite() && !has_inf(&g)) || (!b.is_finite() && !has_inf(&p)) {
                 continue;
