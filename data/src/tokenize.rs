@@ -331,8 +331,7 @@ fn assistant_span(template: &ChatTemplate, messages: &[Message], i: usize, full:
 fn label_spans(ids: &[u32], offsets: &[(usize, usize)], spans: &[(usize, usize)]) -> Vec<i64> {
     ids.iter()
         .zip(offsets)
-        .map(|(&id, &(s, e))| {
-            let _ = e;
+        .map(|(&id, &(s, _))| {
             if spans.iter().any(|&(a, b)| s >= a && s < b) {
                 id as i64
             } else {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use serde_json::{Map, Value};
 
 use crate::answer;
-use crate::config::{kind_name, AnswerFormat, DataConfig, Format, RecordKind};
+use crate::config::{AnswerFormat, DataConfig, Format, RecordKind};
 use crate::error::{DataError, Result};
 use crate::record::{Message, Record};
 
@@ -339,9 +339,4 @@ fn messages(row: &SourceRow, column: &str, v: &Value) -> Result<Vec<Message>> {
         out.push(Message { role, content });
     }
     Ok(out)
-}
-
-#[allow(dead_code)]
-pub(crate) fn kind_label(k: RecordKind) -> &'static str {
-    kind_name(k)
 }
