@@ -117,6 +117,8 @@ fn structures() {
         "x > 2", "\\boxed{(2, \\infty)}";
         "\\text{(C)}", "\\boxed{C}";
         "\\text{Evelyn}", "\\boxed{\\text{Evelyn}}";
+        "\\text{(B)}", "The correct option is **(B)**.";
+        "C", "(C) 12 is the only value that works.";
     }
     differ! {
         "(1, 2)", "\\boxed{(2, 1)}";
@@ -126,6 +128,7 @@ fn structures() {
         "\\begin{pmatrix}1 & 2\\\\3 & 4\\end{pmatrix}", "\\boxed{\\begin{pmatrix}1 & 2\\\\3 & 5\\end{pmatrix}}";
         "x > 5", "\\boxed{x < 5}";
         "\\text{(C)}", "\\boxed{D}";
+        "\\text{(B)}", "Option B looks right at first, but the correct option is **(D)**.";
         "1, 2, 3", "\\boxed{1, 2}";
     }
 }

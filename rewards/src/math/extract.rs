@@ -85,14 +85,14 @@ pub fn extract_candidates(text: &str, cfg: &ExtractConfig) -> Vec<Candidate> {
         (Some((_, bend)), Some((ptext, ppos))) => ppos > bend && ptext.contains(|c: char| c.is_ascii_digit() || c == '\\'),
         _ => true,
     };
-    if let Some(ch) = &cfg.choices {
-        push(choice_letter(text, ch), Source::Choice, &mut out);
-    }
     if cfg.boxed_first && !phrase_after_box {
         push(boxed.clone().map(|b| b.0), Source::Boxed, &mut out);
     }
     push(phrase.map(|p| p.0), Source::Phrase, &mut out);
     push(boxed.map(|b| b.0), Source::Boxed, &mut out);
+    if let Some(ch) = &cfg.choices {
+        push(choice_letter(text, ch), Source::Choice, &mut out);
+    }
     if cfg.gsm8k_hash {
         push(hash_answer(text), Source::Hash, &mut out);
     }

@@ -66,6 +66,22 @@ fn squash(s: &str) -> String {
     s.chars().filter(|c| !c.is_whitespace()).collect::<String>().trim_matches('$').to_string()
 }
 
+/// `C`, `(C)`, `\text{(C)}`, `\textbf{C}` → 'C' (A–E).
+fn choice_of(s: &str) -> Option<char> {
+    let mut t = s.trim();
+    for p in ["\\textbf{", "\\text{", "\\mathrm{", "\\mathbf{"] {
+        if let Some(r) = t.strip_prefix(p) {
+            t = r.strip_suffix('}')?;
+        }
+    }
+    let t = t.trim().trim_start_matches('(').trim_end_matches(')').trim();
+    let mut it = t.chars();
+    match (it.next(), it.next()) {
+        (Some(c @ 'A'..='E'), None) => Some(c),
+        _ => None,
+    }
+}
+
 /// Parse the first candidate that parses.
 fn first_parsed(cands: &[Candidate], budget: &mut Budget) -> (Option<(usize, Expr)>, Option<MathError>) {
     let mut last_err = None;
@@ -85,7 +101,11 @@ fn first_parsed(cands: &[Candidate], budget: &mut Budget) -> (Option<(usize, Exp
 pub fn verify(gold: &str, pred: &str, cfg: &VerifyConfig) -> Verdict {
     let mut budget = Budget::new(cfg.max_ops, cfg.max_digits);
     let gc = extract_candidates(gold, &cfg.gold_extract);
-    let pc = extract_candidates(pred, &cfg.pred_extract);
+    // A gold answer that is a choice letter (`C`, `(C)`, `\text{(C)}`) turns on letter extraction.
+    let pc = match (&cfg.pred_extract.choices, gc.first().and_then(|c| choice_of(&c.text))) {
+        (None, Some(_)) => extract_candidates(pred, &ExtractConfig { choices: Some("ABCDE".into()), ..cfg.pred_extract.clone() }),
+        _ => extract_candidates(pred, &cfg.pred_extract),
+    };
     let mut v = Verdict {
         equivalent: false,
         gold_extracted: gc.first().map(|c| c.text.clone()),
