@@ -184,3 +184,28 @@ fn smollm2_real_tokenizer_golden_ids() {
     let text = t.render(&[Message::user("What is 23 + 14?")], true).unwrap();
     assert!(text.ends_with("<|im_start|>user\nWhat is 23 + 14?<|im_end|>\n<|im_start|>assistant\n"), "{text:?}");
 }
+
+#[test]
+fn gsm8k_with_qwen3_labels_exactly_the_answers_and_packs_densely() {
+    let Some(dir) = common::tokenizer_dir("qwen3") else { return };
+    let Some(gsm) = common::shared_data("gsm8k") else { return };
+    let (tok, t) = Tokenizer::from_dir(&dir).unwrap();
+    let t = t.unwrap();
+    let mut dc = DataConfig::new(&gsm);
+    dc.split = "test".into();
+    dc.prompt = Some("question".into());
+    dc.completion = Some("answer".into());
+    dc.limit = Some(400);
+    let recs = data::load_records(&dc).unwrap();
+    let (exs, stats) = tokenize_records(&tok, Some(&t), &recs, &TokenizeConfig::default()).unwrap();
+    assert_eq!((stats.examples, stats.truncated, stats.dropped_no_loss), (400, 0, 0));
+    for (r, ex) in recs.iter().zip(&exs) {
+        let data::Record::PromptCompletion { completion, .. } = r else { panic!() };
+        // Qwen3 renders a final assistant turn with an empty think block, which the model must produce too.
+        assert_eq!(labelled_text(&tok, ex), vec![format!("<think>\n\n</think>\n\n{completion}<|im_end|>")]);
+    }
+    let packed = data::pack(&exs, 2048, tok.pad_id).unwrap();
+    let (_, padded_eff) = data::pad(&exs[..8], tok.pad_id, None).unwrap();
+    eprintln!("gsm8k test[:400] qwen3: {} tokens; packed into {} rows of 2048, efficiency {:.3}; padded batch of 8 efficiency {:.3}", stats.tokens, packed.rows.len(), packed.efficiency, padded_eff);
+    assert!(packed.efficiency > 0.95, "{}", packed.efficiency);
+}

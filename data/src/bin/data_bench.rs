@@ -77,6 +77,24 @@ fn tokenize(args: &[String]) -> Result<()> {
             assert_eq!(ex.len(), records.len());
             rates.push(tokens as f64 / dt);
         }
+        if threads == 1 {
+            let (ex, _) = tokenize_records(&tok, Some(&template), &records, &tcfg)?;
+            for seq_len in [1024, 2048, 4096] {
+                let t = Instant::now();
+                let p = data::pack(&ex, seq_len, tok.pad_id)?;
+                println!(
+                    "pack seq_len={seq_len}: {} rows, efficiency {:.4} (best-fit decreasing, {:.0} ms)",
+                    p.rows.len(),
+                    p.efficiency,
+                    t.elapsed().as_secs_f64() * 1e3
+                );
+            }
+            let mut eff = vec![];
+            for chunk in ex.chunks(8) {
+                eff.push(data::pad(chunk, tok.pad_id, None)?.1);
+            }
+            println!("padded (no packing), batches of 8 in data order: mean efficiency {:.4}", eff.iter().sum::<f64>() / eff.len() as f64);
+        }
         rates.sort_by(|a, b| a.partial_cmp(b).unwrap());
         let median = rates[rates.len() / 2];
         println!(
