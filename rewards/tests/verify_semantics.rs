@@ -37,9 +37,13 @@ fn numbers() {
         "50\\%", "\\boxed{0.5}";
         "-3", "\\boxed{-3}";
         "1024", "\\boxed{2^{10}}";
+        "\\frac{1}{3}", "\\boxed{0.\\overline{3}}";
+        "\\frac{1}{6}", "\\boxed{0.1\\overline{6}}";
+        "\\frac{4}{33}", "\\boxed{0.\\overline{12}}";
     }
     differ! {
         "\\frac{1}{3}", "\\boxed{0.333}";
+        "\\frac{1}{6}", "\\boxed{0.\\overline{16}}";
         "10^{30}", "\\boxed{10^{30}+1}";
         "18", "\\boxed{19}";
         "2", "\\boxed{\\frac{1+\\sqrt{5}}{2}}";

@@ -497,6 +497,29 @@ impl Parser<'_> {
         };
         let r = match t {
             Tok::Num(s) => {
+                // Repeating decimal `0.1\overline{6}` (the lexer dropped a trailing `.`).
+                if self.is_cmd("overline") && !s.contains('e') {
+                    let digits = match (self.peek_at(1), self.peek_at(2), self.peek_at(3)) {
+                        (Some(Tok::P('{')), Some(Tok::Num(d)), Some(Tok::P('}'))) => Some((d.clone(), 4)),
+                        (Some(Tok::Num(d)), _, _) => Some((d[..1].to_string(), 0)),
+                        _ => None,
+                    };
+                    if let Some((rep, skip)) = digits.filter(|(d, _)| !d.is_empty() && d.len() <= 50 && d.bytes().all(|b| b.is_ascii_digit())) {
+                        if skip == 4 {
+                            self.pos += 4;
+                        } else {
+                            self.pos += 1;
+                            let Some(Tok::Num(d)) = self.peek().cloned() else { unreachable!() };
+                            if d.len() == 1 {
+                                self.pos += 1;
+                            } else {
+                                self.toks[self.pos] = Tok::Num(d[1..].to_string());
+                            }
+                        }
+                        self.leave();
+                        return repeating_decimal(&s, &rep);
+                    }
+                }
                 let n = num_literal(&s)?;
                 // Mixed number: `2\frac{1}{2}` is 2 + 1/2.
                 if matches!(n, Expr::Num(_)) && self.is_cmd("frac") {
@@ -877,6 +900,21 @@ fn collapse_mul(mut v: Vec<Expr>) -> Expr {
         1 => v.pop().unwrap(),
         _ => Expr::Mul(v),
     }
+}
+
+/// `int.frac` followed by the repeating block `rep`: exactly
+/// (int frac rep - int frac) / (10^|frac| (10^|rep| - 1)).
+fn repeating_decimal(lit: &str, rep: &str) -> Result<Expr, MathError> {
+    let (int_part, frac) = lit.split_once('.').unwrap_or((lit, ""));
+    if int_part.len() + frac.len() > 1000 {
+        return Err(MathError::TooLarge("repeating decimal".into()));
+    }
+    let parse = |d: &str| -> BigInt { if d.is_empty() { BigInt::zero() } else { d.parse().unwrap_or_default() } };
+    let all = parse(&format!("{int_part}{frac}{rep}"));
+    let head = parse(&format!("{int_part}{frac}"));
+    let ten = BigInt::from(10);
+    let den = num_traits::pow(ten.clone(), frac.len()) * (num_traits::pow(ten, rep.len()) - BigInt::one());
+    Ok(Expr::Num(BigRational::new(all - head, den)))
 }
 
 /// Turn a cleaned numeric literal into an exact value.

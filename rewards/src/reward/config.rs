@@ -104,8 +104,8 @@ pub struct OverlongConfig {
     /// Penalty at (and beyond) the limit.
     #[serde(default = "one")]
     pub overlong_penalty_factor: f64,
-    /// The limit L; default: each sample's `max_tokens`.
-    #[serde(default)]
+    /// The limit L; default: each sample's `max_tokens` (alias: verl's `max_resp_len`).
+    #[serde(default, alias = "max_resp_len")]
     pub max_response_length: Option<usize>,
 }
 
