@@ -92,6 +92,24 @@ fn exec_hang_times_out() {
 }
 
 #[test]
+fn exec_plugin_that_never_reads_cannot_block_on_a_full_pipe() {
+    if !have_python() {
+        return;
+    }
+    let mut cfg = exec_cfg(OnFailure::Fixed);
+    cfg.timeout_s = 0.5;
+    cfg.retries = 0;
+    cfg.env.insert("WHET_PLUGIN_STALL".into(), "1".into());
+    let rs = RewardSet::from_config(&[RewardConfig::Plugin(cfg)]).unwrap();
+    // 4 MB request: far more than a pipe buffer.
+    let big = "x".repeat(4 << 20);
+    let t = Instant::now();
+    let s = rs.score_batch(&batch(&[&big])).unwrap();
+    assert_eq!(s.total, vec![Some(-0.25)]);
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+}
+
+#[test]
 fn exec_failure_fails_the_step_when_asked() {
     if !have_python() {
         return;

@@ -14,6 +14,7 @@ For tests, a completion containing one of these markers makes the plugin misbeha
   __malformed__  print a line that is not JSON
   __wrong_size__ answer with one reward too few
   __crash_once__ exit(3) unless the file named by $WHET_PLUGIN_STATE exists (then create it first)
+and WHET_PLUGIN_STALL=1 makes it sleep forever before reading anything.
 """
 import json
 import os
@@ -29,6 +30,8 @@ def score(sample, target):
 
 
 def main():
+    if os.environ.get("WHET_PLUGIN_STALL") == "1":
+        time.sleep(3600)
     print("length_plugin ready", file=sys.stderr, flush=True)
     for line in sys.stdin:
         req = json.loads(line)

@@ -11,14 +11,16 @@ use super::{Backend, PluginConfig};
 use crate::reward::RewardOutput;
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Mutex;
 use std::time::Duration;
 
 struct Proc {
     child: Child,
-    stdin: ChildStdin,
+    /// Requests go through a writer thread, so a child that stops reading cannot block us on a
+    /// full pipe.
+    requests: Sender<String>,
     lines: Receiver<std::io::Result<String>>,
 }
 
@@ -52,9 +54,20 @@ impl ExecBackend {
         let mut cmd = Command::new(&self.cfg.command[0]);
         cmd.args(&self.cfg.command[1..]).envs(&self.cfg.env).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().map_err(|e| format!("cannot start {:?}: {e}", self.cfg.command))?;
-        let stdin = child.stdin.take().ok_or("no stdin")?;
+        let mut stdin = child.stdin.take().ok_or("no stdin")?;
         let stdout = child.stdout.take().ok_or("no stdout")?;
         let stderr = child.stderr.take().ok_or("no stderr")?;
+        let (req_tx, req_rx) = mpsc::channel::<String>();
+        std::thread::Builder::new()
+            .name(format!("plugin-{}-in", self.cfg.name))
+            .spawn(move || {
+                for line in req_rx {
+                    if stdin.write_all(line.as_bytes()).and_then(|_| stdin.write_all(b"\n")).and_then(|_| stdin.flush()).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start writer thread: {e}"))?;
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name(format!("plugin-{}-out", self.cfg.name))
@@ -75,7 +88,7 @@ impl ExecBackend {
                 }
             })
             .map_err(|e| format!("cannot start stderr thread: {e}"))?;
-        Ok(Proc { child, stdin, lines: rx })
+        Ok(Proc { child, requests: req_tx, lines: rx })
     }
 
     fn attempt(&self, st: &mut State, line: &str, n: usize, batch_id: u64) -> Result<Vec<RewardOutput>, String> {
@@ -90,17 +103,25 @@ impl ExecBackend {
             st.proc = Some(self.spawn()?);
         }
         let p = st.proc.as_mut().unwrap();
-        let sent = p.stdin.write_all(line.as_bytes()).and_then(|_| p.stdin.write_all(b"\n")).and_then(|_| p.stdin.flush());
+        let sent = p.requests.send(line.to_string());
         let timeout = Duration::from_secs_f64(self.cfg.timeout_s);
         let result = match sent {
-            Err(e) => Err(format!("cannot write the request (process died?): {e}")),
+            Err(_) => Err("cannot write the request: the process stopped reading".to_string()),
             Ok(()) => match p.lines.recv_timeout(timeout) {
                 Ok(Ok(resp)) => parse_response(&resp, n, batch_id),
                 Ok(Err(e)) => Err(format!("reading the response: {e}")),
                 Err(RecvTimeoutError::Timeout) => Err(format!("no response within {}s", self.cfg.timeout_s)),
                 Err(RecvTimeoutError::Disconnected) => {
-                    let status = p.child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
-                    Err(format!("the process exited ({status}) without a response"))
+                    // Give it a moment to exit; never block (it may have closed stdout and kept running).
+                    let mut status = None;
+                    for _ in 0..20 {
+                        if let Ok(Some(s)) = p.child.try_wait() {
+                            status = Some(s.to_string());
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(format!("the process closed its output ({}) without a response", status.unwrap_or_else(|| "still running".into())))
                 }
             },
         };
