@@ -5,7 +5,7 @@ use crate::math::{verify, VerifyConfig};
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
-use std::io::{BufRead, BufWriter, Read, Write};
+use std::io::{BufWriter, Read, Write};
 
 pub const VERIFY_USAGE: &str = "usage: verify --input FILE.jsonl [--output FILE.jsonl] [--gold-key gold] [--pred-key pred]
               [--float-rounding N] [--non-strict] [--config VERIFY_CONFIG.json] [--summary]
@@ -129,10 +129,4 @@ pub fn run_verify_cli<I: IntoIterator<Item = String>>(args: I) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Read lines lazily (used by tests on large inputs).
-#[allow(dead_code)]
-fn count_lines<R: BufRead>(r: R) -> usize {
-    r.lines().count()
 }

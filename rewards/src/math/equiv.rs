@@ -20,7 +20,7 @@ use super::MathError;
 use num_bigint::BigInt;
 use num_complex::Complex64;
 use num_rational::BigRational;
-use num_traits::{Signed, Zero};
+use num_traits::Zero;
 
 /// Comparison settings.
 #[derive(Debug, Clone, Default)]
@@ -674,9 +674,4 @@ impl Checker<'_> {
         }
         self.ordered(&gp, &pp)
     }
-}
-
-#[allow(dead_code)]
-fn is_neg(r: &BigRational) -> bool {
-    r.is_negative()
 }

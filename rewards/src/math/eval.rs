@@ -374,9 +374,3 @@ fn func_numeric(name: &str, v: &[Complex64]) -> Option<Complex64> {
         _ => opaque_func(name, v),
     })
 }
-
-/// Is the exact value an integer?
-#[allow(dead_code)]
-pub fn is_int(r: &BigRational) -> bool {
-    r.is_integer()
-}

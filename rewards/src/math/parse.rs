@@ -280,14 +280,13 @@ impl Parser<'_> {
     fn parse_product(&mut self) -> Result<Expr, MathError> {
         self.enter()?;
         let mut factors: Vec<Expr> = Vec::new();
-        let mut units_only = true;
-        let first = self.parse_power()?;
-        push_factor(&mut factors, first, &mut units_only);
+                let first = self.parse_power()?;
+        push_factor(&mut factors, first);
         loop {
             self.budget.charge(1)?;
             if self.eat_p('*') {
                 let f = self.parse_power_signed()?;
-                push_factor(&mut factors, f, &mut units_only);
+                push_factor(&mut factors, f);
             } else if self.eat_p('/') {
                 let d = self.parse_power_signed()?;
                 let num = collapse_mul(std::mem::take(&mut factors));
@@ -306,13 +305,13 @@ impl Parser<'_> {
                     }
                 } else if self.starts_implicit_factor() {
                     let f = self.parse_power()?;
-                    push_factor(&mut factors, f, &mut units_only);
+                    push_factor(&mut factors, f);
                 } else {
                     break;
                 }
             } else if self.starts_implicit_factor() {
                 let f = self.parse_power()?;
-                push_factor(&mut factors, f, &mut units_only);
+                push_factor(&mut factors, f);
             } else {
                 break;
             }
@@ -335,7 +334,6 @@ impl Parser<'_> {
             }
             return Ok(Expr::Text(s));
         }
-        let _ = units_only;
         Ok(collapse_mul(factors))
     }
 
@@ -550,7 +548,7 @@ impl Parser<'_> {
                     name = format!("{c}_{sub}");
                     subscripted = true;
                 }
-                if (FUNC_LETTERS.contains(&c) || subscripted) && self.is_p('(') && !self.looks_like_interval() {
+                if (FUNC_LETTERS.contains(&c) || subscripted) && self.is_p('(') {
                     self.pos += 1;
                     let (args, _) = self.parse_seq(&[Tok::P(')')])?;
                     if !self.eat_p(')') {
@@ -606,11 +604,6 @@ impl Parser<'_> {
         };
         self.leave();
         Ok(r)
-    }
-
-    /// After a function letter: `f(0,1]` style input is an interval, not a call.
-    fn looks_like_interval(&self) -> bool {
-        false
     }
 
     fn parse_bracketed(&mut self, open: char) -> Result<Expr, MathError> {
@@ -886,7 +879,7 @@ fn text_of(e: &Expr) -> Option<&str> {
     }
 }
 
-fn push_factor(factors: &mut Vec<Expr>, f: Expr, _units_only: &mut bool) {
+fn push_factor(factors: &mut Vec<Expr>, f: Expr) {
     match f {
         Expr::Text(ref s) if s.trim().is_empty() => {}
         Expr::Mul(v) => factors.extend(v),
@@ -949,14 +942,4 @@ pub fn num_literal(s: &str) -> Result<Expr, MathError> {
     } else {
         Ok(Expr::Num(val))
     }
-}
-
-#[allow(dead_code)]
-fn is_one(e: &Expr) -> bool {
-    matches!(e, Expr::Num(r) if r.is_one())
-}
-
-#[allow(dead_code)]
-fn is_zero(e: &Expr) -> bool {
-    matches!(e, Expr::Num(r) if r.is_zero())
 }
