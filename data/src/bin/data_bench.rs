@@ -39,6 +39,16 @@ fn peak_rss_mib() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// CPU seconds (user + system, all threads) used by this process so far, from /proc/self/stat (USER_HZ = 100).
+fn cpu_seconds() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15 (1-based).
+    let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
@@ -68,15 +78,20 @@ fn tokenize(args: &[String]) -> Result<()> {
     for threads in [1, all] {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
         let mut rates = vec![];
+        let mut cpu_rates = vec![];
         let mut tokens = 0;
         for _ in 0..repeats {
             let t = Instant::now();
+            let c0 = cpu_seconds();
             let (ex, stats) = pool.install(|| tokenize_records(&tok, Some(&template), &records, &tcfg))?;
             let dt = t.elapsed().as_secs_f64();
+            let dc = cpu_seconds() - c0;
             tokens = stats.tokens;
             assert_eq!(ex.len(), records.len());
             rates.push(tokens as f64 / dt);
+            cpu_rates.push(tokens as f64 / dc);
         }
+        cpu_rates.sort_by(|a, b| a.partial_cmp(b).unwrap());
         if threads == 1 {
             let (ex, _) = tokenize_records(&tok, Some(&template), &records, &tcfg)?;
             for seq_len in [1024, 2048, 4096] {
@@ -98,12 +113,21 @@ fn tokenize(args: &[String]) -> Result<()> {
         rates.sort_by(|a, b| a.partial_cmp(b).unwrap());
         let median = rates[rates.len() / 2];
         println!(
-            "threads={threads}: {} examples, {tokens} tokens, median {:.0} tokens/s ({:.0} examples/s) over {repeats} runs",
+            "threads={threads}: {} examples, {tokens} tokens, median {:.0} tokens/s wall ({:.0} examples/s), {:.0} tokens per CPU-second, over {repeats} runs",
             records.len(),
             median,
-            median * records.len() as f64 / tokens as f64
+            median * records.len() as f64 / tokens as f64,
+            cpu_rates[cpu_rates.len() / 2]
         );
     }
+    // The on-disk cache: first run tokenizes and writes, second run reads.
+    let cache = std::env::temp_dir().join(format!("whet-data-bench-cache-{}", std::process::id()));
+    for run in ["first (miss)", "second (hit)"] {
+        let t = Instant::now();
+        let ds = data::tokenize::tokenize_dataset(&cfg, &tok, Some(&template), &tcfg, Some(&cache))?;
+        println!("cache {run}: {:?} in {:.3}s ({} examples)", ds.cache, t.elapsed().as_secs_f64(), ds.examples.len());
+    }
+    let _ = std::fs::remove_dir_all(&cache);
     Ok(())
 }
 
