@@ -117,6 +117,8 @@ fn structures() {
         "(-\\infty, 0) \\cup (1, \\infty)", "\\boxed{(1,\\infty)\\cup(-\\infty,0)}";
         "\\begin{pmatrix}1 & 2\\\\3 & 4\\end{pmatrix}", "\\boxed{\\begin{bmatrix}1 & 2\\\\3 & 4\\end{bmatrix}}";
         "y = 2x + 1", "\\boxed{2x - y + 1 = 0}";
+        "\\begin{pmatrix} 1 \\\\ -2 \\\\ \\frac{1}{2} \\end{pmatrix}", "\\boxed{(1, -2, 0.5)}";
+        "\\langle 1, 2 \\rangle", "\\boxed{(1,2)}";
         "x \\geq 5", "\\boxed{5 \\le x}";
         "x > 2", "\\boxed{(2, \\infty)}";
         "\\text{(C)}", "\\boxed{C}";
@@ -134,6 +136,7 @@ fn structures() {
         "\\text{(C)}", "\\boxed{D}";
         "\\text{(B)}", "Option B looks right at first, but the correct option is **(D)**.";
         "1, 2, 3", "\\boxed{1, 2}";
+        "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\boxed{(2, 1)}";
     }
 }
 

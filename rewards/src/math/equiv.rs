@@ -443,6 +443,16 @@ impl Checker<'_> {
                 }
                 Ok(true)
             }
+            // A column or row vector written as a tuple: `\begin{pmatrix}1\\2\end{pmatrix}` and `(1, 2)`.
+            (Matrix(m), Tuple(t)) | (Tuple(t), Matrix(m)) if m.len() == 1 || m.iter().all(|r| r.len() == 1) => {
+                let flat: Vec<Expr> = m.iter().flatten().cloned().collect();
+                let t = t.clone();
+                if matches!(g, Matrix(_)) {
+                    self.ordered(&flat, &t)
+                } else {
+                    self.ordered(&t, &flat)
+                }
+            }
             (Ratio(a), Ratio(b)) => self.ordered(a, b),
             (List(_) | Set(_) | Tuple(_) | Interval { .. } | Union(_) | Matrix(_) | Ratio(_), _) | (_, List(_) | Set(_) | Tuple(_) | Interval { .. } | Union(_) | Matrix(_) | Ratio(_)) => Ok(false),
             _ => self.scalar(g, p),
