@@ -89,3 +89,28 @@ fn gsm8k_hash_answers_match_boxed_numbers_in_prose() {
     assert_eq!(ok, 1319);
     assert_eq!(wrong_rejected, 1319);
 }
+
+#[test]
+fn aime_and_amc_answers_through_the_accuracy_reward() {
+    use rewards::{RewardConfig, RewardSet, Sample};
+    let (Some(aime), Some(amc)) = (read_jsonl("data/aime24/test.jsonl"), read_jsonl("data/amc23/test.jsonl")) else { return };
+    let cfg: Vec<RewardConfig> = serde_json::from_value(serde_json::json!([{ "kind": "accuracy", "gold_key": "answer" }])).unwrap();
+    let set = RewardSet::from_config(&cfg).unwrap();
+    let mut samples = Vec::new();
+    let mut expect = Vec::new();
+    for r in aime.iter().chain(amc.iter()) {
+        // AIME writes "025"; AMC stores numbers such as 27.0.
+        let n: f64 = match &r["answer"] {
+            Value::String(s) => s.parse().unwrap(),
+            v => v.as_f64().unwrap(),
+        };
+        for (delta, ok) in [(0.0, true), (1.0, false)] {
+            let row = r.as_object().unwrap().clone();
+            samples.push(Sample { completion: format!("Thus the answer is $\\boxed{{{}}}$.", n + delta), row, max_tokens: 100, ..Default::default() });
+            expect.push(Some(if ok { 1.0 } else { -1.0 }));
+        }
+    }
+    let s = set.score_batch(&samples).unwrap();
+    assert_eq!(s.total, expect);
+    eprintln!("AIME 2024 + AMC 2023: {} gold answers matched and {} off-by-one answers rejected", expect.len() / 2, expect.len() / 2);
+}
