@@ -65,6 +65,7 @@ fn agreement_with_math_verify_cases() {
     let listed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peer_disagreements.md")).unwrap_or_default();
     let mut total = 0;
     let mut agree = 0;
+    let mut agree_defaults = 0;
     let mut unlisted = Vec::new();
     for (ln, line) in text.lines().enumerate() {
         let c: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("cases.jsonl line {}: {e}", ln + 1));
@@ -74,6 +75,9 @@ fn agreement_with_math_verify_cases() {
         let expected = c["expected"].as_bool().unwrap_or(false);
         let cfg = config_for(&c["mode"]);
         let v = verify(gold, pred, &cfg);
+        if verify(gold, pred, &VerifyConfig::default()).equivalent == expected {
+            agree_defaults += 1;
+        }
         total += 1;
         if v.equivalent == expected {
             agree += 1;
@@ -86,6 +90,7 @@ fn agreement_with_math_verify_cases() {
     }
     let pct = 100.0 * agree as f64 / total as f64;
     eprintln!("agreement with math-verify expectations: {agree}/{total} = {pct:.1}%");
+    eprintln!("with VerifyConfig::default() for every case: {agree_defaults}/{total}");
     assert_eq!(total, 286);
     assert!(pct >= 97.0, "agreement {pct:.1}% < 97%");
     assert!(unlisted.is_empty(), "disagreements not listed in tests/peer_disagreements.md: {unlisted:?}");
