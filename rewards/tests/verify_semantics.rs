@@ -147,6 +147,11 @@ fn verdict_reports_extracted_and_normalized_forms() {
     assert_eq!(v.gold_extracted.as_deref(), Some("1,080"));
     assert_eq!(v.pred_extracted.as_deref(), Some("1080"));
     assert_eq!(v.gold_normalized.as_deref(), Some("1080"));
+    let md = verify("42", "<think>6*7 = 42, or 41?</think>\n\n**Final Answer:** 42", &VerifyConfig::default());
+    assert!(md.equivalent);
+    assert_eq!(md.pred_source, Some(rewards::math::extract::Source::Phrase));
+    let md = verify("42", "The final answer is **42**.", &VerifyConfig::default());
+    assert_eq!(md.pred_extracted.as_deref(), Some("42"));
     let none = verify("5", "I could not solve it.", &VerifyConfig::default());
     assert!(!none.equivalent);
     assert!(none.pred_extracted.is_none());

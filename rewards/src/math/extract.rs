@@ -355,7 +355,8 @@ fn answer_phrase_pos(text: &str) -> Option<(String, usize)> {
             end = end.min(k);
         }
     }
-    let seg = rest[..end].trim().trim_end_matches('.').trim();
+    // Markdown emphasis around the answer (`**Final Answer:** 42`, `is **42**.`) is not part of it.
+    let seg = rest[..end].trim().trim_matches(|c: char| c == '*' || c == '_' || c.is_whitespace()).trim_end_matches('.').trim_matches(|c: char| c == '*' || c.is_whitespace());
     if seg.is_empty() {
         return None;
     }
