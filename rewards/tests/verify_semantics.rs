@@ -119,6 +119,8 @@ fn structures() {
         "y = 2x + 1", "\\boxed{2x - y + 1 = 0}";
         "\\begin{pmatrix} 1 \\\\ -2 \\\\ \\frac{1}{2} \\end{pmatrix}", "\\boxed{(1, -2, 0.5)}";
         "\\langle 1, 2 \\rangle", "\\boxed{(1,2)}";
+        "(-\\infty, \\infty)", "\\boxed{\\mathbb{R}}";
+        "x \\in \\mathbb{R}", "\\boxed{(-\\infty,\\infty)}";
         "x \\geq 5", "\\boxed{5 \\le x}";
         "x > 2", "\\boxed{(2, \\infty)}";
         "\\text{(C)}", "\\boxed{C}";

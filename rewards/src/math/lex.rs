@@ -341,6 +341,16 @@ fn lex_command(chars: &[char], name: String, start: usize, mut i: usize, out: &m
         }
         return Ok(i);
     }
+    if name == "mathbb" {
+        // `\mathbb{R}` (all reals) is an interval; other blackboard letters stay symbols.
+        let rest: String = chars[i..n.min(i + 4)].iter().collect();
+        for pat in ["{R}", " R", "R"] {
+            if rest.starts_with(pat) && !rest[pat.len()..].starts_with(|c: char| c.is_ascii_alphabetic()) {
+                out.push(Tok::Cmd("reals".into()));
+                return Ok(i + pat.len());
+            }
+        }
+    }
     if STYLE_CMDS.contains(&name.as_str()) {
         return Ok(i);
     }

@@ -711,6 +711,7 @@ impl Parser<'_> {
             "pi" => Expr::Const(Const::Pi),
             "infty" => Expr::Const(Const::Inf),
             "emptyset" | "varnothing" => Expr::Set(vec![]),
+            "reals" => Expr::Interval { lo: Box::new(Expr::Neg(Box::new(Expr::Const(Const::Inf)))), hi: Box::new(Expr::Const(Const::Inf)), lo_closed: false, hi_closed: false },
             "dots" | "ldots" | "cdots" => Expr::Sym("...".into()),
             "sin" | "cos" | "tan" | "sec" | "csc" | "cot" | "arcsin" | "arccos" | "arctan" | "arccot" | "sinh" | "cosh" | "tanh" | "log" | "ln" | "lg" | "exp" | "max" | "min" | "gcd" | "lcm" | "det" | "sgn" => self.parse_function(c)?,
             "{" => {
