@@ -518,10 +518,12 @@ fn looks_like_answer(text: &str) -> bool {
                 i += 1;
             }
             let w = &stripped[st..i];
-            if w.len() >= 4 && !matches!(w, "sqrt" | "frac" | "infty" | "percent" | "percentage") {
+            let math_word = matches!(w, "sqrt" | "frac" | "infty" | "percent" | "percentage" | "pct" | "sin" | "cos" | "tan" | "log" | "ln" | "exp" | "pi" | "or" | "and");
+            if w.len() >= 4 && !math_word {
                 return false;
             }
-            if w.len() == 3 {
+            // Two or more short words (`so it is -1`) are prose too.
+            if w.len() >= 2 && !math_word {
                 three += 1;
             }
             continue;
