@@ -18,6 +18,9 @@ pub enum DataError {
     /// A line or file is not valid JSON.
     #[error("{file}: row {row}: invalid JSON: {msg}")]
     Json { file: String, row: usize, msg: String },
+    /// A whole JSON file is not valid (or not an array of objects).
+    #[error("{file}: invalid JSON: {msg}")]
+    JsonFile { file: String, msg: String },
     /// The Parquet reader failed (bad file, unsupported column type).
     #[error("{file}: parquet: {msg}")]
     Parquet { file: String, msg: String },

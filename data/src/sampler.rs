@@ -202,7 +202,7 @@ fn shard_of(s: &SamplerState) -> Vec<usize> {
 /// Draws from a categorical distribution given non-negative weights (not all zero).
 fn categorical(rng: &mut SplitMix64, weights: &[f64]) -> Option<usize> {
     let total: f64 = weights.iter().sum();
-    if !(total > 0.0) {
+    if total.is_nan() || total <= 0.0 {
         return None;
     }
     let mut u = rng.next_f64() * total;
@@ -371,7 +371,7 @@ pub struct DomainSampler {
 impl DomainSampler {
     /// One domain per entry of `domain_lens` (name, number of prompts).
     pub fn new(domains: Vec<(String, usize)>, cfg: DomainSamplingConfig, sampler: SamplerConfig, rank: usize, world_size: usize) -> Result<Self> {
-        if !(cfg.temperature > 0.0) || !(0.0..=1.0).contains(&cfg.alpha) || !(0.0..1.0).contains(&cfg.min_prob) {
+        if cfg.temperature.is_nan() || cfg.temperature <= 0.0 || !(0.0..=1.0).contains(&cfg.alpha) || !(0.0..1.0).contains(&cfg.min_prob) {
             return Err(DataError::Sampler("domain sampling needs temperature > 0, 0 <= alpha <= 1, 0 <= min_prob < 1".into()));
         }
         let sources = domains.into_iter().map(|(name, len)| MixSource { name, weight: 1.0, len }).collect();

@@ -179,7 +179,7 @@ impl Arithmetic {
         (start..start + n as u64)
             .map(|i| {
                 let p = self.problem(i);
-                let mut g = SplitMix64::derive(self.cfg.seed ^ 0x5EED_0F_BAD, i);
+                let mut g = SplitMix64::derive(self.cfg.seed ^ 0x0005_EED0_FBAD, i);
                 let delta = g.range_inclusive(1, 10) * if g.below(2) == 0 { 1 } else { -1 };
                 Record::Preference {
                     prompt: vec![Message::user(p.prompt)],

@@ -19,6 +19,9 @@ use crate::error::{DataError, Result};
 use crate::record::{Message, Record};
 use crate::template::ChatTemplate;
 
+/// Byte offsets `(start, end)` of each token in the encoded text.
+pub type Offsets = Vec<(usize, usize)>;
+
 /// Label value for positions without loss.
 pub const IGNORE_INDEX: i64 = -100;
 
@@ -92,7 +95,14 @@ impl Tokenizer {
         let dir = dir.as_ref();
         let tok = Self::from_file(dir.join("tokenizer.json"))?;
         let cfg = dir.join("tokenizer_config.json");
-        let template = if cfg.is_file() { ChatTemplate::from_tokenizer_config(&cfg).ok() } else { None };
+        let has_template = cfg.is_file()
+            && (dir.join("chat_template.jinja").is_file()
+                || std::fs::read_to_string(&cfg)
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                    .is_some_and(|v| v.get("chat_template").is_some_and(|t| !t.is_null())));
+        // A template that is present but does not compile is an error, not a silent `None`.
+        let template = if has_template { Some(ChatTemplate::from_tokenizer_config(&cfg)?) } else { None };
         Ok((tok, template))
     }
 
@@ -134,7 +144,7 @@ impl Tokenizer {
     }
 
     /// Token ids with byte offsets into `text`.
-    pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Offsets)> {
         let enc = self.inner.encode(text, add_special_tokens).map_err(|e| DataError::Tokenizer(e.to_string()))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }

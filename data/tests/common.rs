@@ -50,6 +50,12 @@ pub const CHATML: &str = "{% for message in messages %}{% if loop.first and mess
 /// A tiny word-level tokenizer (whitespace/punctuation split, ChatML special tokens), built in memory so
 /// tokenization tests run without downloaded files. Unknown words map to `[UNK]` (id 3).
 pub fn tiny_tokenizer() -> data::Tokenizer {
+    let cfg = serde_json::json!({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"});
+    data::Tokenizer::from_bytes(tiny_tokenizer_json().as_bytes(), Some(&cfg)).unwrap()
+}
+
+/// The `tokenizer.json` text of [`tiny_tokenizer`].
+pub fn tiny_tokenizer_json() -> String {
     let specials = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "[UNK]"];
     let mut vocab = serde_json::Map::new();
     let mut added = vec![];
@@ -70,6 +76,5 @@ pub fn tiny_tokenizer() -> data::Tokenizer {
         "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
     });
-    let cfg = serde_json::json!({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"});
-    data::Tokenizer::from_bytes(json.to_string().as_bytes(), Some(&cfg)).unwrap()
+    json.to_string()
 }

@@ -181,3 +181,26 @@ fn hugging_face_layout_reads_split_shards_in_order() {
     let e = load_records(&c).unwrap_err().to_string();
     assert!(e.contains("validation"), "{e}");
 }
+
+#[test]
+fn malformed_files_are_clear_errors() {
+    let d = common::scratch("malformed");
+    let p = d.join("bad.jsonl");
+    let mut bytes = b"{\"question\": \"q\", \"answer\": 1}\n".to_vec();
+    bytes.extend_from_slice(b"{\"question\": \"\xff\", \"answer\": 1}\n");
+    std::fs::write(&p, bytes).unwrap();
+    let e = load_records(&qa(&p)).unwrap_err().to_string();
+    assert!(e.contains("bad.jsonl") && e.contains("row 2") && e.contains("UTF-8"), "{e}");
+    let j = d.join("bad.json");
+    std::fs::write(&j, "[{\"question\": \"q\", \"answer\": 1},\n  {oops}]").unwrap();
+    let e = load_records(&qa(&j)).unwrap_err().to_string();
+    assert!(e.contains("bad.json") && e.contains("line 2"), "{e}");
+    let x = d.join("data.txt");
+    std::fs::write(&x, "").unwrap();
+    assert!(load_records(&qa(&x)).unwrap_err().to_string().contains("format"));
+    let pq = d.join("notparquet.parquet");
+    std::fs::write(&pq, "hello").unwrap();
+    let e = load_records(&qa(&pq)).unwrap_err().to_string();
+    assert!(e.contains("notparquet.parquet") && e.contains("parquet"), "{e}");
+    assert!(load_records(&qa(&d.join("missing.jsonl"))).is_err());
+}

@@ -209,3 +209,24 @@ fn gsm8k_with_qwen3_labels_exactly_the_answers_and_packs_densely() {
     eprintln!("gsm8k test[:400] qwen3: {} tokens; packed into {} rows of 2048, efficiency {:.3}; padded batch of 8 efficiency {:.3}", stats.tokens, packed.rows.len(), packed.efficiency, padded_eff);
     assert!(packed.efficiency > 0.95, "{}", packed.efficiency);
 }
+
+#[test]
+fn tokenizer_dir_reads_config_and_reports_broken_templates() {
+    let d = common::scratch("tokdir");
+    std::fs::write(d.join("tokenizer.json"), common::tiny_tokenizer_json()).unwrap();
+    // No config: no template, pad falls back to id 0.
+    let (tok, t) = Tokenizer::from_dir(&d).unwrap();
+    assert!(t.is_none() && tok.eos_id.is_none());
+    // transformers >= 4.47 writes the template next to the config.
+    std::fs::write(d.join("tokenizer_config.json"), r#"{"eos_token": {"content": "<|im_end|>"}, "pad_token": "<|endoftext|>"}"#).unwrap();
+    std::fs::write(d.join("chat_template.jinja"), common::CHATML).unwrap();
+    let (tok, t) = Tokenizer::from_dir(&d).unwrap();
+    assert_eq!((tok.eos_id, tok.pad_id), (Some(1), 2));
+    assert!(t.unwrap().render(&[Message::user("Hi")], true).unwrap().ends_with("<|im_start|>assistant\n"));
+    std::fs::remove_file(d.join("chat_template.jinja")).unwrap();
+    std::fs::write(d.join("tokenizer_config.json"), r#"{"chat_template": "{% for m in messages %}{{ m.content }"}"#).unwrap();
+    let e = Tokenizer::from_dir(&d).unwrap_err().to_string();
+    assert!(e.contains("chat template"), "{e}");
+    std::fs::write(d.join("tokenizer.json"), "{}").unwrap();
+    assert!(Tokenizer::from_dir(&d).unwrap_err().to_string().contains("tokenizer.json"));
+}

@@ -14,13 +14,12 @@ pub fn rows(path: &Path) -> Result<RowIter> {
     let f = File::open(path).map_err(|e| DataError::io(path, e))?;
     let file: Arc<str> = Arc::from(path.display().to_string());
     let v: serde_json::Value = serde_json::from_reader(BufReader::new(f))
-        .map_err(|e| DataError::Json { file: file.to_string(), row: 0, msg: e.to_string() })?;
+        .map_err(|e| DataError::JsonFile { file: file.to_string(), msg: e.to_string() })?;
     let items = match v {
         serde_json::Value::Array(a) => a,
         _ => {
-            return Err(DataError::Json {
+            return Err(DataError::JsonFile {
                 file: file.to_string(),
-                row: 0,
                 msg: "expected a top-level array of objects (use format = \"jsonl\" for JSON Lines)".into(),
             })
         }

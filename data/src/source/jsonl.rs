@@ -14,13 +14,30 @@ pub fn rows(path: &Path) -> Result<RowIter> {
     let f = File::open(path).map_err(|e| DataError::io(path, e))?;
     let file: Arc<str> = Arc::from(path.display().to_string());
     let path = path.to_path_buf();
-    let mut lines = BufReader::with_capacity(1 << 20, f).lines().enumerate();
+    let mut reader = BufReader::with_capacity(1 << 20, f);
+    let mut row = 0usize;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut done = false;
     Ok(Box::new(std::iter::from_fn(move || loop {
-        let (i, line) = lines.next()?;
-        let row = i + 1;
-        let line = match line {
+        if done {
+            return None;
+        }
+        buf.clear();
+        match reader.read_until(b'\n', &mut buf) {
+            Ok(0) => {
+                done = true;
+                return None;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                done = true;
+                return Some(Err(DataError::io(&path, e)));
+            }
+        }
+        row += 1;
+        let line = match std::str::from_utf8(&buf) {
             Ok(l) => l,
-            Err(e) => return Some(Err(DataError::io(&path, e))),
+            Err(e) => return Some(Err(DataError::Json { file: file.to_string(), row, msg: format!("not UTF-8: {e}") })),
         };
         let t = line.trim();
         if t.is_empty() {
