@@ -159,6 +159,15 @@ fn verdict_reports_extracted_and_normalized_forms() {
     assert!(none.pred_extracted.is_none());
 }
 
+#[test]
+fn batch_verification_keeps_order() {
+    let pairs: Vec<(String, String)> = (0..200).map(|i| (format!("{}", i), format!("\\boxed{{{}}}", if i % 3 == 0 { i } else { i + 1 }))).collect();
+    let v = rewards::math::verify_batch(&pairs, &VerifyConfig::default());
+    for (i, x) in v.iter().enumerate() {
+        assert_eq!(x.equivalent, i % 3 == 0, "pair {i}");
+    }
+}
+
 fn bounded(g: &str, p: &str) -> (bool, Duration) {
     let t = Instant::now();
     let v = verify(g, p, &VerifyConfig::default());

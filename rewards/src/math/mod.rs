@@ -13,7 +13,7 @@ pub mod verify;
 
 pub use ast::Expr;
 pub use extract::{extract_answer, extract_candidates, ExtractConfig};
-pub use verify::{verify, Verdict, VerifyConfig};
+pub use verify::{verify, verify_batch, Verdict, VerifyConfig};
 
 /// Errors inside the verifier (they never escape as panics; `verify` reports them in the verdict).
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]

@@ -161,3 +161,9 @@ pub fn verify(gold: &str, pred: &str, cfg: &VerifyConfig) -> Verdict {
     }
     v
 }
+
+/// Verify many (gold, prediction) pairs in parallel (rayon), in order.
+pub fn verify_batch<G: AsRef<str> + Sync, P: AsRef<str> + Sync>(pairs: &[(G, P)], cfg: &VerifyConfig) -> Vec<Verdict> {
+    use rayon::prelude::*;
+    pairs.par_iter().map(|(g, p)| verify(g.as_ref(), p.as_ref(), cfg)).collect()
+}
