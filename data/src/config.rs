@@ -120,6 +120,25 @@ pub struct DataConfig {
     pub limit: Option<usize>,
 }
 
+/// One weighted source of a data mixture (`[[stage.mix]]` in a recipe):
+///
+/// ```toml
+/// [[stage.mix]]
+/// weight = 3.0
+/// data = { path = "../shared/data/gsm8k", prompt = "question", answer = "answer", answer_format = "gsm8k" }
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MixEntry {
+    /// Name in logs and checkpoints (default: the data path).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Relative sampling weight (> 0).
+    pub weight: f64,
+    /// The source.
+    pub data: DataConfig,
+}
+
 fn default_split() -> String {
     "train".to_string()
 }

@@ -36,6 +36,9 @@ pub enum DataError {
     /// A sampler was misused or its state does not match the data.
     #[error("sampler: {0}")]
     Sampler(String),
+    /// Processing one record failed (1-based index in the record list).
+    #[error("record {index}: {source}")]
+    Record { index: usize, source: Box<DataError> },
     /// Packing failed (e.g. an example longer than the row).
     #[error("pack: {0}")]
     Pack(String),

@@ -23,11 +23,11 @@ pub mod synth;
 pub mod template;
 pub mod tokenize;
 
-pub use config::{AnswerFormat, DataConfig, Format, RecordKind};
+pub use config::{AnswerFormat, DataConfig, Format, MixEntry, RecordKind};
 pub use error::{DataError, Result};
 pub use pack::{pack, pad, PackedBatch, PackedRow, PaddedRow};
 pub use record::{Message, Record};
 pub use sampler::{Sampler, SamplerConfig, SamplerState};
-pub use source::{load_records, stream_records};
+pub use source::{load_mixture, load_records, stream_records};
 pub use template::ChatTemplate;
 pub use tokenize::{LossOn, TokenizeConfig, TokenizedExample, Tokenizer, Truncation};

@@ -469,7 +469,7 @@ pub fn tokenize_records(
     let outcomes: Vec<Outcome> = records
         .par_iter()
         .enumerate()
-        .map(|(i, r)| tokenize_record(tok, template, r, cfg).map_err(|e| DataError::Config(format!("record {}: {e}", i + 1))))
+        .map(|(i, r)| tokenize_record(tok, template, r, cfg).map_err(|e| DataError::Record { index: i + 1, source: Box::new(e) }))
         .collect::<Result<_>>()?;
     let mut stats = TokenizeStats { records: records.len(), ..Default::default() };
     let mut out = Vec::with_capacity(outcomes.len());
@@ -487,6 +487,40 @@ pub fn tokenize_records(
     }
     stats.examples = out.len();
     Ok((out, stats))
+}
+
+/// Tokenizes the prompts of records for generation (RL rollouts, evaluation), in parallel, in order.
+pub fn tokenize_prompts(tok: &Tokenizer, template: Option<&ChatTemplate>, records: &[Record], cfg: &TokenizeConfig) -> Result<Vec<Vec<u32>>> {
+    records
+        .par_iter()
+        .enumerate()
+        .map(|(i, r)| tokenize_prompt(tok, template, r.prompt(), cfg).map_err(|e| DataError::Record { index: i + 1, source: Box::new(e) }))
+        .collect()
+}
+
+/// Tokenizes preference records in parallel, in order; pairs where either side is dropped (too long under
+/// `truncation = "drop"`, or no reply token left) are left out and counted in the second value.
+pub fn tokenize_preferences(
+    tok: &Tokenizer,
+    template: Option<&ChatTemplate>,
+    records: &[Record],
+    cfg: &TokenizeConfig,
+) -> Result<(Vec<TokenizedPair>, usize)> {
+    let out: Vec<Option<TokenizedPair>> = records
+        .par_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let wrap = |e| DataError::Record { index: i + 1, source: Box::new(e) };
+            match r {
+                Record::Preference { prompt, chosen, rejected } => {
+                    tokenize_preference(tok, template, prompt, chosen, rejected, cfg).map_err(wrap)
+                }
+                _ => Err(wrap(DataError::Config("expected a preference record".into()))),
+            }
+        })
+        .collect::<Result<_>>()?;
+    let dropped = out.iter().filter(|p| p.is_none()).count();
+    Ok((out.into_iter().flatten().collect(), dropped))
 }
 
 /// Whether a tokenized dataset came from the cache.

@@ -204,3 +204,27 @@ fn malformed_files_are_clear_errors() {
     assert!(e.contains("notparquet.parquet") && e.contains("parquet"), "{e}");
     assert!(load_records(&qa(&d.join("missing.jsonl"))).is_err());
 }
+
+#[test]
+fn mixtures_load_from_recipe_entries() {
+    let d = common::scratch("mix");
+    std::fs::write(d.join("a.jsonl"), "{\"q\": \"a1\", \"a\": 1}\n{\"q\": \"a2\", \"a\": 2}\n").unwrap();
+    std::fs::write(d.join("b.jsonl"), "{\"q\": \"b1\", \"a\": 3}\n").unwrap();
+    #[derive(serde::Deserialize)]
+    struct Stage {
+        mix: Vec<data::MixEntry>,
+    }
+    let text = format!(
+        "[[mix]]\nweight = 3.0\ndata = {{ path = {:?}, prompt = \"q\", answer = \"a\" }}\n[[mix]]\nname = \"b\"\nweight = 1.0\ndata = {{ path = {:?}, prompt = \"q\", answer = \"a\" }}\n",
+        d.join("a.jsonl").display().to_string(),
+        d.join("b.jsonl").display().to_string()
+    );
+    let s: Stage = toml::from_str(&text).unwrap();
+    let (recs, mut m) = data::load_mixture(&s.mix, data::SamplerConfig::default(), 0, 1).unwrap();
+    assert_eq!((recs[0].len(), recs[1].len()), (2, 1));
+    assert_eq!(m.names()[1], "b");
+    let draws: Vec<_> = (0..400).map(|_| m.next_item().unwrap()).collect();
+    let from_a = draws.iter().filter(|x| x.0 == 0).count();
+    assert!((250..350).contains(&from_a), "{from_a}");
+    assert!(draws.iter().all(|&(s, i)| i < recs[s].len()));
+}

@@ -230,3 +230,21 @@ fn tokenizer_dir_reads_config_and_reports_broken_templates() {
     std::fs::write(d.join("tokenizer.json"), "{}").unwrap();
     assert!(Tokenizer::from_dir(&d).unwrap_err().to_string().contains("tokenizer.json"));
 }
+
+#[test]
+fn prompts_and_preferences_in_bulk() {
+    let tok = common::tiny_tokenizer();
+    let t = ChatTemplate::from_str(common::CHATML, &[]).unwrap();
+    let g = Arithmetic::new(ArithmeticConfig::default()).unwrap();
+    let cfg = TokenizeConfig::default();
+    let prompts = data::tokenize::tokenize_prompts(&tok, Some(&t), &g.prompt_answer(0, 50), &cfg).unwrap();
+    assert_eq!(prompts.len(), 50);
+    assert_eq!(prompts[7], tokenize_prompt(&tok, Some(&t), g.prompt_answer(7, 1)[0].prompt(), &cfg).unwrap());
+    let (pairs, dropped) = data::tokenize::tokenize_preferences(&tok, Some(&t), &g.preferences(0, 30), &cfg).unwrap();
+    assert_eq!((pairs.len(), dropped), (30, 0));
+    let tight = TokenizeConfig { max_length: 20, truncation: Truncation::Drop, ..cfg.clone() };
+    let (pairs, dropped) = data::tokenize::tokenize_preferences(&tok, Some(&t), &g.preferences(0, 30), &tight).unwrap();
+    assert_eq!((pairs.len(), dropped), (0, 30));
+    let e = data::tokenize::tokenize_preferences(&tok, Some(&t), &g.conversations(0, 3), &cfg).unwrap_err().to_string();
+    assert!(e.contains("record 1") && e.contains("preference"), "{e}");
+}

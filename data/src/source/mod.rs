@@ -115,6 +115,26 @@ pub fn load_records(config: &DataConfig) -> Result<Vec<Record>> {
     stream_records(config)?.collect()
 }
 
+/// Loads every source of a mixture and builds a [`crate::sampler::MixtureSampler`] over them; the sampler yields
+/// `(source index, record index)`.
+pub fn load_mixture(
+    entries: &[crate::config::MixEntry],
+    sampler: crate::sampler::SamplerConfig,
+    rank: usize,
+    world_size: usize,
+) -> Result<(Vec<Vec<Record>>, crate::sampler::MixtureSampler)> {
+    let mut all = Vec::with_capacity(entries.len());
+    let mut sources = Vec::with_capacity(entries.len());
+    for e in entries {
+        let recs = load_records(&e.data)?;
+        let name = e.name.clone().unwrap_or_else(|| e.data.path.display().to_string());
+        sources.push(crate::sampler::MixSource { name, weight: e.weight, len: recs.len() });
+        all.push(recs);
+    }
+    let m = crate::sampler::MixtureSampler::new(sources, sampler, rank, world_size)?;
+    Ok((all, m))
+}
+
 /// Maps rows to records according to a config.
 #[derive(Clone, Debug)]
 pub struct Mapper {
