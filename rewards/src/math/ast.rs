@@ -75,15 +75,16 @@ impl Expr {
         Expr::Num(BigRational::from_integer(BigInt::from(n)))
     }
 
+    /// Whether any node satisfies `pred`.
+    pub fn any(&self, pred: impl Fn(&Expr) -> bool) -> bool {
+        let mut found = false;
+        self.walk(&mut |e| found = found || pred(e));
+        found
+    }
+
     /// Whether a decimal literal occurs anywhere inside.
     pub fn has_decimal(&self) -> bool {
-        let mut found = false;
-        self.walk(&mut |e| {
-            if matches!(e, Expr::Dec(_)) {
-                found = true;
-            }
-        });
-        found
+        self.any(|e| matches!(e, Expr::Dec(_)))
     }
 
     /// Visit every node (pre-order).

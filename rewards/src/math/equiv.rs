@@ -83,38 +83,12 @@ fn decimal_places(e: &Expr) -> u64 {
     m
 }
 
-fn has_inf(e: &Expr) -> bool {
-    let mut f = false;
-    e.walk(&mut |x| {
-        if matches!(x, Expr::Const(Const::Inf)) {
-            f = true
-        }
-    });
-    f
-}
-
-fn has_vars(e: &Expr) -> bool {
-    let mut f = false;
-    e.walk(&mut |x| {
-        if matches!(x, Expr::Sym(_)) {
-            f = true
-        }
-    });
-    f
-}
-
 /// Expand every `±` into two alternatives (bounded).
 pub fn expand_pm(e: &Expr, out: &mut Vec<Expr>, limit: usize) {
     if out.len() >= limit {
         return;
     }
-    let mut has = false;
-    e.walk(&mut |x| {
-        if matches!(x, Expr::PlusMinus(..)) {
-            has = true
-        }
-    });
-    if !has {
+    if !e.any(|x| matches!(x, Expr::PlusMinus(..))) {
         out.push(e.clone());
         return;
     }
@@ -176,15 +150,7 @@ pub fn prepare(e: Expr) -> Expr {
         e => e,
     };
     // `±` at the top makes a solution list.
-    let mut has_pm = false;
-    if !matches!(e, Expr::List(_) | Expr::Set(_)) {
-        e.walk(&mut |x| {
-            if matches!(x, Expr::PlusMinus(..)) {
-                has_pm = true
-            }
-        });
-    }
-    if has_pm {
+    if !matches!(e, Expr::List(_) | Expr::Set(_)) && e.any(|x| matches!(x, Expr::PlusMinus(..))) {
         let mut out = Vec::new();
         expand_pm(&e, &mut out, 16);
         return if out.len() == 1 { out.pop().unwrap() } else { Expr::List(out) };
@@ -215,7 +181,7 @@ fn prepare_rel(mut parts: Vec<Expr>, ops: Vec<RelOp>) -> Expr {
         let rhs = parts.swap_remove(k);
         let lhs = parts.swap_remove(0);
         // `1/2 = 10/9` (numbers only): the answer is the last value.
-        if !has_vars(&lhs) && !has_vars(&rhs) {
+        if !lhs.any(|x| matches!(x, Expr::Sym(_))) && !rhs.any(|x| matches!(x, Expr::Sym(_))) {
             return prepare(rhs);
         }
         return Expr::Rel(vec![lhs, prepare_scalar(rhs)], vec![RelOp::Eq]);
@@ -558,6 +524,7 @@ impl Checker<'_> {
                 }
             }
             // An overflow (not a written infinity) cannot be compared.
+            let has_inf = |e: &Expr| e.any(|x| matches!(x, Expr::Const(Const::Inf)));
             if (!a.is_finite() && !has_inf(&g)) || (!b.is_finite() && !has_inf(&p)) {
                 continue;
             }

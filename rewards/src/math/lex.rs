@@ -393,10 +393,6 @@ fn lex_number(chars: &[char], start: usize, top_level: bool) -> Result<(Tok, usi
                 break;
             }
             j += 1;
-            // `12,\!345` after removal of `\!` is handled by the extractor; accept `\!` here too.
-            if sep_comma && j + 1 < n && chars[j] == '\\' && chars[j + 1] == '!' {
-                j += 2;
-            }
             let g0 = j;
             while j < n && chars[j].is_ascii_digit() {
                 j += 1;

@@ -42,12 +42,12 @@ impl Judge {
     }
 }
 
-/// Looks up (or computes) correctness for a term whose judge may differ from the batch's.
-pub fn correctness(judge: &Judge, shared: Option<&Judge>, samples: &[Sample], ctx: &BatchContext) -> BatchContext {
+/// The batch's correctness when this term's judge is the shared one, else computed afresh.
+pub fn correctness<'a>(judge: &Judge, shared: Option<&Judge>, samples: &[Sample], ctx: &'a BatchContext) -> std::borrow::Cow<'a, BatchContext> {
     if shared == Some(judge) && ctx.correct.len() == samples.len() {
-        ctx.clone()
+        std::borrow::Cow::Borrowed(ctx)
     } else {
-        judge.context(samples)
+        std::borrow::Cow::Owned(judge.context(samples))
     }
 }
 
