@@ -454,32 +454,34 @@ pub fn hash_answer(text: &str) -> Option<String> {
     }
 }
 
-/// Words of three or more letters outside LaTeX commands.
-fn prose_words(s: &str) -> usize {
+/// Runs of ASCII letters outside LaTeX command names.
+fn words(s: &str) -> impl Iterator<Item = &str> {
     let b = s.as_bytes();
     let mut i = 0;
-    let mut n = 0;
-    while i < b.len() {
-        if b[i] == b'\\' {
-            i += 1;
-            while i < b.len() && b[i].is_ascii_alphabetic() {
+    std::iter::from_fn(move || {
+        while i < b.len() {
+            if b[i] == b'\\' {
+                i += 1;
+                while i < b.len() && b[i].is_ascii_alphabetic() {
+                    i += 1;
+                }
+            } else if b[i].is_ascii_alphabetic() {
+                let st = i;
+                while i < b.len() && b[i].is_ascii_alphabetic() {
+                    i += 1;
+                }
+                return Some(&s[st..i]);
+            } else {
                 i += 1;
             }
-            continue;
         }
-        if b[i].is_ascii_alphabetic() {
-            let st = i;
-            while i < b.len() && b[i].is_ascii_alphabetic() {
-                i += 1;
-            }
-            if i - st >= 3 {
-                n += 1;
-            }
-            continue;
-        }
-        i += 1;
-    }
-    n
+        None
+    })
+}
+
+/// Words of three or more letters outside LaTeX commands.
+fn prose_words(s: &str) -> usize {
+    words(s).filter(|w| w.len() >= 3).count()
 }
 
 /// A short text with no prose (a bare answer such as `18`, `\frac{14}{3}`, `x \in [-2,7]`).
@@ -487,50 +489,30 @@ fn looks_like_answer(text: &str) -> bool {
     if text.len() > 2000 {
         return false;
     }
-    // Words of 4+ letters outside commands, \text{}, \mbox{} and environment names make it prose.
+    // Text inside \text{}, \mbox{} and environment names does not count.
     let mut stripped = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(k) = ["\\text", "\\mbox", "\\begin", "\\end", "\\mathrm", "\\operatorname"].iter().filter_map(|p| rest.find(p)).min() {
         stripped.push_str(&rest[..k]);
         let after = &rest[k..];
-        match after.find('}') {
-            Some(e) => rest = &after[e + 1..],
-            None => {
-                rest = "";
-            }
-        }
+        rest = after.find('}').map(|e| &after[e + 1..]).unwrap_or("");
     }
     stripped.push_str(rest);
-    let b = stripped.as_bytes();
-    let mut i = 0;
-    let mut three = 0;
-    while i < b.len() {
-        if b[i] == b'\\' {
-            i += 1;
-            while i < b.len() && b[i].is_ascii_alphabetic() {
-                i += 1;
-            }
+    // One word of 4+ letters, or two words of 2+ letters (`so it is -1`), make it prose.
+    let mut short = 0;
+    for w in words(&stripped) {
+        let math_word = matches!(w, "sqrt" | "frac" | "infty" | "percent" | "percentage" | "pct" | "sin" | "cos" | "tan" | "log" | "ln" | "exp" | "pi" | "or" | "and");
+        if math_word {
             continue;
         }
-        if b[i].is_ascii_alphabetic() {
-            let st = i;
-            while i < b.len() && b[i].is_ascii_alphabetic() {
-                i += 1;
-            }
-            let w = &stripped[st..i];
-            let math_word = matches!(w, "sqrt" | "frac" | "infty" | "percent" | "percentage" | "pct" | "sin" | "cos" | "tan" | "log" | "ln" | "exp" | "pi" | "or" | "and");
-            if w.len() >= 4 && !math_word {
-                return false;
-            }
-            // Two or more short words (`so it is -1`) are prose too.
-            if w.len() >= 2 && !math_word {
-                three += 1;
-            }
-            continue;
+        if w.len() >= 4 {
+            return false;
         }
-        i += 1;
+        if w.len() >= 2 {
+            short += 1;
+        }
     }
-    three <= 1
+    short <= 1
 }
 
 /// The last number in the text: `-1,234.5`, `2/3`, `45%`; not glued to a preceding letter.
