@@ -315,8 +315,19 @@ fn assistant_span(template: &ChatTemplate, messages: &[Message], i: usize, full:
     let start = prefix.len();
     let content = &messages[i].content;
     let after_think = content.rsplit_once("</think>").map(|(_, c)| c.trim()).unwrap_or(content.trim());
+    let candidates = [content.as_str(), content.trim(), after_think];
     let rest = &full[start..];
-    let (pos, len) = [content.as_str(), content.trim(), after_think]
+    let eos = template.special_token("eos_token");
+    let markers = || END_OF_TURN.iter().copied().chain(eos);
+    // Usual case: the turn runs to the first end-of-turn token, and what it holds contains the content.
+    if let Some((p, mlen)) = markers().filter_map(|m| rest.find(m).map(|p| (p, m.len()))).min() {
+        let region = &rest[..p];
+        if content.trim().is_empty() || candidates.iter().any(|c| !c.is_empty() && region.contains(c)) {
+            return Ok((start, start + p + mlen));
+        }
+    }
+    // No end-of-turn token (or the content contains one): locate the content itself.
+    let (pos, len) = candidates
         .iter()
         .filter(|c| !c.is_empty())
         .find_map(|c| rest.find(*c).map(|p| (p, c.len())))
@@ -331,8 +342,7 @@ fn assistant_span(template: &ChatTemplate, messages: &[Message], i: usize, full:
     // The end-of-turn token joins the span, also when the template left whitespace before it.
     let tail = &full[end..];
     let ws = tail.len() - tail.trim_start().len();
-    let eos = template.special_token("eos_token");
-    if let Some(m) = END_OF_TURN.iter().copied().chain(eos).find(|m| tail[ws..].starts_with(m)) {
+    if let Some(m) = markers().find(|m| tail[ws..].starts_with(m)) {
         end += ws + m.len();
     }
     Ok((start, end))

@@ -248,3 +248,19 @@ fn prompts_and_preferences_in_bulk() {
     let e = data::tokenize::tokenize_preferences(&tok, Some(&t), &g.conversations(0, 3), &cfg).unwrap_err().to_string();
     assert!(e.contains("record 1") && e.contains("preference"), "{e}");
 }
+
+#[test]
+fn template_text_inside_a_turn_is_labelled_even_when_it_repeats_the_content() {
+    // The template inserts "The answer is" before the reply; the reply is "answer". The span must run from the
+    // generation prompt to <|im_end|>, not stop at the first "answer" it sees.
+    let src = "{% for m in messages %}{{ '<|im_start|>' + m.role + '\n' }}{% if m.role == 'assistant' %}{{ 'The answer is ' }}{% endif %}{{ m.content + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+    let t = ChatTemplate::from_str(src, &[]).unwrap();
+    let tok = common::tiny_tokenizer();
+    let msgs = vec![Message::user("Hi"), Message::assistant("answer")];
+    let (ex, _) = tokenize_conversation(&tok, &t, &msgs, &TokenizeConfig::default()).unwrap().unwrap();
+    assert_eq!(labelled_text(&tok, &ex), vec!["The answer is answer <|im_end|>"]);
+    // A template that drops the reply entirely is an error that says what to do.
+    let drop = ChatTemplate::from_str("{% for m in messages %}{{ m.role + ':' }}{% if m.role != 'assistant' %}{{ m.content }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}", &[]).unwrap();
+    let e = tokenize_conversation(&tok, &drop, &msgs, &TokenizeConfig::default()).unwrap_err().to_string();
+    assert!(e.contains("last_turn"), "{e}");
+}
