@@ -122,29 +122,14 @@ pub fn prepare(e: Expr) -> Expr {
     let e = match e {
         Expr::Rel(parts, ops) => prepare_rel(parts, ops),
         Expr::List(v) => {
-            let mut out = Vec::new();
-            for x in v {
-                match prepare(x) {
-                    Expr::List(inner) => out.extend(inner),
-                    y => out.push(y),
-                }
-            }
+            let mut out = prepare_items(v);
             if out.len() == 1 {
                 out.pop().unwrap()
             } else {
                 Expr::List(out)
             }
         }
-        Expr::Set(v) => {
-            let mut out = Vec::new();
-            for x in v {
-                match prepare(x) {
-                    Expr::List(inner) => out.extend(inner),
-                    y => out.push(y),
-                }
-            }
-            Expr::Set(out)
-        }
+        Expr::Set(v) => Expr::Set(prepare_items(v)),
         Expr::Tuple(v) => Expr::Tuple(v.into_iter().map(prepare_scalar).collect()),
         Expr::Add(_) | Expr::Mul(_) => simplify_matrix(e),
         e => e,
@@ -156,6 +141,18 @@ pub fn prepare(e: Expr) -> Expr {
         return if out.len() == 1 { out.pop().unwrap() } else { Expr::List(out) };
     }
     e
+}
+
+/// Prepare each element; elements that become lists (`±`) are spliced in.
+fn prepare_items(v: Vec<Expr>) -> Vec<Expr> {
+    let mut out = Vec::with_capacity(v.len());
+    for x in v {
+        match prepare(x) {
+            Expr::List(inner) => out.extend(inner),
+            y => out.push(y),
+        }
+    }
+    out
 }
 
 fn prepare_scalar(e: Expr) -> Expr {
