@@ -74,7 +74,9 @@ fn value_as_text(v: &Value) -> Option<String> {
     }
 }
 
-/// Run the verifier over a JSON-lines file. Errors name the file, line and key.
+/// Run the verifier over a JSON-lines file. `args` are the command-line arguments without the
+/// program name (the `verify` binary and `train verify` pass theirs through). Errors name the
+/// file, line and key.
 pub fn run_verify_cli<I: IntoIterator<Item = String>>(args: I) -> Result<()> {
     let a = parse_verify_args(args)?;
     let mut text = String::new();
