@@ -4,14 +4,44 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
+mod accuracy;
+mod builtin_tokenizer;
+mod checkpoint;
+mod loss;
+mod metrics;
+mod optim;
+mod recipe;
+mod run;
+mod sft;
+mod eval_cmd;
 mod smoke;
 
 #[derive(Parser)]
-#[command(name = "train", version, about = "whet: RL post-training for small language models")]
+#[command(name = "train", version, about = "whet: RL post-training for small language models",
+    args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Device: cpu, cuda, cuda:N or auto.
+    /// The recipe to run (TOML).
+    #[arg(long)]
+    recipe: Option<PathBuf>,
+    /// Override a recipe key, e.g. `--set stage.0.lr=1e-4` or `--set run.seed=3` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Where to continue from: auto (the latest complete checkpoint in the output directory), never, or a
+    /// checkpoint directory.
+    #[arg(long, default_value = "auto")]
+    resume: run::Resume,
+    /// Resume even when the recipe changed since the checkpoint.
+    #[arg(long)]
+    force: bool,
+    /// Print the resolved recipe and the plan, then exit.
+    #[arg(long)]
+    dry_run: bool,
+    /// Output directory (overrides run.output_dir).
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Device for subcommands: cpu, cuda, cuda:N or auto (recipes set [model] device).
     #[arg(long, global = true, default_value = "auto")]
     device: String,
     /// Intra-op CPU threads for libtorch (default: libtorch's choice).
@@ -29,6 +59,8 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: i64,
     },
+    /// Evaluate a model on math problems: pass@1, pass@k and maj@k over seeds, per-problem JSONL.
+    Eval(eval_cmd::EvalArgs),
     /// Convert a model from another format.
     Convert {
         #[command(subcommand)]
@@ -63,6 +95,9 @@ fn run() -> Result<()> {
         }
         tch::set_num_threads(t);
     }
+    if let Some(recipe) = &cli.recipe {
+        return run::run(recipe, &cli.overrides, cli.output.clone(), run::Options { resume: cli.resume.clone(), force: cli.force, dry_run: cli.dry_run });
+    }
     let device = model::runtime::parse_device(&cli.device).map_err(anyhow::Error::msg)?;
     eprintln!("whet {}: {}", env!("CARGO_PKG_VERSION"), model::runtime::describe(device));
     match cli.command {
@@ -74,6 +109,7 @@ fn run() -> Result<()> {
             eprintln!("wrote {} in {:.1} s", out_dir.display(), t.elapsed().as_secs_f64());
             Ok(())
         }
-        None => bail!("nothing to do: try `train smoke` or `train --help`"),
+        Some(Command::Eval(args)) => eval_cmd::run(args, device),
+        None => bail!("nothing to do: give --recipe FILE.toml, or try `train smoke` or `train --help`"),
     }
 }

@@ -1,0 +1,529 @@
+//! TOML recipes: `[model]`, `[run]` and an ordered list of `[[stage]]` tables.
+//!
+//! Every key has a doc comment and a default; unknown keys are refused with a did-you-mean, and all the
+//! problems of a recipe are reported together with file:line.
+
+use anyhow::{bail, Result};
+use data::synth::ArithmeticConfig;
+use data::{DataConfig, TokenizeConfig};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+use crate::optim::Schedule;
+
+/// A whole recipe.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// The model to start from.
+    pub model: ModelSpec,
+    /// Run-wide settings.
+    #[serde(default)]
+    pub run: RunSpec,
+    /// Stages, run in order; each starts from the previous stage's result.
+    #[serde(default)]
+    pub stage: Vec<Stage>,
+}
+
+/// `[model]`: a Hugging Face directory, a GGUF file, or an inline config for a random-initialised model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// A Hugging Face model directory or a `.gguf` file (converted on first use).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// An inline config.json (e.g. `{ model_type = "llama", hidden_size = 64, ... }`): random init, seeded.
+    #[serde(default)]
+    pub config: Option<serde_json::Value>,
+    /// Seed of the random initialisation (with `config`).
+    #[serde(default)]
+    pub init_seed: i64,
+    /// Tokenizer: a directory with tokenizer.json, or `"builtin:bytes"` (byte-level, ChatML specials) for
+    /// random models. Default: the model directory.
+    #[serde(default)]
+    pub tokenizer: Option<String>,
+    /// Weights dtype: float32, bfloat16 or float16.
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+    /// Device: cpu, cuda, cuda:N or auto.
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+fn default_dtype() -> String {
+    "float32".into()
+}
+fn default_device() -> String {
+    "auto".into()
+}
+
+/// `[run]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSpec {
+    /// Where checkpoints, metrics and final models go.
+    #[serde(default = "default_output")]
+    pub output_dir: PathBuf,
+    /// Seed for data order and sampling.
+    #[serde(default)]
+    pub seed: u64,
+    /// libtorch intra-op threads (default: libtorch's choice).
+    #[serde(default)]
+    pub threads: Option<i32>,
+    /// Log a metrics line every N optimizer steps.
+    #[serde(default = "default_log_every")]
+    pub log_every: usize,
+    /// Save a checkpoint every N optimizer steps (0: only at the end of each stage).
+    #[serde(default)]
+    pub save_every: usize,
+    /// Keep the newest K mid-stage checkpoints (stage-final models are always kept).
+    #[serde(default = "default_keep")]
+    pub keep_last: usize,
+}
+
+fn default_output() -> PathBuf {
+    PathBuf::from("runs/default")
+}
+fn default_log_every() -> usize {
+    10
+}
+fn default_keep() -> usize {
+    2
+}
+
+impl Default for RunSpec {
+    fn default() -> Self {
+        RunSpec { output_dir: default_output(), seed: 0, threads: None, log_every: 10, save_every: 0, keep_last: 2 }
+    }
+}
+
+/// One `[[stage]]`, by `kind`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Stage {
+    /// Supervised fine-tuning / long-CoT mid-training (next-token loss on assistant tokens).
+    Sft(SftStage),
+}
+
+impl Stage {
+    pub fn name(&self, index: usize) -> String {
+        match self {
+            Stage::Sft(s) => s.name.clone().unwrap_or_else(|| format!("sft{index}")),
+        }
+    }
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Stage::Sft(_) => "sft",
+        }
+    }
+}
+
+/// Training data: a dataset, or the seeded synthetic arithmetic generator.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyntheticSpec {
+    /// Number of problems.
+    pub count: usize,
+    /// Index of the first problem (problem i depends only on the seed and i, so ranges don't overlap).
+    #[serde(default)]
+    pub start: u64,
+    /// Generator settings.
+    #[serde(default)]
+    pub arithmetic: ArithmeticConfig,
+}
+
+/// Held-out evaluation during and after a stage.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSpec {
+    /// Evaluate every N optimizer steps (0: only before and after the stage).
+    #[serde(default)]
+    pub every: usize,
+    /// Held-out problems (prompt with gold answer) for greedy accuracy.
+    #[serde(default)]
+    pub synthetic: Option<SyntheticSpec>,
+    /// Held-out problems from a dataset (prompt with gold answer).
+    #[serde(default)]
+    pub data: Option<DataConfig>,
+    /// Generation length for accuracy.
+    #[serde(default = "default_eval_tokens")]
+    pub max_new_tokens: usize,
+}
+
+fn default_eval_tokens() -> usize {
+    16
+}
+
+/// `kind = "sft"`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SftStage {
+    /// A name for logs and output directories.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Dataset (conversations, or prompt with completion / answer).
+    #[serde(default)]
+    pub data: Option<DataConfig>,
+    /// Synthetic arithmetic conversations instead of a dataset.
+    #[serde(default)]
+    pub synthetic: Option<SyntheticSpec>,
+    /// Tokenization: max_length, loss_on (all_assistant, last_assistant, completion_only), truncation.
+    #[serde(default)]
+    pub tokenize: TokenizeConfig,
+    /// Pack examples into rows of `max_length` tokens (best-fit decreasing, no cross-document attention).
+    #[serde(default)]
+    pub packing: bool,
+    /// Passes over the data (used when `max_steps` is not set).
+    #[serde(default = "default_epochs", alias = "num_train_epochs")]
+    pub epochs: f64,
+    /// Optimizer steps; overrides `epochs`.
+    #[serde(default)]
+    pub max_steps: Option<usize>,
+    /// Rows per micro-batch.
+    #[serde(default = "default_batch", alias = "per_device_train_batch_size")]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[serde(default = "one", alias = "gradient_accumulation_steps")]
+    pub grad_accum: usize,
+    /// Peak learning rate.
+    #[serde(default = "default_lr", alias = "learning_rate")]
+    pub lr: f64,
+    /// constant, linear or cosine (after linear warmup).
+    #[serde(default, alias = "lr_scheduler_type")]
+    pub schedule: Schedule,
+    /// Warmup steps (overrides warmup_ratio).
+    #[serde(default)]
+    pub warmup_steps: Option<usize>,
+    /// Warmup as a fraction of the steps.
+    #[serde(default)]
+    pub warmup_ratio: f64,
+    /// Final learning rate as a fraction of the peak.
+    #[serde(default)]
+    pub min_lr_ratio: f64,
+    /// Decoupled weight decay (not applied to norms and biases).
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Adam β1.
+    #[serde(default = "default_b1", alias = "adam_beta1")]
+    pub beta1: f64,
+    /// Adam β2.
+    #[serde(default = "default_b2", alias = "adam_beta2")]
+    pub beta2: f64,
+    /// Adam ε.
+    #[serde(default = "default_eps", alias = "adam_epsilon")]
+    pub eps: f64,
+    /// Clip the global gradient norm to this (0: no clipping; the norm is logged either way).
+    #[serde(default = "one_f")]
+    pub max_grad_norm: f64,
+    /// Rows of hidden states projected to logits at once in the loss (bounds logits memory).
+    #[serde(default = "default_chunk")]
+    pub loss_chunk: usize,
+    /// Held-out evaluation.
+    #[serde(default)]
+    pub eval: Option<EvalSpec>,
+}
+
+fn default_epochs() -> f64 {
+    1.0
+}
+fn default_batch() -> usize {
+    8
+}
+fn one() -> usize {
+    1
+}
+fn one_f() -> f64 {
+    1.0
+}
+fn default_lr() -> f64 {
+    1e-5
+}
+fn default_b1() -> f64 {
+    0.9
+}
+fn default_b2() -> f64 {
+    0.999
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_chunk() -> usize {
+    4096
+}
+
+/// Keys whose change does not affect results: allowed when resuming.
+pub const HARMLESS_KEYS: &[&str] = &["run.log_every", "run.threads", "run.save_every", "run.keep_last", "model.device"];
+
+/// Line (1-based) of a byte offset.
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// Levenshtein distance (for did-you-mean).
+fn distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur.push((prev[j] + (ca != *cb) as usize).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// Adds a did-you-mean to serde's "unknown field `x`, expected one of `a`, `b`" messages.
+fn did_you_mean(msg: &str) -> String {
+    let Some(rest) = msg.strip_prefix("unknown field `") else { return msg.to_string() };
+    let Some((field, expected)) = rest.split_once('`') else { return msg.to_string() };
+    let options: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+    let best = options.iter().map(|o| (distance(field, o), *o)).min();
+    match best {
+        Some((d, o)) if d <= 3.max(field.len() / 3) => format!("unknown key `{field}` (did you mean `{o}`?)"),
+        _ => format!("unknown key `{field}`; expected one of {}", options.iter().map(|o| format!("`{o}`")).collect::<Vec<_>>().join(", ")),
+    }
+}
+
+/// Applies one `--set key.path=value` override (value parsed as TOML, else taken as a string);
+/// `stage.1.lr` addresses the second `[[stage]]`.
+fn apply_override(doc: &mut toml::Table, spec: &str) -> Result<()> {
+    let Some((path, raw)) = spec.split_once('=') else { bail!("--set {spec}: expected key.path=value") };
+    let value: toml::Value = match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap(),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let parts: Vec<&str> = path.trim().split('.').collect();
+    let mut root = toml::Value::Table(std::mem::take(doc));
+    let mut cur = &mut root;
+    let mut result = Ok(());
+    for (i, part) in parts.iter().enumerate() {
+        let last = i + 1 == parts.len();
+        let next = match cur {
+            toml::Value::Table(t) if last => {
+                t.insert(part.to_string(), value.clone());
+                break;
+            }
+            toml::Value::Table(t) => t.entry(part.to_string()).or_insert_with(|| toml::Value::Table(Default::default())),
+            toml::Value::Array(a) => match part.parse::<usize>().ok().filter(|&k| k < a.len()) {
+                Some(k) if last => {
+                    a[k] = value.clone();
+                    break;
+                }
+                Some(k) => &mut a[k],
+                None => {
+                    result = Err(anyhow::anyhow!("--set {spec}: `{part}` is not an index of a list of {} entries", a.len()));
+                    break;
+                }
+            },
+            _ => {
+                result = Err(anyhow::anyhow!("--set {spec}: `{}` is not a table", parts[..i].join(".")));
+                break;
+            }
+        };
+        cur = next;
+    }
+    if let toml::Value::Table(t) = root {
+        *doc = t;
+    }
+    result
+}
+
+/// Reads, overrides and validates a recipe. All problems are collected and reported together.
+pub fn load(path: &Path, overrides: &[String]) -> Result<Recipe> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    parse(&text, &path.display().to_string(), overrides, path.parent().unwrap_or(Path::new(".")))
+}
+
+/// As [`load`], from text; `origin` names the file in messages, relative paths resolve against `base`.
+pub fn parse(text: &str, origin: &str, overrides: &[String], base: &Path) -> Result<Recipe> {
+    let mut errors: Vec<String> = vec![];
+    // Collect unknown-key and type errors one by one: blank out the offending line and parse again.
+    let mut work = text.to_string();
+    let mut recipe: Option<Recipe> = None;
+    for _ in 0..64 {
+        let mut doc: toml::Table = match work.parse() {
+            Ok(d) => d,
+            Err(e) => {
+                let line = e.span().map(|s| line_of(&work, s.start)).unwrap_or(0);
+                errors.push(format!("{origin}:{line}: {}", e.message().trim()));
+                break;
+            }
+        };
+        for o in overrides {
+            if let Err(e) = apply_override(&mut doc, o) {
+                errors.push(e.to_string());
+            }
+        }
+        if !errors.is_empty() && errors.iter().any(|e| e.starts_with("--set")) {
+            break;
+        }
+        let as_text = if overrides.is_empty() { work.clone() } else { toml::to_string(&doc).unwrap_or_default() };
+        match toml::from_str::<Recipe>(&as_text) {
+            Ok(r) => {
+                recipe = Some(r);
+                break;
+            }
+            Err(e) => {
+                let msg = did_you_mean(e.message().trim());
+                match e.span() {
+                    Some(s) if overrides.is_empty() => {
+                        let line = line_of(&work, s.start);
+                        errors.push(format!("{origin}:{line}: {msg}"));
+                        // blank the line and look for more problems
+                        let mut lines: Vec<&str> = work.lines().collect();
+                        if line == 0 || line > lines.len() || lines[line - 1].trim().is_empty() || lines[line - 1].trim_start().starts_with('[') {
+                            break;
+                        }
+                        lines[line - 1] = "";
+                        work = lines.join("\n");
+                    }
+                    _ => {
+                        errors.push(format!("{origin}: {msg}"));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let Some(mut recipe) = recipe.filter(|_| errors.is_empty()) else {
+        bail!("{} problem(s) in the recipe:\n  {}", errors.len().max(1), if errors.is_empty() { "invalid recipe".into() } else { errors.join("\n  ") });
+    };
+    resolve_paths(&mut recipe, base);
+    let problems = validate(&recipe, origin);
+    if !problems.is_empty() {
+        bail!("{} problem(s) in the recipe:\n  {}", problems.len(), problems.join("\n  "));
+    }
+    Ok(recipe)
+}
+
+fn resolve(base: &Path, p: &mut PathBuf) {
+    if p.is_relative() && !p.as_os_str().is_empty() {
+        let joined = base.join(&*p);
+        // Prefer the recipe-relative path; keep the given one if only it exists (run from the repo root).
+        if joined.exists() || !p.exists() {
+            *p = joined;
+        }
+    }
+}
+
+fn resolve_paths(r: &mut Recipe, base: &Path) {
+    if let Some(p) = r.model.path.as_mut() {
+        resolve(base, p);
+    }
+    for s in &mut r.stage {
+        match s {
+            Stage::Sft(s) => {
+                if let Some(d) = s.data.as_mut() {
+                    resolve(base, &mut d.path);
+                }
+                if let Some(d) = s.eval.as_mut().and_then(|e| e.data.as_mut()) {
+                    resolve(base, &mut d.path);
+                }
+            }
+        }
+    }
+}
+
+/// Checks combinations and files; returns every problem found.
+pub fn validate(r: &Recipe, origin: &str) -> Vec<String> {
+    let mut p = vec![];
+    match (&r.model.path, &r.model.config) {
+        (Some(_), Some(_)) => p.push(format!("{origin}: [model] has both `path` and `config`; give one")),
+        (None, None) => p.push(format!("{origin}: [model] needs `path` (a model directory or .gguf) or `config` (random init)")),
+        (Some(path), None) if !path.exists() => p.push(format!("{origin}: [model] path {} does not exist", path.display())),
+        _ => {}
+    }
+    if r.model.config.is_some() && r.model.tokenizer.is_none() {
+        p.push(format!("{origin}: [model] with an inline `config` needs `tokenizer` (a directory, or \"builtin:bytes\")"));
+    }
+    if let Err(e) = model::parse_kind(&r.model.dtype) {
+        p.push(format!("{origin}: [model] dtype: {e}"));
+    }
+    if let Err(e) = model::runtime::parse_device(&r.model.device) {
+        p.push(format!("{origin}: [model] device: {e}"));
+    }
+    if let Some(cfg) = &r.model.config {
+        if let Err(e) = model::ModelConfig::from_json(cfg.clone(), &format!("{origin} [model.config]")) {
+            p.push(e.to_string());
+        }
+    }
+    if r.stage.is_empty() {
+        p.push(format!("{origin}: no [[stage]]: nothing to train"));
+    }
+    for (i, s) in r.stage.iter().enumerate() {
+        let at = format!("{origin}: stage {} ({})", i + 1, s.name(i));
+        match s {
+            Stage::Sft(s) => {
+                match (&s.data, &s.synthetic) {
+                    (None, None) => p.push(format!("{at}: needs `data` or `synthetic`")),
+                    (Some(_), Some(_)) => p.push(format!("{at}: has both `data` and `synthetic`; give one")),
+                    (Some(d), None) if !d.path.exists() => p.push(format!("{at}: data path {} does not exist", d.path.display())),
+                    _ => {}
+                }
+                if s.batch_size == 0 || s.grad_accum == 0 {
+                    p.push(format!("{at}: batch_size and grad_accum must be at least 1"));
+                }
+                if !(s.lr > 0.0 && s.lr.is_finite()) {
+                    p.push(format!("{at}: lr must be a positive number, got {}", s.lr));
+                }
+                if !(0.0..1.0).contains(&s.beta1) || !(0.0..1.0).contains(&s.beta2) {
+                    p.push(format!("{at}: beta1 and beta2 must be in [0, 1)"));
+                }
+                if s.max_steps == Some(0) || (s.max_steps.is_none() && s.epochs <= 0.0) {
+                    p.push(format!("{at}: needs max_steps ≥ 1 or epochs > 0"));
+                }
+                if !(0.0..=1.0).contains(&s.warmup_ratio) || !(0.0..=1.0).contains(&s.min_lr_ratio) {
+                    p.push(format!("{at}: warmup_ratio and min_lr_ratio must be in [0, 1]"));
+                }
+                if s.tokenize.max_length < 2 {
+                    p.push(format!("{at}: tokenize.max_length must be at least 2"));
+                }
+                if let Some(e) = &s.eval {
+                    if e.synthetic.is_none() && e.data.is_none() {
+                        p.push(format!("{at}: [eval] needs `synthetic` or `data` held-out problems"));
+                    }
+                }
+            }
+        }
+    }
+    p
+}
+
+/// The recipe as JSON with harmless keys removed, to compare a resumed run with its checkpoint.
+pub fn fingerprint(r: &Recipe) -> serde_json::Value {
+    let mut v = serde_json::to_value(r).unwrap();
+    for k in HARMLESS_KEYS {
+        let (a, b) = k.split_once('.').unwrap();
+        if let Some(o) = v.get_mut(a).and_then(|x| x.as_object_mut()) {
+            o.remove(b);
+        }
+    }
+    v
+}
+
+/// Dotted paths where two fingerprints differ.
+pub fn differences(a: &serde_json::Value, b: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+    use serde_json::Value::*;
+    match (a, b) {
+        (Object(x), Object(y)) => {
+            let mut keys: Vec<&std::string::String> = x.keys().chain(y.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                match (x.get(k), y.get(k)) {
+                    (Some(u), Some(w)) => differences(u, w, &p, out),
+                    _ => out.push(p),
+                }
+            }
+        }
+        (Array(x), Array(y)) if x.len() == y.len() => {
+            for (i, (u, w)) in x.iter().zip(y).enumerate() {
+                differences(u, w, &format!("{prefix}.{i}"), out);
+            }
+        }
+        _ if a != b => out.push(prefix.to_string()),
+        _ => {}
+    }
+}

@@ -1,0 +1,203 @@
+//! Runs a recipe: resolve the model and tokenizer, decide where to resume, run the stages in order (each
+//! starting from the previous stage's result), and print a summary.
+
+use anyhow::{bail, Context, Result};
+use data::{ChatTemplate, Tokenizer};
+use model::Model;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind};
+
+use crate::checkpoint::{self, Checkpoint};
+use crate::metrics::Metrics;
+use crate::recipe::{self, Recipe, Stage};
+
+/// What every stage needs.
+pub struct Ctx {
+    pub recipe: Recipe,
+    pub output: PathBuf,
+    pub tok: Tokenizer,
+    pub template: Option<ChatTemplate>,
+    /// Directory holding the tokenizer files (copied into every saved model).
+    pub tok_dir: PathBuf,
+    pub metrics: Metrics,
+    pub fingerprint: serde_json::Value,
+}
+
+/// `--resume`.
+#[derive(Debug, Clone)]
+pub enum Resume {
+    Auto,
+    Never,
+    Path(PathBuf),
+}
+
+impl std::str::FromStr for Resume {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "auto" => Resume::Auto,
+            "never" => Resume::Never,
+            p => Resume::Path(PathBuf::from(p)),
+        })
+    }
+}
+
+pub struct Options {
+    pub resume: Resume,
+    pub force: bool,
+    pub dry_run: bool,
+}
+
+fn tokenizer_dir(r: &Recipe, output: &Path) -> Result<PathBuf> {
+    match r.model.tokenizer.as_deref() {
+        Some("builtin:bytes") => {
+            let d = output.join("tokenizer");
+            crate::builtin_tokenizer::write(&d)?;
+            Ok(d)
+        }
+        Some(dir) => Ok(PathBuf::from(dir)),
+        None => match &r.model.path {
+            Some(p) if p.is_dir() => Ok(p.clone()),
+            Some(p) => Ok(gguf_dir(p, output)),
+            None => bail!("[model] needs `tokenizer`"),
+        },
+    }
+}
+
+fn gguf_dir(gguf: &Path, output: &Path) -> PathBuf {
+    output.join("base-model").join(gguf.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default())
+}
+
+/// The starting model of the first stage.
+fn base_model(r: &Recipe, output: &Path, kind: Kind, device: Device) -> Result<Model> {
+    if let Some(cfg) = &r.model.config {
+        let cfg = model::ModelConfig::from_json(cfg.clone(), "[model.config]")?;
+        return Ok(Model::random(&cfg, kind, device, r.model.init_seed));
+    }
+    let path = r.model.path.as_ref().context("[model] path")?;
+    if path.is_file() {
+        let dir = gguf_dir(path, output);
+        if !dir.join("config.json").exists() {
+            eprintln!("converting {} to {}", path.display(), dir.display());
+            model::gguf::convert_to_hf(path, &dir)?;
+        }
+        return Ok(Model::load(&dir, Some(kind), device)?);
+    }
+    Ok(Model::load(path, Some(kind), device)?)
+}
+
+/// The dry-run plan: stages, steps, tokens and a memory estimate.
+fn plan(r: &Recipe) -> String {
+    let mut s = String::new();
+    let params = r.model.config.as_ref().and_then(|c| model::ModelConfig::from_json(c.clone(), "").ok()).map(|c| c.num_parameters());
+    let params = params.or_else(|| r.model.path.as_ref().filter(|p| p.is_dir()).and_then(|p| model::ModelConfig::from_path(p).ok()).map(|c| c.num_parameters()));
+    if let Some(n) = params {
+        let kind = model::parse_kind(&r.model.dtype).unwrap_or(Kind::Float);
+        let w = n as f64 * kind.elt_size_in_bytes() as f64;
+        // weights + grads (model dtype) + AdamW moments (fp32)
+        let train = w * 2.0 + n as f64 * 8.0;
+        s.push_str(&format!("model: {:.1} M parameters; weights {:.2} GB, training state ≈ {:.2} GB before activations\n", n as f64 / 1e6, w / 1e9, train / 1e9));
+    }
+    for (i, st) in r.stage.iter().enumerate() {
+        match st {
+            Stage::Sft(x) => {
+                let steps = match x.max_steps {
+                    Some(n) => format!("{n} steps"),
+                    None => format!("{} epoch(s)", x.epochs),
+                };
+                let rows = x.synthetic.as_ref().map(|s| format!("{} synthetic conversations", s.count)).unwrap_or_else(|| {
+                    x.data.as_ref().map(|d| d.path.display().to_string()).unwrap_or_default()
+                });
+                s.push_str(&format!(
+                    "stage {} {:?} (sft): {rows}; {steps}; {} rows × {} micro-batches per step, ≤ {} tokens per row{}; lr {:.1e} {:?}\n",
+                    i + 1,
+                    st.name(i),
+                    x.batch_size,
+                    x.grad_accum,
+                    x.tokenize.max_length,
+                    if x.packing { " (packed)" } else { "" },
+                    x.lr,
+                    x.schedule
+                ));
+            }
+        }
+    }
+    s
+}
+
+pub fn run(recipe_path: &Path, overrides: &[String], output: Option<PathBuf>, opts: Options) -> Result<()> {
+    let mut r = recipe::load(recipe_path, overrides)?;
+    if let Some(o) = output {
+        r.run.output_dir = o;
+    }
+    if opts.dry_run {
+        println!("# resolved recipe\n{}", toml::to_string_pretty(&r).unwrap_or_default());
+        println!("# plan\n{}", plan(&r));
+        return Ok(());
+    }
+    if let Some(t) = r.run.threads {
+        tch::set_num_threads(t);
+    }
+    let device = model::runtime::parse_device(&r.model.device).map_err(anyhow::Error::msg)?;
+    let kind = model::parse_kind(&r.model.dtype).map_err(anyhow::Error::msg)?;
+    eprintln!("whet {}: {}", env!("CARGO_PKG_VERSION"), model::runtime::describe(device));
+    let output = r.run.output_dir.clone();
+    std::fs::create_dir_all(&output).with_context(|| format!("creating {}", output.display()))?;
+    let fingerprint = recipe::fingerprint(&r);
+
+    // Where to start.
+    let ckpt: Option<Checkpoint> = match &opts.resume {
+        Resume::Never => None,
+        Resume::Auto => checkpoint::list(&output)?.pop(),
+        Resume::Path(p) => Some(checkpoint::open(p)?),
+    };
+    if let Some(c) = &ckpt {
+        let mut diffs = vec![];
+        recipe::differences(&c.state.recipe, &fingerprint, "", &mut diffs);
+        if !diffs.is_empty() && !opts.force {
+            bail!(
+                "{} was written by a different recipe (changed: {}); resuming would not reproduce the run. \
+                 Use another --output, --resume never to start over, or --force to resume anyway",
+                c.dir.display(),
+                diffs.join(", ")
+            );
+        }
+    }
+    let resume_at = ckpt.as_ref().map(|c| (c.state.stage, c.state.step));
+    let tok_dir = tokenizer_dir(&r, &output)?;
+    let (tok, template) = Tokenizer::from_dir(&tok_dir).with_context(|| format!("loading the tokenizer from {}", tok_dir.display()))?;
+    let metrics = Metrics::open(&output, resume_at)?;
+    let ctx = Ctx { recipe: r.clone(), output: output.clone(), tok, template, tok_dir, metrics, fingerprint };
+
+    let (first, mut model, mid) = match &ckpt {
+        None => (0, base_model(&r, &output, kind, device)?, None),
+        Some(c) if c.state.stage_complete => (c.state.stage + 1, Model::load(&c.model_dir(), Some(kind), device)?, None),
+        Some(c) => (c.state.stage, Model::load(&c.model_dir(), Some(kind), device)?, Some(c)),
+    };
+    if first >= r.stage.len() {
+        eprintln!("all {} stage(s) already done in {}", r.stage.len(), output.display());
+    }
+    let mut summary = vec![];
+    for i in first..r.stage.len() {
+        let resume = if i == first { mid } else { None };
+        let acc = match &r.stage[i] {
+            Stage::Sft(s) => crate::sft::run(&ctx, i, s, &model, resume)?,
+        };
+        summary.push((r.stage[i].name(i), r.stage[i].kind(), acc));
+        // the next stage starts from this stage's saved result (identical bits; fresh autograd state)
+        let done = checkpoint::list(&output)?.into_iter().filter(|c| c.state.stage == i && c.state.stage_complete).last().context("stage checkpoint")?;
+        model = Model::load(&done.model_dir(), Some(kind), device)?;
+    }
+    if !summary.is_empty() {
+        println!("\n| stage | kind | held-out accuracy after |\n|---|---|---:|");
+        for (n, k, a) in &summary {
+            let a = if a.is_nan() { "–".to_string() } else { format!("{:.1}%", 100.0 * a) };
+            println!("| {n} | {k} | {a} |");
+        }
+        let last = checkpoint::list(&output)?.into_iter().filter(|c| c.state.stage_complete).last();
+        if let Some(c) = last {
+            println!("\nfinal model: {}", c.model_dir().display());
+        }
+    }
+    Ok(())
+}

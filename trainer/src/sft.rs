@@ -1,0 +1,257 @@
+//! The SFT / mid-training stage: next-token loss on assistant tokens, packed or padded rows, gradient
+//! accumulation with a global token-mean loss, AdamW with warmup and decay, gradient clipping, held-out
+//! accuracy, and exact resume from checkpoints.
+
+use anyhow::{bail, Context, Result};
+use data::{Record, Sampler, SamplerConfig, TokenizedExample};
+use model::{Batch, Model};
+use serde_json::{json, Map};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::{self, Checkpoint, TrainState};
+use crate::optim::{lr_at, AdamW, AdamWConfig};
+use crate::recipe::{EvalSpec, SftStage, SyntheticSpec};
+use crate::run::Ctx;
+
+/// One training row: tokens, labels and, for packed rows, per-document positions.
+struct Row {
+    ids: Vec<i64>,
+    labels: Vec<i64>,
+    pos: Option<Vec<i64>>,
+}
+
+fn synthetic(spec: &SyntheticSpec) -> Result<data::synth::Arithmetic> {
+    Ok(data::synth::Arithmetic::new(spec.arithmetic.clone())?)
+}
+
+fn rows(ctx: &Ctx, s: &SftStage) -> Result<(Vec<Row>, String)> {
+    let examples: Vec<TokenizedExample> = match (&s.data, &s.synthetic) {
+        (Some(d), _) => {
+            let cache = ctx.output.join("cache");
+            let ds = data::tokenize::tokenize_dataset(d, &ctx.tok, ctx.template.as_ref(), &s.tokenize, Some(&cache))
+                .with_context(|| format!("tokenizing {}", d.path.display()))?;
+            ds.examples
+        }
+        (None, Some(spec)) => {
+            let records = synthetic(spec)?.conversations(spec.start, spec.count);
+            data::tokenize::tokenize_records(&ctx.tok, ctx.template.as_ref(), &records, &s.tokenize)?.0
+        }
+        (None, None) => bail!("the stage has no data"),
+    };
+    if examples.is_empty() {
+        bail!("no training examples left after tokenization (check max_length and loss_on)");
+    }
+    let n_ex = examples.len();
+    if s.packing {
+        let packed = data::pack(&examples, s.tokenize.max_length, ctx.tok.pad_id)?;
+        let info = format!("{} examples packed into {} rows of {} ({:.1}% efficiency)", n_ex, packed.rows.len(), packed.seq_len, 100.0 * packed.efficiency);
+        let rows = packed
+            .rows
+            .into_iter()
+            .map(|r| {
+                let mut labels = r.labels.clone();
+                // A document's first token is not predicted from the previous document.
+                for &b in &r.doc_boundaries {
+                    if (b as usize) < labels.len() {
+                        labels[b as usize] = crate::loss::IGNORE;
+                    }
+                }
+                Row { ids: r.input_ids.iter().map(|&x| x as i64).collect(), labels, pos: Some(r.position_ids.iter().map(|&x| x as i64).collect()) }
+            })
+            .collect();
+        Ok((rows, info))
+    } else {
+        let rows = examples.into_iter().map(|e| Row { ids: e.input_ids.iter().map(|&x| x as i64).collect(), labels: e.labels, pos: None }).collect();
+        Ok((rows, format!("{n_ex} examples, padded per micro-batch")))
+    }
+}
+
+/// Stacks rows into tensors: (ids, labels, position ids, mask) with right padding (padded rows) or the
+/// packed positions (packed rows, where documents are told apart by positions restarting at 0).
+fn collate(rows: &[&Row], pad: i64, dev: Device) -> (Tensor, Tensor, Tensor, Tensor, bool) {
+    let l = rows.iter().map(|r| r.ids.len()).max().unwrap();
+    let b = rows.len();
+    let (mut ids, mut labels, mut pos, mut aux) = (vec![pad; b * l], vec![crate::loss::IGNORE; b * l], vec![0i64; b * l], vec![0i64; b * l]);
+    let packed = rows[0].pos.is_some();
+    for (i, r) in rows.iter().enumerate() {
+        let o = i * l;
+        ids[o..o + r.ids.len()].copy_from_slice(&r.ids);
+        labels[o..o + r.labels.len()].copy_from_slice(&r.labels);
+        match &r.pos {
+            Some(p) => {
+                pos[o..o + p.len()].copy_from_slice(p);
+                // document index: increments where positions restart
+                let mut d = 0;
+                for (j, &x) in p.iter().enumerate() {
+                    if j > 0 && x == 0 {
+                        d += 1;
+                    }
+                    aux[o + j] = d;
+                }
+            }
+            None => {
+                for j in 0..r.ids.len() {
+                    pos[o + j] = j as i64;
+                    aux[o + j] = 1;
+                }
+            }
+        }
+    }
+    let t = |v: Vec<i64>| Tensor::from_slice(&v).view([b as i64, l as i64]).to(dev);
+    (t(ids), t(labels), t(pos), t(aux), packed)
+}
+
+fn loss_tokens(rows: &[&Row]) -> i64 {
+    rows.iter().map(|r| r.labels.iter().skip(1).filter(|&&x| x != crate::loss::IGNORE).count() as i64).sum()
+}
+
+/// Held-out prompt-with-answer records of an eval spec.
+pub fn eval_records(e: &EvalSpec) -> Result<Vec<Record>> {
+    match (&e.synthetic, &e.data) {
+        (Some(s), _) => Ok(synthetic(s)?.prompt_answer(s.start, s.count)),
+        (None, Some(d)) => Ok(data::load_records(d)?),
+        _ => bail!("[eval] needs `synthetic` or `data`"),
+    }
+}
+
+pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<&Checkpoint>) -> Result<f64> {
+    let name = ctx.recipe.stage[index].name(index);
+    let (rows, info) = rows(ctx, s)?;
+    let per_step = s.batch_size * s.grad_accum;
+    let total = s.max_steps.unwrap_or_else(|| ((s.epochs * rows.len() as f64) / per_step as f64).ceil().max(1.0) as usize);
+    let warmup = s.warmup_steps.unwrap_or((s.warmup_ratio * total as f64).round() as usize);
+    eprintln!("[{name}] {info}; {total} optimizer steps of {} × {} rows", s.grad_accum, s.batch_size);
+
+    let mut sampler = Sampler::single(rows.len(), SamplerConfig { seed: ctx.recipe.run.seed.wrapping_add(index as u64), shuffle: true, num_epochs: None, drop_last: false })?;
+    let params: Vec<(String, Tensor)> = model.net.params.iter().map(|(n, t)| (n.to_string(), t.shallow_clone())).collect();
+    for (_, p) in &params {
+        let _ = p.shallow_clone().requires_grad_(true);
+    }
+    let mut opt = AdamW::new(params, AdamWConfig { beta1: s.beta1, beta2: s.beta2, eps: s.eps, weight_decay: s.weight_decay });
+    let mut start = 0;
+    let mut tokens = 0u64;
+    if let Some(c) = resume {
+        opt.load(&c.optimizer_path())?;
+        if let Some(st) = &c.state.sampler {
+            sampler.restore(st.clone())?;
+        }
+        start = c.state.step;
+        tokens = c.state.tokens;
+        eprintln!("[{name}] resumed at step {start}/{total} from {}", c.dir.display());
+    }
+
+    let evals = match &s.eval {
+        Some(e) => Some((e, eval_records(e)?)),
+        None => None,
+    };
+    let mut before = f64::NAN;
+    if let Some((e, recs)) = &evals {
+        if start == 0 {
+            let (acc, _) = crate::accuracy::evaluate(&model.net, &ctx.tok, ctx.template.as_ref(), recs, e.max_new_tokens)?;
+            before = acc;
+            eprintln!("[{name}] held-out accuracy before: {:.1}% ({} problems)", 100.0 * acc, recs.len());
+            ctx.metrics.log(obj(json!({"stage": index, "step": 0, "eval_accuracy": acc})))?;
+        }
+    }
+
+    let dev = model.net.device();
+    let pad = ctx.tok.pad_id as i64;
+    let chunk = s.loss_chunk as i64;
+    let t_stage = Instant::now();
+    for step in start..total {
+        let t0 = Instant::now();
+        let micro: Vec<Vec<&Row>> = (0..s.grad_accum).map(|_| sampler.next_batch(s.batch_size).into_iter().map(|i| &rows[i]).collect()).collect();
+        let n_tok: i64 = micro.iter().map(|m| loss_tokens(m)).sum::<i64>().max(1);
+        let mut loss_sum = 0.0;
+        for m in micro.iter().filter(|m| !m.is_empty()) {
+            let (ids, labels, pos, aux, packed) = collate(m, pad, dev);
+            let batch = if packed { Batch::packed(&ids, &pos, &aux) } else { Batch::padded(&ids, &pos, &aux) };
+            let (l, _) = crate::loss::causal_lm_backward(&model.net, &batch, &labels, 1.0 / n_tok as f64, chunk);
+            loss_sum += l;
+            tokens += m.iter().map(|r| r.ids.len() as u64).sum::<u64>();
+        }
+        let grad_norm = opt.clip_grad_norm(s.max_grad_norm);
+        let lr = lr_at(s.schedule, s.lr, step, total, warmup, s.min_lr_ratio);
+        opt.step(lr);
+        opt.zero_grad();
+        let loss = loss_sum / n_tok as f64;
+        if !loss.is_finite() {
+            bail!("[{name}] loss became {loss} at step {}: lower the learning rate", step + 1);
+        }
+        let dt = t0.elapsed().as_secs_f64();
+        let done = step + 1;
+        if done % ctx.recipe.run.log_every.max(1) == 0 || done == total {
+            ctx.metrics.log(obj(json!({"stage": index, "stage_name": name, "step": done, "loss": loss, "lr": lr,
+                "grad_norm": grad_norm, "loss_tokens": n_tok, "step_s": dt, "epoch": sampler.epoch(),
+                "tokens_per_s": micro.iter().flatten().map(|r| r.ids.len()).sum::<usize>() as f64 / dt})))?;
+            eprintln!("[{name}] step {done}/{total} loss {loss:.4} lr {lr:.2e} grad_norm {grad_norm:.3} ({:.2} s/step)", dt);
+        }
+        if let Some((e, recs)) = &evals {
+            if e.every > 0 && done % e.every == 0 && done < total {
+                let (acc, _) = crate::accuracy::evaluate(&model.net, &ctx.tok, ctx.template.as_ref(), recs, e.max_new_tokens)?;
+                eprintln!("[{name}] step {done}: held-out accuracy {:.1}%", 100.0 * acc);
+                ctx.metrics.log(obj(json!({"stage": index, "step": done, "eval_accuracy": acc})))?;
+            }
+        }
+        let save_every = ctx.recipe.run.save_every;
+        if save_every > 0 && done % save_every == 0 && done < total {
+            let state = TrainState {
+                stage: index,
+                stage_name: name.clone(),
+                step: done,
+                total_steps: total,
+                stage_complete: false,
+                sampler: Some(sampler.state()),
+                tokens,
+                recipe: ctx.fingerprint.clone(),
+            };
+            let dir = checkpoint::write(&ctx.output, &state, |d| {
+                model.save(&d.join("model"), &model::weights::SaveOptions { source_dir: Some(&ctx.tok_dir), ..Default::default() })?;
+                opt.save(&d.join("optimizer.safetensors"))
+            })?;
+            checkpoint::prune(&ctx.output, index, ctx.recipe.run.keep_last)?;
+            eprintln!("[{name}] checkpoint {}", dir.display());
+        }
+    }
+    let mut after = f64::NAN;
+    if let Some((e, recs)) = &evals {
+        let (acc, samples) = crate::accuracy::evaluate(&model.net, &ctx.tok, ctx.template.as_ref(), recs, e.max_new_tokens)?;
+        after = acc;
+        for (q, a, ok) in samples {
+            eprintln!("[{name}]   {q:?} -> {a:?} {}", if ok { "✓" } else { "✗" });
+        }
+        if before.is_nan() {
+            eprintln!("[{name}] held-out accuracy after: {:.1}%", 100.0 * acc);
+        } else {
+            eprintln!("[{name}] held-out accuracy: {:.1}% before, {:.1}% after", 100.0 * before, 100.0 * acc);
+        }
+        ctx.metrics.log(obj(json!({"stage": index, "step": total, "eval_accuracy": acc})))?;
+    }
+    eprintln!("[{name}] done in {:.1} s", t_stage.elapsed().as_secs_f64());
+    let state = TrainState {
+        stage: index,
+        stage_name: name.clone(),
+        step: total,
+        total_steps: total,
+        stage_complete: true,
+        sampler: Some(sampler.state()),
+        tokens,
+        recipe: ctx.fingerprint.clone(),
+    };
+    let dir = checkpoint::write(&ctx.output, &state, |d| {
+        model.save(&d.join("model"), &model::weights::SaveOptions { source_dir: Some(&ctx.tok_dir), ..Default::default() })?;
+        Ok(())
+    })?;
+    checkpoint::prune(&ctx.output, index, 0)?;
+    eprintln!("[{name}] model saved to {}", dir.join("model").display());
+    let _ = Kind::Float;
+    Ok(after)
+}
+
+fn obj(v: serde_json::Value) -> Map<String, serde_json::Value> {
+    match v {
+        serde_json::Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
