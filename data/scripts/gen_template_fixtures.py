@@ -220,6 +220,12 @@ CASES = [
         {"role": "user", "content": "  Café – naïve “quotes” ∑ 🤖 \n\n  tabs\tand spaces  \n"},
         {"role": "assistant", "content": "\n  ok ✓  \n"}], "add_generation_prompt": False},
     {"name": "tools_gen", "messages": [{"role": "user", "content": "Compute 123 * 456."}], "tools": TOOLS, "add_generation_prompt": True},
+    {"name": "tool_call_roundtrip", "messages": [
+        {"role": "user", "content": "Compute 123 * 456."},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"arguments": {"expression": "123 * 456"}, "name": "calculator"}, "type": "function"}]},
+        {"role": "tool", "content": "56088"},
+        {"role": "assistant", "content": "The product is 56088."}], "tools": TOOLS, "add_generation_prompt": False},
     {"name": "no_thinking_gen", "messages": [{"role": "user", "content": "What is 1 + 1?"}], "add_generation_prompt": True,
      "kwargs": {"enable_thinking": False}},
 ]
