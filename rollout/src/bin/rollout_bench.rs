@@ -1,0 +1,106 @@
+//! `rollout-bench`: times `Engine::generate` on fixed-length sampling (EOS ignored), for
+//! scripts/bench/generate.py, which runs transformers' `generate` on the same model files and prompts.
+//!
+//!     rollout-bench --model DIR --prompts prompts.json --n 8 --new-tokens 128 --repeats 5 --warmup 1 --threads 1
+//!
+//! `prompts.json` is a JSON list of token id lists. Prints one JSON object: per-call seconds, tokens per call,
+//! median tokens/s and the process's peak resident memory (VmHWM).
+
+use model::Model;
+use rollout::{Engine, EngineConfig, Request, SamplingParams};
+use std::path::PathBuf;
+use std::time::Instant;
+
+fn peak_rss_kb() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn main() {
+    model::runtime::preload_cuda();
+    if let Err(e) = run() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), String> {
+    let mut model_dir = None;
+    let mut prompts_path = None;
+    let (mut n, mut new_tokens, mut repeats, mut warmup, mut threads) = (1usize, 128usize, 5usize, 1usize, 1i32);
+    let mut device = "cpu".to_string();
+    let mut dtype = "float32".to_string();
+    let mut max_batch = 1024usize;
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut val = || it.next().ok_or_else(|| format!("{a} needs a value"));
+        let num = |s: String| s.parse::<usize>().map_err(|_| format!("{a}: expected a number, got {s}"));
+        match a.as_str() {
+            "--model" => model_dir = Some(PathBuf::from(val()?)),
+            "--prompts" => prompts_path = Some(PathBuf::from(val()?)),
+            "--n" => n = num(val()?)?,
+            "--new-tokens" => new_tokens = num(val()?)?,
+            "--repeats" => repeats = num(val()?)?,
+            "--warmup" => warmup = num(val()?)?,
+            "--threads" => threads = num(val()?)? as i32,
+            "--max-batch-seqs" => max_batch = num(val()?)?,
+            "--device" => device = val()?,
+            "--dtype" => dtype = val()?,
+            _ => return Err(format!("unknown argument {a}")),
+        }
+    }
+    let model_dir = model_dir.ok_or("--model is required")?;
+    let prompts_path = prompts_path.ok_or("--prompts is required")?;
+    tch::set_num_threads(threads);
+    let device = model::runtime::parse_device(&device)?;
+    let kind = model::parse_kind(&dtype)?;
+    let text = std::fs::read_to_string(&prompts_path).map_err(|e| format!("{}: {e}", prompts_path.display()))?;
+    let prompts: Vec<Vec<i64>> = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", prompts_path.display()))?;
+    let m = Model::load(&model_dir, Some(kind), device).map_err(|e| e.to_string())?;
+    let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let rows = prompts.len() * n;
+    let cfg = EngineConfig { max_batch_seqs: max_batch, cache_budget_tokens: (rows * (longest + new_tokens)) as i64, ..Default::default() };
+    let engine = Engine::new(&m.net, cfg).map_err(|e| e.to_string())?;
+    let mut times = Vec::new();
+    let mut stats = None;
+    for r in 0..warmup + repeats {
+        let reqs: Vec<Request> = prompts
+            .iter()
+            .map(|p| Request {
+                prompt_ids: p.clone(),
+                n,
+                params: SamplingParams { temperature: 1.0, max_new_tokens: new_tokens, ignore_eos: true, seed: Some(r as u64), ..Default::default() },
+            })
+            .collect();
+        if let tch::Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+        let t = Instant::now();
+        let (out, s) = engine.generate_with_stats(&reqs).map_err(|e| e.to_string())?;
+        if let tch::Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+        let dt = t.elapsed().as_secs_f64();
+        let got: usize = out.iter().map(|c| c.completion_tokens).sum();
+        if got != rows * new_tokens {
+            return Err(format!("generated {got} tokens, expected {}", rows * new_tokens));
+        }
+        if r >= warmup {
+            times.push(dt);
+        }
+        stats = Some(s);
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let median = sorted[sorted.len() / 2];
+    let tokens = rows * new_tokens;
+    println!(
+        "{}",
+        serde_json::json!({
+            "side": "whet", "times": times, "tokens": tokens, "median_s": median, "tok_s": tokens as f64 / median,
+            "peak_rss_kb": peak_rss_kb(), "threads": threads, "stats": stats,
+            "cuda_peak_bytes": serde_json::Value::Null,
+        })
+    );
+    Ok(())
+}

@@ -1,0 +1,441 @@
+//! The generation engine: waves of sequences decoded together over one KV cache.
+//!
+//! * A `generate` call is planned into **waves** in request order. A wave holds at most `max_batch_seqs` rows
+//!   and `rows × (longest prompt + largest max_new_tokens)` cache tokens within `cache_budget_tokens`; a request
+//!   that does not fit the current wave starts the next one (its samples may be split over waves; each part
+//!   encodes the prompt again). A single sequence that cannot fit the budget is an error.
+//! * **Prefill once per group**: a wave's distinct prompts are left-padded and encoded together (in chunks of
+//!   positions, so the logits of long prompts never take more than ~256 MiB), then the cache rows are repeated
+//!   `n` times for the group's samples.
+//! * **Decoding**: one forward per step for all live rows; sampling happens on the device with per-row
+//!   parameters ([`crate::sampler`]); one small host transfer per step reads the tokens and log-probabilities.
+//! * **Finished rows stop costing compute**: once `compact_fraction` of the rows have finished, they are dropped
+//!   from the cache, the mask and the positions (`KvCache::select_rows`). The model's cache has one shared
+//!   length, so new sequences are not inserted into a running wave; the next wave starts when this one ends.
+
+use crate::error::{Result, RolloutError};
+use crate::params::{Completion, FinishReason, Request, SamplingParams};
+use crate::rng;
+use crate::sampler::RowSampling;
+use crate::stop::{StopMatcher, TokenDecoder};
+use model::{KvCache, Transformer};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use tch::Tensor;
+
+/// Engine settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Most sequences decoded together (rows of one wave). Default 256.
+    pub max_batch_seqs: usize,
+    /// Most KV cache positions over all rows of a wave (rows × (longest prompt + largest max_new_tokens)).
+    /// Memory is this times `KvCache::bytes_per_token`. Default 262144.
+    pub cache_budget_tokens: i64,
+    /// End-of-sequence token ids that end a sample unless the request sets `ignore_eos`.
+    pub eos_token_ids: Vec<i64>,
+    /// Id used to left-pad prompts (padding is masked out; any valid id works). Default 0.
+    pub pad_token_id: i64,
+    /// Seed for requests that set none (mixed with the request's position in the call). Default 0.
+    pub seed: u64,
+    /// Drop finished rows from the cache once at least this fraction of the wave's rows has finished
+    /// (0 = at every finish). Default 0.125.
+    pub compact_fraction: f64,
+    /// LongRoPE: force the long (`true`) or short factors; default: chosen per wave from the cache capacity.
+    pub rope_long: Option<bool>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_batch_seqs: 256,
+            cache_budget_tokens: 262_144,
+            eos_token_ids: Vec::new(),
+            pad_token_id: 0,
+            seed: 0,
+            compact_fraction: 0.125,
+            rope_long: None,
+        }
+    }
+}
+
+/// Counters of one `generate` call.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct GenerateStats {
+    /// Waves run.
+    pub waves: usize,
+    /// Prompt positions encoded (padding included).
+    pub prefill_positions: i64,
+    /// Decode forwards.
+    pub decode_steps: usize,
+    /// Rows summed over decode forwards (what decoding cost).
+    pub decode_row_steps: usize,
+    /// Times finished rows were dropped from the cache.
+    pub compactions: usize,
+    /// Tokens generated.
+    pub generated_tokens: usize,
+}
+
+/// Generates completions with a model in this process (the same tensors the trainer updates).
+pub struct Engine<'m> {
+    model: &'m Transformer,
+    cfg: EngineConfig,
+    decoder: Option<Arc<dyn TokenDecoder>>,
+}
+
+/// A part of a request's group placed in one wave: samples `first..first + count`.
+struct Chunk {
+    req: usize,
+    first: usize,
+    count: usize,
+}
+
+struct Wave {
+    chunks: Vec<Chunk>,
+    rows: usize,
+    max_prompt: usize,
+    max_new: usize,
+}
+
+struct Row {
+    req: usize,
+    sample: usize,
+    seed: u64,
+    tokens: Vec<i64>,
+    lp_sampled: Vec<f32>,
+    lp_model: Vec<f32>,
+    finish: Option<FinishReason>,
+    stop_string: Option<String>,
+    text: Option<String>,
+}
+
+const PREFILL_LOGITS_BYTES: i64 = 256 << 20;
+
+impl<'m> Engine<'m> {
+    pub fn new(model: &'m Transformer, cfg: EngineConfig) -> Result<Engine<'m>> {
+        if cfg.max_batch_seqs == 0 {
+            return Err(RolloutError::Config("max_batch_seqs must be at least 1".into()));
+        }
+        if cfg.cache_budget_tokens < 2 {
+            return Err(RolloutError::Config(format!("cache_budget_tokens must be at least 2, got {}", cfg.cache_budget_tokens)));
+        }
+        if !(0.0..=1.0).contains(&cfg.compact_fraction) {
+            return Err(RolloutError::Config(format!("compact_fraction must be in [0, 1], got {}", cfg.compact_fraction)));
+        }
+        let v = model.cfg.vocab_size;
+        if let Some(&t) = cfg.eos_token_ids.iter().chain([&cfg.pad_token_id]).find(|&&t| t < 0 || t >= v) {
+            return Err(RolloutError::Config(format!("token id {t} (eos or pad) is outside the vocabulary (0..{v})")));
+        }
+        Ok(Engine { model, cfg, decoder: None })
+    }
+
+    /// Gives the engine a decoder: completions then carry text, and stop strings work.
+    pub fn set_decoder(&mut self, decoder: Arc<dyn TokenDecoder>) {
+        self.decoder = Some(decoder);
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// Samples `n` completions for every request; returned in (request, sample) order.
+    ///
+    /// Determinism: sample `j` of a request draws its token at step `t` from a uniform that depends only on
+    /// (request seed, `j`, `t`), and all sampling arithmetic is row-wise. The same requests with the same engine
+    /// config, model weights, dtype, device and thread count therefore give identical completions. Across
+    /// different co-batched requests (which change the wave plan, the padding and the batch shapes of the
+    /// matmuls) the logits agree only up to floating-point rounding, so a sample is the same unless a uniform
+    /// falls within that rounding of a CDF boundary (in fp32 on CPU the tests see identical tokens and
+    /// log-probabilities within 1e-5).
+    pub fn generate(&self, requests: &[Request]) -> Result<Vec<Completion>> {
+        self.generate_with_stats(requests).map(|(c, _)| c)
+    }
+
+    /// [`Engine::generate`], also returning what it cost.
+    pub fn generate_with_stats(&self, requests: &[Request]) -> Result<(Vec<Completion>, GenerateStats)> {
+        let _guard = tch::no_grad_guard();
+        self.validate(requests)?;
+        let seeds: Vec<u64> = requests
+            .iter()
+            .enumerate()
+            .map(|(i, r)| r.params.seed.unwrap_or_else(|| rng::default_request_seed(self.cfg.seed, i)))
+            .collect();
+        let mut stats = GenerateStats::default();
+        let mut out = Vec::with_capacity(requests.iter().map(|r| r.n).sum());
+        // samples with max_new_tokens = 0 need no compute
+        for (i, r) in requests.iter().enumerate().filter(|(_, r)| r.params.max_new_tokens == 0) {
+            for j in 0..r.n {
+                let row = Row::new(i, j, seeds[i]);
+                out.push(self.finish_row(row, r, false, &self.decoder));
+            }
+        }
+        for wave in self.plan(requests)? {
+            stats.waves += 1;
+            self.run_wave(requests, &seeds, &wave, &mut out, &mut stats)?;
+        }
+        out.sort_by_key(|c| (c.request_index, c.sample_index));
+        stats.generated_tokens = out.iter().map(|c| c.completion_tokens).sum();
+        Ok((out, stats))
+    }
+
+    fn validate(&self, requests: &[Request]) -> Result<()> {
+        let v = self.model.cfg.vocab_size;
+        for (index, r) in requests.iter().enumerate() {
+            let bad = |msg: String| RolloutError::InvalidRequest { index, msg };
+            if r.n == 0 {
+                return Err(bad("n must be at least 1".into()));
+            }
+            if r.prompt_ids.is_empty() {
+                return Err(bad("empty prompt".into()));
+            }
+            if let Some(&t) = r.prompt_ids.iter().find(|&&t| t < 0 || t >= v) {
+                return Err(bad(format!("prompt token id {t} is outside the vocabulary (0..{v})")));
+            }
+            r.params.validate(v).map_err(bad)?;
+            if !r.params.stop_strings.is_empty() && self.decoder.is_none() {
+                return Err(bad("stop_strings need a decoder (Engine::set_decoder)".into()));
+            }
+            let needed = (r.prompt_ids.len() + r.params.max_new_tokens) as i64;
+            if needed > self.cfg.cache_budget_tokens {
+                return Err(RolloutError::CacheBudget {
+                    index,
+                    needed,
+                    prompt: r.prompt_ids.len(),
+                    max_new: r.params.max_new_tokens,
+                    budget: self.cfg.cache_budget_tokens,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Packs requests into waves in order (see the module docs).
+    fn plan(&self, requests: &[Request]) -> Result<Vec<Wave>> {
+        let budget = self.cfg.cache_budget_tokens;
+        let mut waves = Vec::new();
+        let mut cur = Wave { chunks: Vec::new(), rows: 0, max_prompt: 0, max_new: 0 };
+        for (i, r) in requests.iter().enumerate() {
+            if r.params.max_new_tokens == 0 {
+                continue;
+            }
+            let mut done = 0;
+            while done < r.n {
+                let mp = cur.max_prompt.max(r.prompt_ids.len());
+                let mn = cur.max_new.max(r.params.max_new_tokens);
+                let by_budget = (budget / (mp + mn) as i64) as usize;
+                let fit = self.cfg.max_batch_seqs.min(by_budget).saturating_sub(cur.rows);
+                if fit == 0 {
+                    // validate() guarantees that one row fits an empty wave
+                    waves.push(std::mem::replace(&mut cur, Wave { chunks: Vec::new(), rows: 0, max_prompt: 0, max_new: 0 }));
+                    continue;
+                }
+                let take = fit.min(r.n - done);
+                cur.chunks.push(Chunk { req: i, first: done, count: take });
+                cur.rows += take;
+                cur.max_prompt = mp;
+                cur.max_new = mn;
+                done += take;
+            }
+        }
+        if cur.rows > 0 {
+            waves.push(cur);
+        }
+        Ok(waves)
+    }
+
+    fn run_wave(&self, requests: &[Request], seeds: &[u64], wave: &Wave, out: &mut Vec<Completion>, stats: &mut GenerateStats) -> Result<()> {
+        let m = self.model;
+        let device = m.device();
+        let p = wave.chunks.len() as i64;
+        let lmax = wave.max_prompt as i64;
+        let capacity = (wave.max_prompt + wave.max_new) as i64;
+        let vocab = m.cfg.vocab_size;
+
+        // left-padded prompts, their positions and the key mask over the whole capacity
+        let mut ids = vec![self.cfg.pad_token_id; (p * lmax) as usize];
+        let mut pos = vec![0i64; (p * lmax) as usize];
+        let mut keys = vec![true; (p * capacity) as usize];
+        for (c, ch) in wave.chunks.iter().enumerate() {
+            let prompt = &requests[ch.req].prompt_ids;
+            let pad = wave.max_prompt - prompt.len();
+            for j in 0..wave.max_prompt {
+                let k = c * wave.max_prompt + j;
+                if j >= pad {
+                    ids[k] = prompt[j - pad];
+                    pos[k] = (j - pad) as i64;
+                }
+            }
+            for j in 0..pad {
+                keys[c * capacity as usize + j] = false;
+            }
+        }
+        let ids = Tensor::from_slice(&ids).view([p, lmax]).to_device(device);
+        let pos = Tensor::from_slice(&pos).view([p, lmax]).to_device(device);
+        let mut key_mask = Tensor::from_slice(&keys).view([p, capacity]).to_device(device);
+        let mut cache = KvCache::new(&m.cfg, p, capacity, m.kind(), device);
+        if let Some(l) = self.cfg.rope_long {
+            cache.set_rope_long(l);
+        }
+        let elt = m.kind().elt_size_in_bytes() as i64;
+        let chunk_t = (PREFILL_LOGITS_BYTES / (p * vocab * elt.max(4))).max(1);
+        let mut logits = None;
+        let mut start = 0;
+        while start < lmax {
+            let t = chunk_t.min(lmax - start);
+            let l = m.forward_cached(&ids.narrow(1, start, t), &pos.narrow(1, start, t), &key_mask.narrow(1, 0, start + t), &mut cache);
+            start += t;
+            if start == lmax {
+                logits = Some(l.select(1, t - 1));
+            }
+        }
+        stats.prefill_positions += p * lmax;
+        let mut logits = logits.expect("a wave has a non-empty prompt");
+        let rope_long = cache.rope_long().unwrap_or(false);
+
+        // expand each prompt into its group of samples
+        let mut rows: Vec<Row> = Vec::with_capacity(wave.rows);
+        let mut expand = Vec::with_capacity(wave.rows);
+        let mut next_pos = Vec::with_capacity(wave.rows);
+        for (c, ch) in wave.chunks.iter().enumerate() {
+            for j in ch.first..ch.first + ch.count {
+                rows.push(Row::new(ch.req, j, seeds[ch.req]));
+                expand.push(c as i64);
+                next_pos.push(requests[ch.req].prompt_ids.len() as i64);
+            }
+        }
+        if wave.chunks.iter().any(|ch| ch.count != 1) {
+            let idx = Tensor::from_slice(&expand).to_device(device);
+            cache.select_rows(&idx);
+            key_mask = key_mask.index_select(0, &idx);
+            logits = logits.index_select(0, &idx);
+        }
+        let mut pos = Tensor::from_slice(&next_pos).view([-1, 1]).to_device(device);
+        let stops: Vec<StopMatcher> = requests.iter().map(|r| StopMatcher::new(&r.params.stop_strings)).collect();
+        let stop_ids: Vec<Vec<i64>> = requests
+            .iter()
+            .map(|r| {
+                let mut v = r.params.stop_token_ids.clone();
+                if !r.params.ignore_eos {
+                    v.extend(&self.cfg.eos_token_ids);
+                }
+                v
+            })
+            .collect();
+
+        // active[i] = index into rows of cache row i
+        let mut active: Vec<usize> = (0..rows.len()).collect();
+        let params_of = |active: &[usize], rows: &[Row]| -> Vec<&SamplingParams> { active.iter().map(|&i| &requests[rows[i].req].params).collect() };
+        let mut sampling = RowSampling::new(&params_of(&active, &rows), vocab, device);
+        let mut finished_in_cache = 0usize;
+        loop {
+            let u: Vec<f64> = active.iter().map(|&i| rng::uniform(rows[i].seed, rows[i].sample as u64, rows[i].tokens.len() as u64)).collect();
+            let s = sampling.sample(&logits, &u);
+            for (k, &i) in active.iter().enumerate() {
+                let row = &mut rows[i];
+                if row.finish.is_some() {
+                    continue;
+                }
+                let req = &requests[row.req];
+                let tok = s.ids[k];
+                row.tokens.push(tok);
+                row.lp_sampled.push(s.logprob_sampled[k]);
+                row.lp_model.push(s.logprob_model[k]);
+                if stop_ids[row.req].contains(&tok) {
+                    row.finish = Some(FinishReason::Stop);
+                } else if let (false, Some(dec)) = (stops[row.req].is_empty(), &self.decoder) {
+                    if let Some((stop, at, full)) = stops[row.req].check(dec.as_ref(), &row.tokens) {
+                        row.finish = Some(FinishReason::Stop);
+                        row.text = Some(full[..at].to_string());
+                        row.stop_string = Some(stop);
+                    }
+                }
+                if row.finish.is_none() && row.tokens.len() >= req.params.max_new_tokens {
+                    row.finish = Some(FinishReason::Length);
+                }
+                if row.finish.is_some() {
+                    finished_in_cache += 1;
+                }
+            }
+            if finished_in_cache == active.len() {
+                break;
+            }
+            let mut tokens = s.tokens;
+            if finished_in_cache > 0 && finished_in_cache as f64 >= self.cfg.compact_fraction * active.len() as f64 {
+                let keep: Vec<i64> = (0..active.len() as i64).filter(|&k| rows[active[k as usize]].finish.is_none()).collect();
+                let idx = Tensor::from_slice(&keep).to_device(device);
+                cache.select_rows(&idx);
+                key_mask = key_mask.index_select(0, &idx);
+                pos = pos.index_select(0, &idx);
+                tokens = tokens.index_select(0, &idx);
+                active = keep.iter().map(|&k| active[k as usize]).collect();
+                sampling = RowSampling::new(&params_of(&active, &rows), vocab, device);
+                finished_in_cache = 0;
+                stats.compactions += 1;
+            }
+            let len = cache.len();
+            logits = m.forward_cached(&tokens.view([-1, 1]), &pos, &key_mask.narrow(1, 0, len + 1), &mut cache).squeeze_dim(1);
+            pos += 1;
+            stats.decode_steps += 1;
+            stats.decode_row_steps += active.len();
+        }
+        for row in rows {
+            let req = &requests[row.req];
+            out.push(self.finish_row(row, req, rope_long, &self.decoder));
+        }
+        Ok(())
+    }
+
+    fn finish_row(&self, mut row: Row, req: &Request, rope_long: bool, decoder: &Option<Arc<dyn TokenDecoder>>) -> Completion {
+        if row.text.is_none() {
+            row.text = decoder.as_ref().map(|d| d.decode(&row.tokens));
+        }
+        let n = row.tokens.len();
+        Completion {
+            request_index: row.req,
+            sample_index: row.sample,
+            token_ids: row.tokens,
+            text: row.text,
+            logprobs_sampled: row.lp_sampled,
+            logprobs_model: row.lp_model,
+            finish_reason: row.finish.unwrap_or(FinishReason::Length),
+            stop_string: row.stop_string,
+            prompt_tokens: req.prompt_ids.len(),
+            completion_tokens: n,
+            rope_long,
+        }
+    }
+}
+
+impl Row {
+    fn new(req: usize, sample: usize, seed: u64) -> Row {
+        Row {
+            req,
+            sample,
+            seed,
+            tokens: Vec::new(),
+            lp_sampled: Vec::new(),
+            lp_model: Vec::new(),
+            finish: None,
+            stop_string: None,
+            text: None,
+        }
+    }
+}
+
+/// A decoder from a closure.
+pub struct FnDecoder<F: Fn(&[i64]) -> String + Send + Sync>(pub F);
+
+impl<F: Fn(&[i64]) -> String + Send + Sync> TokenDecoder for FnDecoder<F> {
+    fn decode(&self, ids: &[i64]) -> String {
+        (self.0)(ids)
+    }
+}
+
+/// Cache tokens a set of requests needs if every sample ran in one wave (rows × (longest prompt + largest
+/// max_new_tokens)): a quick sizing aid for `cache_budget_tokens`.
+pub fn cache_tokens_for(requests: &[Request]) -> i64 {
+    let rows: usize = requests.iter().map(|r| r.n).sum();
+    let mp = requests.iter().map(|r| r.prompt_ids.len()).max().unwrap_or(0);
+    let mn = requests.iter().map(|r| r.params.max_new_tokens).max().unwrap_or(0);
+    (rows * (mp + mn)) as i64
+}

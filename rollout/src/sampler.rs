@@ -1,0 +1,193 @@
+//! Batched token sampling with per-row parameters.
+//!
+//! Every operation here is row-wise, so a row's result depends only on its own logits, its parameters and its
+//! uniform number `u` — never on the other rows of the batch. Sampling is inverse-CDF in vocabulary order:
+//! the filtered distribution's cumulative sum is searched for `u · total`, which picks the first token whose
+//! cumulative probability reaches it (a filtered token, of probability 0, can never be picked).
+
+use crate::params::SamplingParams;
+use tch::{Device, Kind, Tensor};
+
+/// The per-row parameters of a batch, as device tensors, plus which filters any row needs.
+pub struct RowSampling {
+    temperature: Tensor,
+    top_k: Tensor,
+    top_p: Tensor,
+    min_p: Tensor,
+    greedy: Tensor,
+    all_greedy: bool,
+    any_greedy: bool,
+    any_top_k: bool,
+    any_top_p: bool,
+    any_min_p: bool,
+}
+
+/// Sampled tokens of one step.
+pub struct Sampled {
+    /// `[B]` int64 on the model's device (the next input).
+    pub tokens: Tensor,
+    /// The same ids on the host.
+    pub ids: Vec<i64>,
+    /// Log-probability under the distribution sampled from (0 for greedy rows).
+    pub logprob_sampled: Vec<f32>,
+    /// Log-probability under the model's unmodified distribution.
+    pub logprob_model: Vec<f32>,
+}
+
+impl RowSampling {
+    pub fn new(params: &[&SamplingParams], vocab: i64, device: Device) -> RowSampling {
+        let greedy: Vec<bool> = params.iter().map(|p| p.is_greedy()).collect();
+        let temp: Vec<f32> = params.iter().map(|p| if p.is_greedy() { 1.0 } else { p.temperature }).collect();
+        let top_k: Vec<i64> = params.iter().map(|p| if p.top_k <= 0 || p.top_k >= vocab { vocab } else { p.top_k }).collect();
+        // rows without a top-p limit get a threshold no cumulative sum reaches, so they are never filtered
+        let top_p: Vec<f32> = params.iter().map(|p| if p.top_p >= 1.0 { 2.0 } else { p.top_p }).collect();
+        let min_p: Vec<f32> = params.iter().map(|p| p.min_p).collect();
+        let b = params.len() as i64;
+        let sampled = |i: usize| !greedy[i];
+        RowSampling {
+            temperature: Tensor::from_slice(&temp).view([b, 1]).to_device(device),
+            top_k: Tensor::from_slice(&top_k).view([b, 1]).to_device(device),
+            top_p: Tensor::from_slice(&top_p).view([b, 1]).to_device(device),
+            min_p: Tensor::from_slice(&min_p).view([b, 1]).to_device(device),
+            greedy: Tensor::from_slice(&greedy).to_device(device),
+            all_greedy: greedy.iter().all(|&g| g),
+            any_greedy: greedy.iter().any(|&g| g),
+            any_top_k: (0..params.len()).any(|i| sampled(i) && top_k[i] < vocab),
+            any_top_p: (0..params.len()).any(|i| sampled(i) && top_p[i] < 1.0),
+            any_min_p: (0..params.len()).any(|i| sampled(i) && min_p[i] > 0.0),
+        }
+    }
+
+    /// Samples one token per row of `logits` `[B, V]` with uniforms `u` (one per row, in (0, 1]).
+    pub fn sample(&self, logits: &Tensor, u: &[f64]) -> Sampled {
+        let device = logits.device();
+        let (b, v) = logits.size2().expect("logits must be [batch, vocab]");
+        let lf = logits.to_kind(Kind::Float);
+        let logp_model = lf.log_softmax(-1, Kind::Float);
+        let (tokens, lp_sampled) = if self.all_greedy {
+            (lf.argmax(-1, false), Tensor::zeros([b], (Kind::Float, device)))
+        } else {
+            let mut scaled = &lf / &self.temperature;
+            if self.any_top_k || self.any_top_p {
+                let (sorted, idx) = scaled.sort_stable(true, -1, true);
+                let mut remove = Tensor::zeros([b, v], (Kind::Bool, device));
+                if self.any_top_k {
+                    let rank = Tensor::arange(v, (Kind::Int64, device)).view([1, v]);
+                    remove = remove.logical_or(&rank.ge_tensor(&self.top_k));
+                }
+                if self.any_top_p {
+                    let probs = sorted.masked_fill(&remove, f64::NEG_INFINITY).softmax(-1, Kind::Float);
+                    let before = probs.cumsum(-1, Kind::Float) - &probs;
+                    // drop a token once the more likely ones already reach top_p (ties: transformers keeps the
+                    // smallest set that reaches it)
+                    remove = remove.logical_or(&before.ge_tensor(&self.top_p));
+                }
+                let remove_vocab = Tensor::zeros([b, v], (Kind::Bool, device)).scatter(-1, &idx, &remove);
+                scaled = scaled.masked_fill(&remove_vocab, f64::NEG_INFINITY);
+            }
+            if self.any_min_p {
+                let probs = scaled.softmax(-1, Kind::Float);
+                let pmax = probs.amax([-1].as_slice(), true);
+                scaled = scaled.masked_fill(&probs.lt_tensor(&(pmax * &self.min_p)), f64::NEG_INFINITY);
+            }
+            let logp = scaled.log_softmax(-1, Kind::Float);
+            let cdf = logp.exp().cumsum(-1, Kind::Float);
+            let total = cdf.narrow(1, v - 1, 1);
+            let uu: Vec<f32> = u.iter().map(|&x| x as f32).collect();
+            let target = Tensor::from_slice(&uu).view([b, 1]).to_device(device) * total;
+            let tok = cdf.lt_tensor(&target).sum_dim_intlist(-1, false, Kind::Int64).clamp_max(v - 1);
+            let lp = logp.gather(-1, &tok.unsqueeze(-1), false).squeeze_dim(-1);
+            if self.any_greedy {
+                let am = lf.argmax(-1, false);
+                (am.where_self(&self.greedy, &tok), lp.masked_fill(&self.greedy, 0.0))
+            } else {
+                (tok, lp)
+            }
+        };
+        let lp_model = logp_model.gather(-1, &tokens.unsqueeze(-1), false).squeeze_dim(-1);
+        // one device-to-host transfer per step
+        let host = Tensor::stack(&[tokens.to_kind(Kind::Double), lp_sampled.to_kind(Kind::Double), lp_model.to_kind(Kind::Double)], 0)
+            .to_device(Device::Cpu);
+        let host: Vec<f64> = Vec::try_from(host.view([-1])).expect("host copy of sampled tokens");
+        let n = b as usize;
+        Sampled {
+            tokens,
+            ids: host[..n].iter().map(|&x| x as i64).collect(),
+            logprob_sampled: host[n..2 * n].iter().map(|&x| x as f32).collect(),
+            logprob_model: host[2 * n..].iter().map(|&x| x as f32).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(t: f32, k: i64, p: f32, m: f32) -> SamplingParams {
+        SamplingParams { temperature: t, top_k: k, top_p: p, min_p: m, ..Default::default() }
+    }
+
+    fn logits() -> Tensor {
+        // probabilities 0.5, 0.25, 0.125, 0.125 (log-space), row-repeated
+        Tensor::from_slice(&[0.5f32, 0.25, 0.125, 0.125]).log().view([1, 4])
+    }
+
+    fn freq(p: &SamplingParams, n: usize) -> Vec<f64> {
+        let rs = RowSampling::new(&[p], 4, Device::Cpu);
+        let mut c = vec![0.0; 4];
+        for i in 0..n {
+            let u = crate::rng::uniform(11, 0, i as u64);
+            let s = rs.sample(&logits(), &[u]);
+            c[s.ids[0] as usize] += 1.0 / n as f64;
+        }
+        c
+    }
+
+    #[test]
+    fn inverse_cdf_matches_the_distribution() {
+        let f = freq(&params(1.0, 0, 1.0, 0.0), 4000);
+        for (got, want) in f.iter().zip([0.5, 0.25, 0.125, 0.125]) {
+            assert!((got - want).abs() < 0.03, "{f:?}");
+        }
+    }
+
+    #[test]
+    fn filters_remove_what_they_should() {
+        // top-k 2: only tokens 0 and 1, renormalised 2/3, 1/3
+        let f = freq(&params(1.0, 2, 1.0, 0.0), 3000);
+        assert_eq!(f[2] + f[3], 0.0);
+        assert!((f[0] - 2.0 / 3.0).abs() < 0.04, "{f:?}");
+        // top-p 0.6: 0.5 alone is below 0.6, so tokens 0 and 1 are kept
+        let f = freq(&params(1.0, 0, 0.6, 0.0), 2000);
+        assert_eq!(f[2] + f[3], 0.0);
+        assert!(f[1] > 0.2);
+        // top-p 0.5: token 0 alone reaches it
+        let f = freq(&params(1.0, 0, 0.5, 0.0), 500);
+        assert!((f[0] - 1.0).abs() < 1e-9, "{f:?}");
+        // min-p 0.3: tokens below 0.15 go
+        let f = freq(&params(1.0, 0, 1.0, 0.3), 2000);
+        assert_eq!(f[2] + f[3], 0.0);
+    }
+
+    #[test]
+    fn logprobs_are_of_the_sampled_and_the_model_distribution() {
+        let p = params(1.0, 2, 1.0, 0.0);
+        let rs = RowSampling::new(&[&p], 4, Device::Cpu);
+        let s = rs.sample(&logits(), &[1.0]); // u = 1 picks the last kept token (1)
+        assert_eq!(s.ids, vec![1]);
+        assert!((s.logprob_sampled[0] - (1.0f32 / 3.0).ln()).abs() < 1e-6);
+        assert!((s.logprob_model[0] - 0.25f32.ln()).abs() < 1e-6);
+        // greedy rows mixed with sampled rows: argmax and logprob 0
+        let g = params(0.0, 0, 1.0, 0.0);
+        let rs = RowSampling::new(&[&g, &p], 4, Device::Cpu);
+        let s = rs.sample(&Tensor::cat(&[logits(), logits()], 0), &[1.0, 1.0]);
+        assert_eq!(s.ids, vec![0, 1]);
+        assert_eq!(s.logprob_sampled[0], 0.0);
+        // a row's result does not depend on the rows next to it
+        let alone = RowSampling::new(&[&p], 4, Device::Cpu).sample(&logits(), &[0.3]);
+        let other = params(0.7, 0, 0.9, 0.05);
+        let mixed = RowSampling::new(&[&other, &p], 4, Device::Cpu).sample(&Tensor::cat(&[logits(), logits()], 0), &[0.9, 0.3]);
+        assert_eq!(alone.ids[0], mixed.ids[1]);
+        assert_eq!(alone.logprob_sampled[0], mixed.logprob_sampled[1]);
+    }
+}
