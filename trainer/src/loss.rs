@@ -11,6 +11,15 @@ use tch::{Kind, Reduction, Tensor};
 /// Positions whose label is this carry no loss (Hugging Face convention).
 pub const IGNORE: i64 = -100;
 
+/// Logits in at least fp32 (bf16/fp16 models), double kept as is.
+fn upcast(x: Tensor) -> Tensor {
+    if x.kind() == Kind::Double {
+        x
+    } else {
+        x.to_kind(Kind::Float)
+    }
+}
+
 /// Next-token cross-entropy of `labels` `[B, T]` (aligned with the inputs, shifted here), multiplied by
 /// `scale`, back-propagated into the model's parameters. Returns (sum of token losses, number of tokens),
 /// unscaled.
@@ -33,7 +42,7 @@ pub fn causal_lm_backward(net: &Transformer, batch: &Batch, labels: &Tensor, sca
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
-        let logits = detached.narrow(0, start, len).linear(w, None::<Tensor>).to_kind(Kind::Float);
+        let logits = upcast(detached.narrow(0, start, len).linear(w, None::<Tensor>));
         let loss = logits.cross_entropy_loss::<Tensor>(&ysel.narrow(0, start, len), None, Reduction::Sum, IGNORE, 0.0);
         total += loss.double_value(&[]);
         (loss * scale).backward();
@@ -60,12 +69,13 @@ pub fn sequence_logprobs(net: &Transformer, batch: &Batch, labels: &Tensor, chun
         let mut start = 0;
         while start < n {
             let len = chunk_rows.max(1).min(n - start);
-            let logp = hs.narrow(0, start, len).linear(w, None::<Tensor>).to_kind(Kind::Float).log_softmax(-1, Kind::Float);
+            let logits = upcast(hs.narrow(0, start, len).linear(w, None::<Tensor>));
+            let logp = logits.log_softmax(-1, logits.kind());
             parts.push(logp.gather(1, &safe.narrow(0, start, len).unsqueeze(1), false).squeeze_dim(1));
             start += len;
         }
-        let lp = Tensor::cat(&parts, 0) * valid.to_kind(Kind::Float);
-        let lp = lp.reshape([b, t - 1]).sum_dim_intlist(1, false, Kind::Float);
+        let lp = Tensor::cat(&parts, 0);
+        let lp = (&lp * valid.to_kind(lp.kind())).reshape([b, t - 1]).sum_dim_intlist(1, false, lp.kind());
         let cnt = valid.reshape([b, t - 1]).sum_dim_intlist(1, false, Kind::Int64);
         (lp, cnt)
     })
@@ -86,7 +96,9 @@ mod tests {
         )
         .unwrap();
         tch::manual_seed(3);
-        Transformer::build(&cfg, Kind::Double, Device::Cpu, Fill::Normal(0.3))
+        let mut net = Transformer::build(&cfg, Kind::Double, Device::Cpu, Fill::Normal(0.3));
+        net.params.set_requires_grad(true);
+        net
     }
 
     #[test]
@@ -100,7 +112,7 @@ mod tests {
         assert_eq!(n, 8);
         let g1: Vec<Tensor> = net.params.tensors().iter().map(|p| p.grad().copy()).collect();
         for p in net.params.tensors() {
-            p.grad().zero_();
+            let _ = p.grad().zero_();
         }
         // reference: full logits, mean cross-entropy over labelled next tokens
         let logits = net.forward(&batch);

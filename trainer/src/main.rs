@@ -7,6 +7,7 @@ use std::path::PathBuf;
 mod accuracy;
 mod builtin_tokenizer;
 mod checkpoint;
+mod faults;
 mod loss;
 mod metrics;
 mod optim;

@@ -259,6 +259,14 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
+/// The first line at or after `from` (1-based) that assigns `key`.
+fn key_line(text: &str, from: usize, key: &str) -> Option<usize> {
+    text.lines().enumerate().skip(from.saturating_sub(1)).find_map(|(i, l)| {
+        let rest = l.trim_start().strip_prefix(key)?;
+        rest.trim_start().starts_with('=').then_some(i + 1)
+    })
+}
+
 /// Levenshtein distance (for did-you-mean).
 fn distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
@@ -368,11 +376,18 @@ pub fn parse(text: &str, origin: &str, overrides: &[String], base: &Path) -> Res
                 let msg = did_you_mean(e.message().trim());
                 match e.span() {
                     Some(s) if overrides.is_empty() => {
-                        let line = line_of(&work, s.start);
+                        let mut line = line_of(&work, s.start);
+                        // Inside [[stage]] tables serde reports the table's header; find the key's own line.
+                        if let Some(key) = msg.strip_prefix("unknown key `").and_then(|r| r.split('`').next()) {
+                            if let Some(l) = key_line(&work, line, key) {
+                                line = l;
+                            }
+                        }
+                        let fatal = msg.starts_with("unknown variant") || msg.starts_with("missing field");
                         errors.push(format!("{origin}:{line}: {msg}"));
                         // blank the line and look for more problems
                         let mut lines: Vec<&str> = work.lines().collect();
-                        if line == 0 || line > lines.len() || lines[line - 1].trim().is_empty() || lines[line - 1].trim_start().starts_with('[') {
+                        if fatal || line == 0 || line > lines.len() || lines[line - 1].trim().is_empty() || lines[line - 1].trim_start().starts_with('[') {
                             break;
                         }
                         lines[line - 1] = "";

@@ -7,7 +7,7 @@ use data::{Record, Sampler, SamplerConfig, TokenizedExample};
 use model::{Batch, Model};
 use serde_json::{json, Map};
 use std::time::Instant;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::checkpoint::{self, Checkpoint, TrainState};
 use crate::optim::{lr_at, AdamW, AdamWConfig};
@@ -194,6 +194,7 @@ pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<
                 ctx.metrics.log(obj(json!({"stage": index, "step": done, "eval_accuracy": acc})))?;
             }
         }
+        crate::faults::point(&format!("step:{index}:{done}"));
         let save_every = ctx.recipe.run.save_every;
         if save_every > 0 && done % save_every == 0 && done < total {
             let state = TrainState {
@@ -208,10 +209,12 @@ pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<
             };
             let dir = checkpoint::write(&ctx.output, &state, |d| {
                 model.save(&d.join("model"), &model::weights::SaveOptions { source_dir: Some(&ctx.tok_dir), ..Default::default() })?;
+                crate::faults::point(&format!("ckpt-write:{index}:{done}"));
                 opt.save(&d.join("optimizer.safetensors"))
             })?;
             checkpoint::prune(&ctx.output, index, ctx.recipe.run.keep_last)?;
             eprintln!("[{name}] checkpoint {}", dir.display());
+            crate::faults::point(&format!("after-ckpt:{index}:{done}"));
         }
     }
     let mut after = f64::NAN;
@@ -245,7 +248,7 @@ pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<
     })?;
     checkpoint::prune(&ctx.output, index, 0)?;
     eprintln!("[{name}] model saved to {}", dir.join("model").display());
-    let _ = Kind::Float;
+    crate::faults::point(&format!("after-final:{index}"));
     Ok(after)
 }
 

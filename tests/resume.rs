@@ -1,0 +1,120 @@
+//! Exact resume: runs killed with SIGKILL at many points — just after a checkpoint, in the middle of
+//! writing one, exactly at an epoch boundary, between checkpoints, at a stage boundary, in a later stage —
+//! and resumed with `--resume auto` end with weights bit-identical to an uninterrupted run (CPU).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const RECIPE: &str = r#"
+[model]
+config = { model_type = "qwen2", vocab_size = 260, hidden_size = 32, intermediate_size = 64, num_hidden_layers = 2, num_attention_heads = 4, num_key_value_heads = 2, max_position_embeddings = 256, tie_word_embeddings = true }
+init_seed = 7
+tokenizer = "builtin:bytes"
+device = "cpu"
+
+[run]
+seed = 3
+threads = 1
+log_every = 1
+save_every = 3
+keep_last = 10
+
+# 24 conversations, 4 per step: an epoch every 6 steps, so the step-6 checkpoint sits on the boundary.
+[[stage]]
+kind = "sft"
+name = "first"
+synthetic = { count = 24, arithmetic = { seed = 5 } }
+tokenize = { max_length = 96 }
+max_steps = 12
+batch_size = 2
+grad_accum = 2
+lr = 2e-3
+warmup_steps = 2
+weight_decay = 0.1
+
+[[stage]]
+kind = "sft"
+name = "second"
+synthetic = { count = 30, start = 100, arithmetic = { seed = 5 } }
+tokenize = { max_length = 200 }
+packing = true
+max_steps = 6
+batch_size = 2
+lr = 1e-3
+"#;
+
+fn train(dir: &Path, kill: Option<&str>) -> std::process::Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_train"));
+    c.args(["--recipe"]).arg(dir.join("recipe.toml")).args(["--output"]).arg(dir.join("out"));
+    if let Some(k) = kill {
+        c.env("WHET_TEST_KILL", k);
+    }
+    c.output().unwrap()
+}
+
+fn final_weights(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("out/checkpoints/s01-final/model/model.safetensors")).unwrap()
+}
+
+fn setup(root: &Path, name: &str) -> PathBuf {
+    let d = root.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("recipe.toml"), RECIPE).unwrap();
+    d
+}
+
+#[test]
+fn killed_runs_resume_bit_identically() {
+    let root = tempfile::tempdir().unwrap();
+    let reference = setup(root.path(), "reference");
+    let out = train(&reference, None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let want = final_weights(&reference);
+
+    // Each scenario: kill points in order (each run dies at its point), then a final run that completes.
+    let scenarios: &[&[&str]] = &[
+        &["after-ckpt:0:3"],           // just after a checkpoint
+        &["ckpt-write:0:6"],           // in the middle of writing the epoch-boundary checkpoint
+        &["after-ckpt:0:6"],           // exactly at the epoch boundary
+        &["step:0:8"],                 // between checkpoints (steps 7-8 are redone)
+        &["after-final:0"],            // at the stage boundary
+        &["step:1:4"],                 // in the second (packed) stage
+        &["after-ckpt:0:3", "ckpt-write:0:9", "step:1:2"], // several crashes in one job
+    ];
+    for (i, kills) in scenarios.iter().enumerate() {
+        let d = setup(root.path(), &format!("s{i}"));
+        for k in kills.iter() {
+            let out = train(&d, Some(k));
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{k}: the run was not killed\n{stderr}");
+            assert!(stderr.contains(&format!("killing at {k}")), "{k}: never reached the kill point\n{stderr}");
+        }
+        let out = train(&d, None);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{kills:?}: resume failed\n{stderr}");
+        // it continued from a checkpoint: mid-stage, or past the finished first stage
+        assert!(stderr.contains("resumed at step") || !stderr.contains("[first]"), "{kills:?}: started over\n{stderr}");
+        assert!(final_weights(&d) == want, "{kills:?}: final weights differ from the uninterrupted run");
+        // no temporary checkpoint directory is left behind
+        let leftovers: Vec<_> = std::fs::read_dir(d.join("out/checkpoints")).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-")).collect();
+        assert!(leftovers.is_empty());
+    }
+}
+
+#[test]
+fn resuming_a_changed_recipe_is_refused_unless_forced() {
+    let root = tempfile::tempdir().unwrap();
+    let d = setup(root.path(), "changed");
+    let out = train(&d, Some("after-ckpt:0:3"));
+    assert!(!out.status.success());
+    // a harmless change (logging) is fine; a learning-rate change is not
+    std::fs::write(d.join("recipe.toml"), RECIPE.replace("lr = 2e-3", "lr = 5e-3")).unwrap();
+    let out = train(&d, None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("different recipe") && stderr.contains("stage.0.lr"), "{stderr}");
+    std::fs::write(d.join("recipe.toml"), RECIPE.replace("log_every = 1", "log_every = 5")).unwrap();
+    let out = train(&d, Some("step:0:5"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("resumed at step 3") && stderr.contains("killing at step:0:5"), "{stderr}");
+}

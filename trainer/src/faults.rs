@@ -1,0 +1,15 @@
+//! Crash injection for the resume tests: when the environment variable `WHET_TEST_KILL` names the point the
+//! run has reached (e.g. `step:0:8`, `ckpt-write:0:6`, `after-ckpt:0:3`, `after-final:0`), the process sends
+//! itself SIGKILL — no destructors, no flushing, exactly like an OOM kill or a lost node.
+
+pub fn point(name: &str) {
+    if let Some(want) = std::env::var_os("WHET_TEST_KILL") {
+        if want.to_str() == Some(name) {
+            eprintln!("WHET_TEST_KILL: killing at {name}");
+            // SAFETY: signalling our own process.
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+        }
+    }
+}
