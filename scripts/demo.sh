@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: installs libtorch (once per machine), builds `train` and runs the
-# embedded demo. Extra arguments go to `train`.
+# embedded demo (recipes/demo.toml: SFT of a tiny random model on synthetic arithmetic, held-out accuracy
+# before and after). Extra arguments go to `train`, e.g. `--resume never` to start over.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/libtorch.sh
 cargo build --release -p trainer --bin train
-exec ./target/release/train smoke "$@"
+exec ./target/release/train --recipe recipes/demo.toml "$@"

@@ -30,3 +30,16 @@ fn bad_arguments_give_one_line_errors() {
     assert!(stderr.contains("/nonexistent.gguf"), "{stderr}");
     assert_eq!(stderr.lines().filter(|l| l.starts_with("error:")).count(), 1, "{stderr}");
 }
+
+#[test]
+fn train_verify_judges_json_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("cases.jsonl");
+    std::fs::write(&input, "{\"gold\": \"#### 1,080\", \"pred\": \"so the total is \\\\boxed{1080}\"}\n{\"gold\": \"\\\\frac{1}{3}\", \"pred\": \"0.333\"}\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_train")).args(["verify", "--input"]).arg(&input).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["equivalent"], true, "{:?}", lines[0]);
+    assert_eq!(lines[1]["equivalent"], false, "{:?}", lines[1]);
+}

@@ -18,8 +18,7 @@ mod eval_cmd;
 mod smoke;
 
 #[derive(Parser)]
-#[command(name = "train", version, about = "whet: RL post-training for small language models",
-    args_conflicts_with_subcommands = true)]
+#[command(name = "train", version, about = "whet: RL post-training for small language models")]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -62,6 +61,13 @@ enum Command {
     },
     /// Evaluate a model on math problems: pass@1, pass@k and maj@k over seeds, per-problem JSONL.
     Eval(eval_cmd::EvalArgs),
+    /// Judge answers with the math verifier: JSON lines with `gold` and `pred` in, one verdict per line out
+    /// (`train verify --input FILE.jsonl`; `train verify --help` for options).
+    #[command(disable_help_flag = true)]
+    Verify {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Convert a model from another format.
     Convert {
         #[command(subcommand)]
@@ -97,12 +103,16 @@ fn run() -> Result<()> {
         tch::set_num_threads(t);
     }
     if let Some(recipe) = &cli.recipe {
+        if cli.command.is_some() {
+            bail!("--recipe runs a recipe; it cannot be combined with a subcommand");
+        }
         return run::run(recipe, &cli.overrides, cli.output.clone(), run::Options { resume: cli.resume.clone(), force: cli.force, dry_run: cli.dry_run });
     }
     let device = model::runtime::parse_device(&cli.device).map_err(anyhow::Error::msg)?;
     eprintln!("whet {}: {}", env!("CARGO_PKG_VERSION"), model::runtime::describe(device));
     match cli.command {
         Some(Command::Smoke { tokens, seed }) => smoke::run(device, tokens, seed),
+        Some(Command::Verify { args }) => rewards::run_verify_cli(args),
         Some(Command::Convert { what: Convert::Gguf { file, out_dir } }) => {
             let t = std::time::Instant::now();
             model::gguf::convert_to_hf(&file, &out_dir)
