@@ -20,6 +20,8 @@ pub struct RowSampling {
     any_top_k: bool,
     any_top_p: bool,
     any_min_p: bool,
+    all_unit_temperature: bool,
+    unfiltered_unit_temperature: bool,
 }
 
 /// Sampled tokens of one step.
@@ -44,6 +46,10 @@ impl RowSampling {
         let min_p: Vec<f32> = params.iter().map(|p| p.min_p).collect();
         let b = params.len() as i64;
         let sampled = |i: usize| !greedy[i];
+        let any_top_k = (0..params.len()).any(|i| sampled(i) && top_k[i] < vocab);
+        let any_top_p = (0..params.len()).any(|i| sampled(i) && top_p[i] < 1.0);
+        let any_min_p = (0..params.len()).any(|i| sampled(i) && min_p[i] > 0.0);
+        let all_unit_temperature = temp.iter().all(|&t| t == 1.0);
         RowSampling {
             temperature: Tensor::from_slice(&temp).view([b, 1]).to_device(device),
             top_k: Tensor::from_slice(&top_k).view([b, 1]).to_device(device),
@@ -52,9 +58,11 @@ impl RowSampling {
             greedy: Tensor::from_slice(&greedy).to_device(device),
             all_greedy: greedy.iter().all(|&g| g),
             any_greedy: greedy.iter().any(|&g| g),
-            any_top_k: (0..params.len()).any(|i| sampled(i) && top_k[i] < vocab),
-            any_top_p: (0..params.len()).any(|i| sampled(i) && top_p[i] < 1.0),
-            any_min_p: (0..params.len()).any(|i| sampled(i) && min_p[i] > 0.0),
+            any_top_k,
+            any_top_p,
+            any_min_p,
+            all_unit_temperature,
+            unfiltered_unit_temperature: all_unit_temperature && !any_top_k && !any_top_p && !any_min_p,
         }
     }
 
@@ -67,36 +75,42 @@ impl RowSampling {
         let (tokens, lp_sampled) = if self.all_greedy {
             (lf.argmax(-1, false), Tensor::zeros([b], (Kind::Float, device)))
         } else {
-            let mut scaled = &lf / &self.temperature;
-            if self.any_top_k || self.any_top_p {
-                let (sorted, idx) = scaled.sort_stable(true, -1, true);
-                let mut remove = Tensor::zeros([b, v], (Kind::Bool, device));
-                if self.any_top_k {
-                    let rank = Tensor::arange(v, (Kind::Int64, device)).view([1, v]);
-                    remove = remove.logical_or(&rank.ge_tensor(&self.top_k));
+            // Every path computes a row's probabilities the same way (x / 1.0 is exact; filters that remove nothing
+            // leave the values as they are), so a row's result never depends on which path its batch takes.
+            let probs = if self.unfiltered_unit_temperature {
+                lf.softmax(-1, Kind::Float)
+            } else {
+                let mut scaled = if self.all_unit_temperature { lf.shallow_clone() } else { &lf / &self.temperature };
+                if self.any_top_k || self.any_top_p {
+                    let (sorted, idx) = scaled.sort_stable(true, -1, true);
+                    let mut remove = Tensor::zeros([b, v], (Kind::Bool, device));
+                    if self.any_top_k {
+                        let rank = Tensor::arange(v, (Kind::Int64, device)).view([1, v]);
+                        remove = remove.logical_or(&rank.ge_tensor(&self.top_k));
+                    }
+                    if self.any_top_p {
+                        let probs = sorted.masked_fill(&remove, f64::NEG_INFINITY).softmax(-1, Kind::Float);
+                        let before = probs.cumsum(-1, Kind::Float) - &probs;
+                        // drop a token once the more likely ones already reach top_p (ties: transformers keeps the
+                        // smallest set that reaches it)
+                        remove = remove.logical_or(&before.ge_tensor(&self.top_p));
+                    }
+                    let remove_vocab = Tensor::zeros([b, v], (Kind::Bool, device)).scatter(-1, &idx, &remove);
+                    scaled = scaled.masked_fill(&remove_vocab, f64::NEG_INFINITY);
                 }
-                if self.any_top_p {
-                    let probs = sorted.masked_fill(&remove, f64::NEG_INFINITY).softmax(-1, Kind::Float);
-                    let before = probs.cumsum(-1, Kind::Float) - &probs;
-                    // drop a token once the more likely ones already reach top_p (ties: transformers keeps the
-                    // smallest set that reaches it)
-                    remove = remove.logical_or(&before.ge_tensor(&self.top_p));
+                if self.any_min_p {
+                    let probs = scaled.softmax(-1, Kind::Float);
+                    let pmax = probs.amax([-1].as_slice(), true);
+                    scaled = scaled.masked_fill(&probs.lt_tensor(&(pmax * &self.min_p)), f64::NEG_INFINITY);
                 }
-                let remove_vocab = Tensor::zeros([b, v], (Kind::Bool, device)).scatter(-1, &idx, &remove);
-                scaled = scaled.masked_fill(&remove_vocab, f64::NEG_INFINITY);
-            }
-            if self.any_min_p {
-                let probs = scaled.softmax(-1, Kind::Float);
-                let pmax = probs.amax([-1].as_slice(), true);
-                scaled = scaled.masked_fill(&probs.lt_tensor(&(pmax * &self.min_p)), f64::NEG_INFINITY);
-            }
-            let logp = scaled.log_softmax(-1, Kind::Float);
-            let cdf = logp.exp().cumsum(-1, Kind::Float);
+                scaled.softmax(-1, Kind::Float)
+            };
+            let cdf = probs.cumsum(-1, Kind::Float);
             let total = cdf.narrow(1, v - 1, 1);
             let uu: Vec<f32> = u.iter().map(|&x| x as f32).collect();
             let target = Tensor::from_slice(&uu).view([b, 1]).to_device(device) * total;
             let tok = cdf.lt_tensor(&target).sum_dim_intlist(-1, false, Kind::Int64).clamp_max(v - 1);
-            let lp = logp.gather(-1, &tok.unsqueeze(-1), false).squeeze_dim(-1);
+            let lp = probs.gather(-1, &tok.unsqueeze(-1), false).squeeze_dim(-1).log();
             if self.any_greedy {
                 let am = lf.argmax(-1, false);
                 (am.where_self(&self.greedy, &tok), lp.masked_fill(&self.greedy, 0.0))
@@ -105,16 +119,15 @@ impl RowSampling {
             }
         };
         let lp_model = logp_model.gather(-1, &tokens.unsqueeze(-1), false).squeeze_dim(-1);
-        // one device-to-host transfer per step
-        let host = Tensor::stack(&[tokens.to_kind(Kind::Double), lp_sampled.to_kind(Kind::Double), lp_model.to_kind(Kind::Double)], 0)
-            .to_device(Device::Cpu);
-        let host: Vec<f64> = Vec::try_from(host.view([-1])).expect("host copy of sampled tokens");
+        // one device-to-host transfer per step (token ids are exact in f32 below 2^24)
+        let host = Tensor::stack(&[tokens.to_kind(Kind::Float), lp_sampled, lp_model], 0).to_device(Device::Cpu);
+        let host: Vec<f32> = Vec::try_from(host.view([-1])).expect("host copy of sampled tokens");
         let n = b as usize;
         Sampled {
             tokens,
             ids: host[..n].iter().map(|&x| x as i64).collect(),
-            logprob_sampled: host[n..2 * n].iter().map(|&x| x as f32).collect(),
-            logprob_model: host[2 * n..].iter().map(|&x| x as f32).collect(),
+            logprob_sampled: host[n..2 * n].to_vec(),
+            logprob_model: host[2 * n..].to_vec(),
         }
     }
 }
@@ -189,5 +202,14 @@ mod tests {
         let mixed = RowSampling::new(&[&other, &p], 4, Device::Cpu).sample(&Tensor::cat(&[logits(), logits()], 0), &[0.9, 0.3]);
         assert_eq!(alone.ids[0], mixed.ids[1]);
         assert_eq!(alone.logprob_sampled[0], mixed.logprob_sampled[1]);
+        // an unfiltered temperature-1 row: the fast path alone, the general path next to a filtered row
+        let plain = params(1.0, 0, 1.0, 0.0);
+        for u in [0.05, 0.4, 0.77, 1.0] {
+            let alone = RowSampling::new(&[&plain], 4, Device::Cpu).sample(&logits(), &[u]);
+            let mixed = RowSampling::new(&[&p, &plain], 4, Device::Cpu).sample(&Tensor::cat(&[logits(), logits()], 0), &[0.5, u]);
+            assert_eq!(alone.ids[0], mixed.ids[1]);
+            assert_eq!(alone.logprob_sampled[0], mixed.logprob_sampled[1]);
+            assert_eq!(alone.logprob_model[0], mixed.logprob_model[1]);
+        }
     }
 }
