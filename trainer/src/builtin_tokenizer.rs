@@ -59,10 +59,6 @@ pub fn write(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Vocabulary size of the builtin tokenizer.
-pub fn vocab_size() -> usize {
-    SPECIALS.len() + 256
-}
 
 #[cfg(test)]
 mod tests {
@@ -78,6 +74,6 @@ mod tests {
         assert_eq!(ids[0], 1);
         assert_eq!(tok.decode(&ids, false).unwrap(), text);
         assert_eq!(tok.eos_id, Some(2));
-        assert_eq!(tok.vocab_size(), super::vocab_size());
+        assert_eq!(tok.vocab_size(), super::SPECIALS.len() + 256);
     }
 }

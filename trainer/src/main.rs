@@ -11,11 +11,13 @@ mod faults;
 mod loss;
 mod metrics;
 mod optim;
+mod plot;
 mod recipe;
 mod run;
 mod sft;
 mod eval_cmd;
 mod smoke;
+mod tensorboard;
 
 #[derive(Parser)]
 #[command(name = "train", version, about = "whet: RL post-training for small language models")]

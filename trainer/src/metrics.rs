@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 pub struct Metrics {
     path: PathBuf,
+    tensorboard: Option<std::sync::Mutex<crate::tensorboard::EventWriter>>,
 }
 
 impl Metrics {
@@ -36,12 +37,37 @@ impl Metrics {
             None if path.exists() => std::fs::remove_file(&path)?,
             _ => {}
         }
-        Ok(Metrics { path })
+        let tensorboard = match crate::tensorboard::EventWriter::create(&output.join("tensorboard")) {
+            Ok(w) => {
+                eprintln!("TensorBoard events: {}", w.path.display());
+                Some(std::sync::Mutex::new(w))
+            }
+            Err(e) => {
+                eprintln!("warning: no TensorBoard events ({e})");
+                None
+            }
+        };
+        Ok(Metrics { path, tensorboard })
     }
 
     pub fn log(&self, record: Map<String, Value>) -> Result<()> {
         let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
-        writeln!(f, "{}", Value::Object(record))?;
+        writeln!(f, "{}", Value::Object(record.clone()))?;
+        if let Some(tb) = &self.tensorboard {
+            // scalars as `<stage name>/<key>` at the stage's step
+            let stage = record.get("stage_name").and_then(|v| v.as_str()).map(String::from).unwrap_or_else(|| format!("stage{}", record.get("stage").and_then(|v| v.as_u64()).unwrap_or(0)));
+            let step = record.get("step").and_then(|v| v.as_i64()).unwrap_or(0);
+            let values: Vec<(String, f64)> = record
+                .iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "stage" | "step" | "stage_name"))
+                .filter_map(|(k, v)| v.as_f64().map(|x| (format!("{stage}/{k}"), x)))
+                .collect();
+            if let Ok(mut w) = tb.lock() {
+                if let Err(e) = w.scalars(step, &values) {
+                    eprintln!("warning: writing TensorBoard events: {e}");
+                }
+            }
+        }
         Ok(())
     }
 }

@@ -106,6 +106,36 @@ fn loss_tokens(rows: &[&Row]) -> i64 {
     rows.iter().map(|r| r.labels.iter().skip(1).filter(|&&x| x != crate::loss::IGNORE).count() as i64).sum()
 }
 
+/// Held-out loss (mean next-token loss over the labelled tokens) of tokenized examples, without gradients.
+fn heldout_loss(ctx: &Ctx, model: &Model, examples: &[Row], chunk: i64) -> f64 {
+    let (mut nll, mut n) = (0.0, 0i64);
+    for batch in examples.chunks(64) {
+        let refs: Vec<&Row> = batch.iter().collect();
+        let (ids, labels, pos, aux, _) = collate(&refs, ctx.tok.pad_id as i64, model.net.device());
+        let (lp, cnt) = crate::loss::sequence_logprobs(&model.net, &Batch::padded(&ids, &pos, &aux), &labels, chunk);
+        nll -= lp.sum(tch::Kind::Double).double_value(&[]);
+        n += cnt.sum(tch::Kind::Int64).int64_value(&[]);
+    }
+    nll / n.max(1) as f64
+}
+
+/// The held-out problems as conversations (prompt, gold answer as the reply), for held-out loss.
+fn eval_rows(ctx: &Ctx, s: &SftStage, records: &[Record]) -> Result<Vec<Row>> {
+    let convs: Vec<Record> = records
+        .iter()
+        .filter_map(|r| match r {
+            Record::PromptAnswer { prompt, answer, .. } => {
+                let mut m = prompt.clone();
+                m.push(data::Message::assistant(answer.clone()));
+                Some(Record::Conversation { messages: m })
+            }
+            _ => None,
+        })
+        .collect();
+    let (ex, _) = data::tokenize::tokenize_records(&ctx.tok, ctx.template.as_ref(), &convs, &s.tokenize)?;
+    Ok(ex.into_iter().map(|e| Row { ids: e.input_ids.iter().map(|&x| x as i64).collect(), labels: e.labels, pos: None }).collect())
+}
+
 /// Held-out prompt-with-answer records of an eval spec.
 pub fn eval_records(e: &EvalSpec) -> Result<Vec<Record>> {
     match (&e.synthetic, &e.data) {
@@ -142,16 +172,21 @@ pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<
     }
 
     let evals = match &s.eval {
-        Some(e) => Some((e, eval_records(e)?)),
+        Some(e) => {
+            let recs = eval_records(e)?;
+            let rows = eval_rows(ctx, s, &recs)?;
+            Some((e, recs, rows))
+        }
         None => None,
     };
     let mut before = f64::NAN;
-    if let Some((e, recs)) = &evals {
+    if let Some((e, recs, erows)) = &evals {
         if start == 0 {
             let (acc, _) = crate::accuracy::evaluate(&model.net, &ctx.tok, ctx.template.as_ref(), recs, e.max_new_tokens)?;
+            let el = heldout_loss(ctx, model, erows, s.loss_chunk as i64);
             before = acc;
-            eprintln!("[{name}] held-out accuracy before: {:.1}% ({} problems)", 100.0 * acc, recs.len());
-            ctx.metrics.log(obj(json!({"stage": index, "step": 0, "eval_accuracy": acc})))?;
+            eprintln!("[{name}] held-out accuracy before: {:.1}% ({} problems), held-out loss {el:.4}", 100.0 * acc, recs.len());
+            ctx.metrics.log(obj(json!({"stage": index, "stage_name": name, "step": 0, "eval_accuracy": acc, "eval_loss": el})))?;
         }
     }
 
@@ -187,11 +222,12 @@ pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<
                 "tokens_per_s": micro.iter().flatten().map(|r| r.ids.len()).sum::<usize>() as f64 / dt})))?;
             eprintln!("[{name}] step {done}/{total} loss {loss:.4} lr {lr:.2e} grad_norm {grad_norm:.3} ({:.2} s/step)", dt);
         }
-        if let Some((e, recs)) = &evals {
+        if let Some((e, recs, erows)) = &evals {
             if e.every > 0 && done % e.every == 0 && done < total {
                 let (acc, _) = crate::accuracy::evaluate(&model.net, &ctx.tok, ctx.template.as_ref(), recs, e.max_new_tokens)?;
-                eprintln!("[{name}] step {done}: held-out accuracy {:.1}%", 100.0 * acc);
-                ctx.metrics.log(obj(json!({"stage": index, "step": done, "eval_accuracy": acc})))?;
+                let el = heldout_loss(ctx, model, erows, s.loss_chunk as i64);
+                eprintln!("[{name}] step {done}: held-out accuracy {:.1}%, held-out loss {el:.4}", 100.0 * acc);
+                ctx.metrics.log(obj(json!({"stage": index, "stage_name": name, "step": done, "eval_accuracy": acc, "eval_loss": el})))?;
             }
         }
         crate::faults::point(&format!("step:{index}:{done}"));
@@ -218,8 +254,9 @@ pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<
         }
     }
     let mut after = f64::NAN;
-    if let Some((e, recs)) = &evals {
+    if let Some((e, recs, erows)) = &evals {
         let (acc, samples) = crate::accuracy::evaluate(&model.net, &ctx.tok, ctx.template.as_ref(), recs, e.max_new_tokens)?;
+        let el = heldout_loss(ctx, model, erows, s.loss_chunk as i64);
         after = acc;
         for (q, a, ok) in samples {
             eprintln!("[{name}]   {q:?} -> {a:?} {}", if ok { "✓" } else { "✗" });
@@ -229,9 +266,9 @@ pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<
         } else {
             eprintln!("[{name}] held-out accuracy: {:.1}% before, {:.1}% after", 100.0 * before, 100.0 * acc);
         }
-        ctx.metrics.log(obj(json!({"stage": index, "step": total, "eval_accuracy": acc})))?;
+        ctx.metrics.log(obj(json!({"stage": index, "stage_name": name, "step": total, "eval_accuracy": acc, "eval_loss": el})))?;
     }
-    eprintln!("[{name}] done in {:.1} s", t_stage.elapsed().as_secs_f64());
+    eprintln!("[{name}] done in {:.1} s; curves in {}", t_stage.elapsed().as_secs_f64(), crate::plot::stage_plot(&ctx.output, index, &name)?.display());
     let state = TrainState {
         stage: index,
         stage_name: name.clone(),
