@@ -323,7 +323,11 @@ pub fn run(a: EvalArgs, device: Device) -> Result<()> {
             }
         }
         let n = problems.len() as f64;
-        eprintln!("seed {seed}: pass@1 {:.4}  pass@{k} {:.4}  maj@{k} {:.4}", sum1 / n, sumk / n, summaj / n);
+        if k > 1 {
+            eprintln!("seed {seed}: pass@1 {:.4}  pass@{k} {:.4}  maj@{k} {:.4}", sum1 / n, sumk / n, summaj / n);
+        } else {
+            eprintln!("seed {seed}: pass@1 {:.4}", sum1 / n);
+        }
         p1s.push(sum1 / n);
         pks.push(sumk / n);
         majs.push(summaj / n);
@@ -341,9 +345,15 @@ pub fn run(a: EvalArgs, device: Device) -> Result<()> {
             "generated_tokens": tokens_total, "generate_seconds": secs,
         })
     );
+    let at_k = if k > 1 { format!("  pass@{k} {:.2} ± {:.2}  maj@{k} {:.2} ± {:.2}", 100.0 * mk, 100.0 * sk, 100.0 * mm, 100.0 * sm) } else { String::new() };
     eprintln!(
-        "pass@1 {:.2} ± {:.2}  pass@{k} {:.2} ± {:.2}  maj@{k} {:.2} ± {:.2}  (%, over {} seeds; {} tokens in {:.1} s, {:.0} tok/s)",
-        100.0 * m1, 100.0 * s1, 100.0 * mk, 100.0 * sk, 100.0 * mm, 100.0 * sm, a.seeds, tokens_total, secs, tokens_total as f64 / secs
+        "pass@1 {:.2} ± {:.2}{at_k}  (%, over {} seeds; {} tokens in {:.1} s, {:.0} tok/s)",
+        100.0 * m1,
+        100.0 * s1,
+        a.seeds,
+        tokens_total,
+        secs,
+        tokens_total as f64 / secs
     );
     Ok(())
 }
