@@ -12,7 +12,8 @@ batch shapes and lengths (fixed length: EOS ignored, T=1.0 sampling, no top-k/to
   repeated 8 times, left-padded); whet receives 4 requests with n = 8 (one prefill per prompt).
 * Each measurement is a fresh process (peak RSS = its VmHWM), `--repeats` timed calls after one warm-up;
   the two sides alternate for `--rounds` rounds, and the table reports the median over all timed calls.
-* Same torch thread count on both sides (--threads), OMP_WAIT_POLICY=PASSIVE as in ../shared/bench/trl.
+* Same torch thread count (--threads) and dtype (--dtype float32|bfloat16) on both sides, OMP_WAIT_POLICY=PASSIVE
+  as in ../shared/bench/trl.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ L = max(len(p) for p in rows)
 pad = a["pad_id"]
 ids = torch.tensor([[pad] * (L - len(p)) + p for p in rows])
 mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in rows])
-model = AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.float32).eval()
+model = AutoModelForCausalLM.from_pretrained(a["model"], dtype=getattr(torch, a["dtype"])).eval()
 kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=a["new"], min_new_tokens=a["new"],
           use_cache=True, pad_token_id=pad)
 times = []
@@ -78,6 +79,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both sides")
     ap.add_argument("--python", default=VENV_PY, help="python with torch + transformers")
     ap.add_argument("--whet-bin", default=None, help="rollout-bench binary (default: cargo build --release)")
     ap.add_argument("--out", default="/tmp/whet-bench-generate.jsonl")
@@ -122,12 +124,13 @@ print(json.dumps({"ids": ids, "pad": tok.pad_token_id if tok.pad_token_id is not
                     for side in (["hf", "whet"] if r % 2 == 0 else ["whet", "hf"]):
                         if side == "hf":
                             arg = json.dumps({"model": mdir, "prompts": pfile, "n": n, "new": a.new_tokens, "pad_id": tk["pad"],
-                                              "threads": a.threads, "warmup": a.warmup, "repeats": a.repeats})
+                                              "threads": a.threads, "warmup": a.warmup, "repeats": a.repeats,
+                                              "dtype": a.dtype})
                             res = json.loads(sh([a.python, "-c", HF_WORKER, arg], env=env).strip().splitlines()[-1])
                         else:
                             res = json.loads(sh([whet, "--model", mdir, "--prompts", pfile, "--n", str(n), "--new-tokens",
                                                  str(a.new_tokens), "--repeats", str(a.repeats), "--warmup", str(a.warmup),
-                                                 "--threads", str(a.threads)], env=env).strip().splitlines()[-1])
+                                                 "--threads", str(a.threads), "--dtype", a.dtype], env=env).strip().splitlines()[-1])
                         res.update(model=model, shape=shape, round=r, time=time.time())
                         log.write(json.dumps(res) + "\n")
                         runs[side].append(res)
@@ -141,7 +144,7 @@ print(json.dumps({"ids": ids, "pad": tok.pad_token_id if tok.pad_token_id is not
                 results.append(row)
     desc = {"b16": "16 x 128", "grpo": "4 prompts x 8 samples x 128"}
     load = os.getloadavg()[0]
-    print(f"\nthreads {a.threads}, {a.rounds} rounds x {a.repeats} timed calls per side, load average {load:.1f}\n")
+    print(f"\n{a.dtype}, threads {a.threads}, {a.rounds} rounds x {a.repeats} timed calls per side, load average {load:.1f}\n")
     print("| model | shape | transformers tok/s | whet tok/s | ratio | transformers peak RSS | whet peak RSS |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in results:
