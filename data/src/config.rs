@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 /// How the files are stored.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Format {
     /// Guess from the path: a directory is `hf`, `*.parquet` is `parquet`, `*.jsonl`/`*.ndjson` is `jsonl`,
@@ -25,7 +25,7 @@ pub enum Format {
 }
 
 /// Which record shape the rows are mapped to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RecordKind {
     /// Prompt with a gold answer (needs `prompt` and `answer`).
@@ -39,7 +39,7 @@ pub enum RecordKind {
 }
 
 /// How the gold answer is pulled out of the `answer` column.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AnswerFormat {
     /// The cell is the answer: numbers normalised (`27.0` → `27`, `"025"` → `25`), other text trimmed.
@@ -63,7 +63,7 @@ pub enum AnswerFormat {
 /// answer = "answer"
 /// answer_format = "gsm8k"
 /// ```
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     /// A file, or a directory in the Hugging Face datasets layout.
@@ -127,7 +127,7 @@ pub struct DataConfig {
 /// weight = 3.0
 /// data = { path = "../shared/data/gsm8k", prompt = "question", answer = "answer", answer_format = "gsm8k" }
 /// ```
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MixEntry {
     /// Name in logs and checkpoints (default: the data path).

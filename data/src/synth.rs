@@ -9,7 +9,7 @@ use crate::record::{Message, Record};
 use crate::rng::SplitMix64;
 
 /// An operation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Op {
     /// `a + b`
@@ -34,7 +34,7 @@ impl Op {
 }
 
 /// Generator settings (`[stage.data.synthetic]`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ArithmeticConfig {
     /// Seed.

@@ -156,7 +156,7 @@ impl Tokenizer {
 }
 
 /// Which tokens carry the SFT loss.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LossOn {
     /// Every assistant turn (TRL's `assistant_only_loss`).
@@ -172,7 +172,7 @@ pub enum LossOn {
 }
 
 /// What to do with an example longer than `max_length`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Truncation {
     /// Keep the first `max_length` tokens.
@@ -185,7 +185,7 @@ pub enum Truncation {
 }
 
 /// Tokenization settings (`[stage.tokenize]` in a recipe).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenizeConfig {
     /// Maximum tokens per example (TRL's `max_length`; default 2048).

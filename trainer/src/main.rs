@@ -13,6 +13,7 @@ mod metrics;
 mod optim;
 mod plot;
 mod recipe;
+mod recipe_keys;
 mod run;
 mod sft;
 mod eval_cmd;
@@ -70,6 +71,8 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Print every recipe key with its type, default and meaning (a Markdown table).
+    RecipeKeys,
     /// Convert a model from another format.
     Convert {
         #[command(subcommand)]
@@ -104,6 +107,10 @@ fn run() -> Result<()> {
         }
         tch::set_num_threads(t);
     }
+    if matches!(cli.command, Some(Command::RecipeKeys)) {
+        print!("{}", recipe_keys::table());
+        return Ok(());
+    }
     if let Some(recipe) = &cli.recipe {
         if cli.command.is_some() {
             bail!("--recipe runs a recipe; it cannot be combined with a subcommand");
@@ -114,6 +121,7 @@ fn run() -> Result<()> {
     eprintln!("whet {}: {}", env!("CARGO_PKG_VERSION"), model::runtime::describe(device));
     match cli.command {
         Some(Command::Smoke { tokens, seed }) => smoke::run(device, tokens, seed),
+        Some(Command::RecipeKeys) => unreachable!("handled above"),
         Some(Command::Verify { args }) => rewards::run_verify_cli(args),
         Some(Command::Convert { what: Convert::Gguf { file, out_dir } }) => {
             let t = std::time::Instant::now();

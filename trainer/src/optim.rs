@@ -129,7 +129,7 @@ impl AdamW {
 }
 
 /// Learning-rate schedule with linear warmup (as transformers' get_*_schedule_with_warmup).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Schedule {
     Constant,

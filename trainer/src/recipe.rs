@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use crate::optim::Schedule;
 
 /// A whole recipe.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
     /// The model to start from.
@@ -26,7 +26,7 @@ pub struct Recipe {
 }
 
 /// `[model]`: a Hugging Face directory, a GGUF file, or an inline config for a random-initialised model.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
     /// A Hugging Face model directory or a `.gguf` file (converted on first use).
@@ -58,7 +58,7 @@ fn default_device() -> String {
 }
 
 /// `[run]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunSpec {
     /// Where checkpoints, metrics and final models go.
@@ -98,7 +98,7 @@ impl Default for RunSpec {
 }
 
 /// One `[[stage]]`, by `kind`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Stage {
     /// Supervised fine-tuning / long-CoT mid-training (next-token loss on assistant tokens).
@@ -119,7 +119,7 @@ impl Stage {
 }
 
 /// Training data: a dataset, or the seeded synthetic arithmetic generator.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SyntheticSpec {
     /// Number of problems.
@@ -133,7 +133,7 @@ pub struct SyntheticSpec {
 }
 
 /// Held-out evaluation during and after a stage.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EvalSpec {
     /// Evaluate every N optimizer steps (0: only before and after the stage).
@@ -155,7 +155,7 @@ fn default_eval_tokens() -> usize {
 }
 
 /// `kind = "sft"`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SftStage {
     /// A name for logs and output directories.
