@@ -12,6 +12,7 @@ mod loss;
 mod metrics;
 mod optim;
 mod plot;
+mod progress;
 mod recipe;
 mod recipe_keys;
 mod run;
@@ -63,7 +64,7 @@ enum Command {
         seed: i64,
     },
     /// Evaluate a model on math problems: pass@1, pass@k and maj@k over seeds, per-problem JSONL.
-    Eval(eval_cmd::EvalArgs),
+    Eval(Box<eval_cmd::EvalArgs>),
     /// Judge answers with the math verifier: JSON lines with `gold` and `pred` in, one verdict per line out
     /// (`train verify --input FILE.jsonl`; `train verify --help` for options).
     #[command(disable_help_flag = true)]
@@ -130,7 +131,7 @@ fn run() -> Result<()> {
             eprintln!("wrote {} in {:.1} s", out_dir.display(), t.elapsed().as_secs_f64());
             Ok(())
         }
-        Some(Command::Eval(args)) => eval_cmd::run(args, device),
+        Some(Command::Eval(args)) => eval_cmd::run(*args, device),
         None => bail!("nothing to do: give --recipe FILE.toml, or try `train smoke` or `train --help`"),
     }
 }

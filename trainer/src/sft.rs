@@ -194,6 +194,7 @@ pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<
     let pad = ctx.tok.pad_id as i64;
     let chunk = s.loss_chunk as i64;
     let t_stage = Instant::now();
+    let bar = crate::progress::Bar::new(&name, start, total);
     for step in start..total {
         let t0 = Instant::now();
         let micro: Vec<Vec<&Row>> = (0..s.grad_accum).map(|_| sampler.next_batch(s.batch_size).into_iter().map(|i| &rows[i]).collect()).collect();
@@ -220,8 +221,9 @@ pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<
             ctx.metrics.log(obj(json!({"stage": index, "stage_name": name, "step": done, "loss": loss, "lr": lr,
                 "grad_norm": grad_norm, "loss_tokens": n_tok, "step_s": dt, "epoch": sampler.epoch(),
                 "tokens_per_s": micro.iter().flatten().map(|r| r.ids.len()).sum::<usize>() as f64 / dt})))?;
-            eprintln!("[{name}] step {done}/{total} loss {loss:.4} lr {lr:.2e} grad_norm {grad_norm:.3} ({:.2} s/step)", dt);
+            bar.println(&format!("[{name}] step {done}/{total} loss {loss:.4} lr {lr:.2e} grad_norm {grad_norm:.3} ({:.2} s/step)", dt));
         }
+        bar.step(done, loss, micro.iter().flatten().map(|r| r.ids.len()).sum::<usize>() as f64 / dt);
         if let Some((e, recs, erows)) = &evals {
             if e.every > 0 && done % e.every == 0 && done < total {
                 let (acc, _) = crate::accuracy::evaluate(&model.net, &ctx.tok, ctx.template.as_ref(), recs, e.max_new_tokens)?;
@@ -253,6 +255,7 @@ pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<
             crate::faults::point(&format!("after-ckpt:{index}:{done}"));
         }
     }
+    bar.finish();
     let mut after = f64::NAN;
     if let Some((e, recs, erows)) = &evals {
         let (acc, samples) = crate::accuracy::evaluate(&model.net, &ctx.tok, ctx.template.as_ref(), recs, e.max_new_tokens)?;
