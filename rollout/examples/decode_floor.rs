@@ -38,7 +38,7 @@ fn main() {
             let len = cache.len();
             let l = m.net.forward_cached(&tok.view([-1, 1]), &p, &mask.narrow(1, 0, len + 1), &mut cache).squeeze_dim(1);
             tok = l.argmax(-1, false);
-            p += 1;
+            let _ = p.g_add_scalar_(1);
         }
         let dt = t.elapsed().as_secs_f64() / steps as f64;
         let e = Engine::new(&m.net, EngineConfig::default()).unwrap();

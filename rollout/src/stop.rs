@@ -66,7 +66,7 @@ mod tests {
         assert_eq!((s.as_str(), p), ("</answer>", 3));
         assert_eq!(&full[..p], "abc");
         // tokens that decode to nothing inside the window still leave room
-        let long: Vec<i64> = std::iter::repeat(4).take(40).chain([1, 5, 6, 2, 3]).collect();
+        let long: Vec<i64> = std::iter::repeat_n(4, 40).chain([1, 5, 6, 2, 3]).collect();
         assert!(m.check(&d, &long).is_some());
         let m2 = StopMatcher::new(&["wer".to_string(), "c</".to_string()]);
         let (s, p, _) = m2.check(&d, &[0, 1, 2, 3]).unwrap();

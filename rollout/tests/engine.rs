@@ -139,9 +139,9 @@ fn same_seed_same_samples_and_batch_composition_does_not_change_them() {
     let params = |seed| SamplingParams { temperature: 1.0, top_p: 0.95, max_new_tokens: 20, seed: Some(seed), ..Default::default() };
     let target = req(prompt(6, 1), 4, params(42));
     let e = engine(&m);
-    let alone = e.generate(&[target.clone()]).unwrap();
+    let alone = e.generate(std::slice::from_ref(&target)).unwrap();
     // identical on repeat
-    assert_eq!(alone, e.generate(&[target.clone()]).unwrap());
+    assert_eq!(alone, e.generate(std::slice::from_ref(&target)).unwrap());
     // samples differ from each other, and with another seed
     assert!(alone.iter().any(|c| c.token_ids != alone[0].token_ids));
     let other_seed = e.generate(&[req(prompt(6, 1), 4, params(43))]).unwrap();
@@ -153,7 +153,7 @@ fn same_seed_same_samples_and_batch_composition_does_not_change_them() {
     let mixed: Vec<&Completion> = mixed.iter().filter(|c| c.request_index == 1).collect();
     // split over waves: two rows at a time (the prompt is encoded again for each part)
     let small = Engine::new(&m.net, EngineConfig { max_batch_seqs: 2, ..Default::default() }).unwrap();
-    let (split, stats) = small.generate_with_stats(&[target.clone()]).unwrap();
+    let (split, stats) = small.generate_with_stats(std::slice::from_ref(&target)).unwrap();
     assert_eq!(stats.waves, 2);
     for (a, (b, c)) in alone.iter().zip(mixed.iter().zip(&split)) {
         assert_eq!(a.token_ids, b.token_ids, "sample {}", a.sample_index);
