@@ -5,7 +5,7 @@
 //!   that does not fit the current wave starts the next one (its samples may be split over waves; each part
 //!   encodes the prompt again). A single sequence that cannot fit the budget is an error.
 //! * **Prefill once per group**: a wave's distinct prompts are left-padded and encoded together (in chunks of
-//!   positions, so the logits of long prompts never take more than ~256 MiB), then the cache rows are repeated
+//!   positions, so the logits of long prompts stay near 256 MiB), then the cache rows are repeated
 //!   `n` times for the group's samples.
 //! * **Decoding**: one forward per step for all live rows; sampling happens on the device with per-row
 //!   parameters ([`crate::sampler`]); one small host transfer per step reads the tokens and log-probabilities.
@@ -43,6 +43,9 @@ pub struct EngineConfig {
     pub compact_fraction: f64,
     /// LongRoPE: force the long (`true`) or short factors; default: chosen per wave from the cache capacity.
     pub rope_long: Option<bool>,
+    /// Prompt positions per prefill forward; 0 (default) = automatic: as many as keep the prefill logits near
+    /// 256 MiB, at least 16.
+    pub prefill_chunk: usize,
 }
 
 impl Default for EngineConfig {
@@ -55,6 +58,7 @@ impl Default for EngineConfig {
             seed: 0,
             compact_fraction: 0.125,
             rope_long: None,
+            prefill_chunk: 0,
         }
     }
 }
@@ -276,8 +280,12 @@ impl<'m> Engine<'m> {
         if let Some(l) = self.cfg.rope_long {
             cache.set_rope_long(l);
         }
+        // logits come back in the model's dtype; at least 16 positions per chunk keep large batches efficient
         let elt = m.kind().elt_size_in_bytes() as i64;
-        let chunk_t = (PREFILL_LOGITS_BYTES / (p * vocab * elt.max(4))).max(1);
+        let chunk_t = match self.cfg.prefill_chunk {
+            0 => (PREFILL_LOGITS_BYTES / (p * vocab * elt)).max(16),
+            c => c as i64,
+        };
         let mut logits = None;
         let mut start = 0;
         while start < lmax {

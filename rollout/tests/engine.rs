@@ -73,6 +73,33 @@ fn greedy_equals_stepwise_argmax_of_full_forwards() {
 }
 
 #[test]
+fn chunked_prefill_equals_one_prefill() {
+    setup();
+    let m = load("qwen3");
+    let reqs: Vec<Request> = [11usize, 4, 7]
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| req(prompt(l, i as i64), 2, SamplingParams { max_new_tokens: 10, seed: Some(i as u64), ..Default::default() }))
+        .collect();
+    let one = engine(&m).generate(&reqs).unwrap();
+    let (chunked, stats) = Engine::new(&m.net, EngineConfig { prefill_chunk: 3, ..Default::default() }).unwrap().generate_with_stats(&reqs).unwrap();
+    assert_eq!(stats.prefill_positions, 3 * 11);
+    for (a, b) in one.iter().zip(&chunked) {
+        assert_eq!(a.token_ids, b.token_ids);
+        for (x, y) in a.logprobs_model.iter().zip(&b.logprobs_model) {
+            assert!((x - y).abs() <= 1e-5);
+        }
+    }
+    for c in &chunked {
+        let p = &reqs[c.request_index].prompt_ids;
+        let rows = full_logits(&m, p, c).narrow(0, p.len() as i64 - 1, c.token_ids.len() as i64);
+        let want = rows.log_softmax(-1, Kind::Float).gather(1, &Tensor::from_slice(&c.token_ids).view([-1, 1]), false).view([-1]);
+        let d = (Tensor::from_slice(&c.logprobs_model) - want).abs().max().double_value(&[]);
+        assert!(d <= 1e-5, "{d}");
+    }
+}
+
+#[test]
 fn logprobs_equal_log_softmax_of_full_forward() {
     setup();
     for fam in ["qwen2", "phi3"] {
