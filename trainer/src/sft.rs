@@ -202,7 +202,15 @@ pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<
         let mut loss_sum = 0.0;
         for m in micro.iter().filter(|m| !m.is_empty()) {
             let (ids, labels, pos, aux, packed) = collate(m, pad, dev);
-            let batch = if packed { Batch::packed(&ids, &pos, &aux) } else { Batch::padded(&ids, &pos, &aux) };
+            let full = !packed && m.iter().all(|r| r.ids.len() == m[0].ids.len());
+            let batch = if packed {
+                Batch::packed(&ids, &pos, &aux)
+            } else if full {
+                // no padding: plain causal attention lets SDPA use its fused causal kernel without a mask
+                Batch { mask: model::AttnMask::Causal, ..Batch::padded(&ids, &pos, &aux) }
+            } else {
+                Batch::padded(&ids, &pos, &aux)
+            };
             let (l, _) = crate::loss::causal_lm_backward(&model.net, &batch, &labels, 1.0 / n_tok as f64, chunk);
             loss_sum += l;
             tokens += m.iter().map(|r| r.ids.len() as u64).sum::<u64>();
