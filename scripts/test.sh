@@ -5,10 +5,10 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/libtorch.sh "${WHET_LIBTORCH_FLAVOUR:-cpu}"
-bash scripts/fetch-tokenizers.sh
 # The real SmolLM2 weights: downloaded once per machine, converted to a Hugging Face directory by `train`.
 cargo build -p trainer --bin train
 bash scripts/fetch-smollm2.sh target/debug/train
+bash scripts/fetch-tokenizers.sh
 if [ -s "${WHET_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/whet}/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
   export WHET_REQUIRE_SMOLLM2=1   # the asset is here: its tests must run, not skip
 fi
