@@ -1,62 +1,24 @@
-//! Held-out accuracy by greedy decoding: prompts rendered with the chat template, answers checked by the
-//! rewards crate's math verifier. (Batched, KV-cached, left-padded; the rollout engine's sampler is not
-//! needed for greedy decoding.)
+//! Held-out accuracy by greedy decoding (the rollout engine at temperature 0): prompts rendered with the chat
+//! template, answers checked by the rewards crate's math verifier.
 
 use anyhow::Result;
 use data::{ChatTemplate, Message, Record, Tokenizer};
-use model::{KvCache, Transformer};
-use tch::{Device, IndexOp, Kind, Tensor};
+use model::Transformer;
+use rollout::{Engine, EngineConfig, Request, SamplingParams};
 
-/// Greedy continuations of `prompts` (token ids), at most `max_new` tokens each, stopping at any `stop` id.
-pub fn greedy(net: &Transformer, prompts: &[Vec<i64>], max_new: usize, stop: &[i64], pad: i64, batch: usize) -> Vec<Vec<i64>> {
-    let mut out = Vec::with_capacity(prompts.len());
-    for chunk in prompts.chunks(batch.max(1)) {
-        out.extend(greedy_batch(net, chunk, max_new, stop, pad));
-    }
-    out
-}
-
-fn greedy_batch(net: &Transformer, prompts: &[Vec<i64>], max_new: usize, stop: &[i64], pad: i64) -> Vec<Vec<i64>> {
-    let dev = net.device();
-    let b = prompts.len() as i64;
-    let l = prompts.iter().map(|p| p.len()).max().unwrap_or(1).max(1) as i64;
-    let mut ids = vec![pad; (b * l) as usize];
-    let mut mask = vec![0i64; (b * l) as usize];
-    for (r, p) in prompts.iter().enumerate() {
-        let off = r * l as usize + (l as usize - p.len());
-        ids[off..off + p.len()].copy_from_slice(p);
-        mask[off..off + p.len()].iter_mut().for_each(|m| *m = 1);
-    }
-    let ids = Tensor::from_slice(&ids).view([b, l]).to(dev);
-    let mut key_mask = Tensor::from_slice(&mask).view([b, l]).to(dev);
-    let mut pos = (key_mask.cumsum(1, Kind::Int64) - 1).clamp_min(0);
-    let mut cache = KvCache::new(&net.cfg, b, l + max_new as i64, net.kind(), dev);
-    let mut outs: Vec<Vec<i64>> = vec![vec![]; prompts.len()];
-    let mut done = vec![false; prompts.len()];
-    tch::no_grad(|| {
-        let mut logits = net.forward_cached(&ids, &pos, &key_mask, &mut cache).i((.., -1));
-        for _ in 0..max_new {
-            let next = logits.argmax(-1, false);
-            let host: Vec<i64> = Vec::try_from(next.to(Device::Cpu)).unwrap();
-            for (r, &t) in host.iter().enumerate() {
-                if !done[r] {
-                    if stop.contains(&t) {
-                        done[r] = true;
-                    } else {
-                        outs[r].push(t);
-                    }
-                }
-            }
-            if done.iter().all(|&d| d) {
-                break;
-            }
-            let last = pos.size()[1] - 1;
-            pos = pos.narrow(1, last, 1) + 1;
-            key_mask = Tensor::cat(&[&key_mask, &Tensor::ones([b, 1], (Kind::Int64, dev))], 1);
-            logits = net.forward_cached(&next.unsqueeze(1), &pos, &key_mask, &mut cache).i((.., -1));
-        }
-    });
-    outs
+/// Greedy continuations of `prompts` (token ids) with the rollout engine, at most `max_new` tokens each,
+/// ending before the first `stop` id.
+pub fn greedy(net: &Transformer, prompts: &[Vec<i64>], max_new: usize, stop: &[i64], pad: i64) -> Result<Vec<Vec<i64>>> {
+    let cfg = EngineConfig { eos_token_ids: stop.to_vec(), pad_token_id: pad, ..Default::default() };
+    let engine = Engine::new(net, cfg)?;
+    let params = SamplingParams { temperature: 0.0, max_new_tokens: max_new, ..Default::default() };
+    let requests: Vec<Request> = prompts.iter().map(|p| Request { prompt_ids: p.clone(), n: 1, params: params.clone() }).collect();
+    let mut done = engine.generate(&requests)?;
+    done.sort_by_key(|c| c.request_index);
+    Ok(done
+        .into_iter()
+        .map(|c| c.token_ids.into_iter().take_while(|t| !stop.contains(t)).collect())
+        .collect())
 }
 
 /// Prompt ids for a prompt-with-answer record (chat template with the generation prompt when there is one).
@@ -88,7 +50,7 @@ pub fn evaluate(
         anyhow::bail!("held-out evaluation needs prompt-with-answer records");
     }
     let stop: Vec<i64> = tok.stop_token_ids().into_iter().map(|x| x as i64).collect();
-    let outs = greedy(net, &prompts, max_new, &stop, tok.pad_id as i64, 64);
+    let outs = greedy(net, &prompts, max_new, &stop, tok.pad_id as i64)?;
     let cfg = rewards::math::VerifyConfig::default();
     let mut correct = 0;
     let mut samples = vec![];
