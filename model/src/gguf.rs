@@ -12,7 +12,7 @@
 //! we undo it: rows viewed as [heads, 2, rows/heads/2] are transposed back to [heads, rows/heads/2, 2].
 
 use crate::error::{ModelError, Result};
-use crate::weights::{write_atomic, write_safetensors};
+use crate::weights::{partial_dir, write_atomic, write_dir_atomic, write_generation_config, write_safetensors};
 use half::{bf16, f16};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -523,33 +523,18 @@ pub fn convert_to_hf(gguf_path: &Path, out: &Path) -> Result<()> {
     // Validate against our own architecture before writing anything.
     crate::config::ModelConfig::from_json(cfg.clone(), &g.path)?;
 
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| ModelError::io(parent, e))?;
-    let dirname = out.file_name().and_then(|n| n.to_str()).unwrap_or("model");
-    let tmp = parent.join(format!(".{dirname}.partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
-    write_safetensors(&tmp.join("model.safetensors"), &tensors, Some(Kind::Float))?;
-    drop(tensors);
-    write_atomic(&tmp.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap().as_bytes())?;
-    let mut gen = Map::new();
-    for k in ["bos_token_id", "eos_token_id", "pad_token_id"] {
-        if let Some(v) = cfg.get(k) {
-            gen.insert(k.into(), v.clone());
+    let tokenizer = hf_tokenizer(&g)?;
+    write_dir_atomic(out, &partial_dir(out), |tmp| {
+        write_safetensors(&tmp.join("model.safetensors"), &tensors, Some(Kind::Float))?;
+        write_atomic(&tmp.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap().as_bytes())?;
+        write_generation_config(tmp, &cfg)?;
+        if let Some((tok, tcfg)) = &tokenizer {
+            write_atomic(&tmp.join("tokenizer.json"), serde_json::to_string(tok).unwrap().as_bytes())?;
+            write_atomic(&tmp.join("tokenizer_config.json"), serde_json::to_string_pretty(tcfg).unwrap().as_bytes())?;
+            if let Some(t) = tcfg.get("chat_template").and_then(|t| t.as_str()) {
+                write_atomic(&tmp.join("chat_template.jinja"), t.as_bytes())?;
+            }
         }
-    }
-    write_atomic(&tmp.join("generation_config.json"), serde_json::to_string_pretty(&gen).unwrap().as_bytes())?;
-    if let Some((tok, tcfg)) = hf_tokenizer(&g)? {
-        write_atomic(&tmp.join("tokenizer.json"), serde_json::to_string(&tok).unwrap().as_bytes())?;
-        write_atomic(&tmp.join("tokenizer_config.json"), serde_json::to_string_pretty(&tcfg).unwrap().as_bytes())?;
-        if let Some(t) = tcfg.get("chat_template").and_then(|t| t.as_str()) {
-            write_atomic(&tmp.join("chat_template.jinja"), t.as_bytes())?;
-        }
-    }
-    std::fs::File::open(&tmp).and_then(|d| d.sync_all()).map_err(|e| ModelError::io(&tmp, e))?;
-    if out.exists() {
-        std::fs::remove_dir_all(out).map_err(|e| ModelError::io(out, e))?;
-    }
-    std::fs::rename(&tmp, out).map_err(|e| ModelError::io(out, e))?;
-    Ok(())
+        Ok::<(), ModelError>(())
+    })
 }

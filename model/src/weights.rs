@@ -272,15 +272,10 @@ pub fn save_pretrained(
     out: &Path,
     opts: &SaveOptions,
 ) -> Result<()> {
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| ModelError::io(parent, e))?;
-    let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("model");
-    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
+    write_dir_atomic(out, &partial_dir(out), |tmp| write_pretrained(params, config_json, tied, tmp, opts))
+}
 
+fn write_pretrained(params: &ParamStore, config_json: &serde_json::Value, tied: bool, tmp: &Path, opts: &SaveOptions) -> Result<()> {
     // Shards in parameter order.
     let tensors: Vec<(String, Tensor)> = params
         .iter()
@@ -337,24 +332,53 @@ pub fn save_pretrained(
         }
     }
     if !have_gen {
-        let mut g = serde_json::Map::new();
-        for k in ["bos_token_id", "eos_token_id", "pad_token_id"] {
-            if let Some(v) = cfg.get(k).filter(|v| !v.is_null()) {
-                g.insert(k.into(), v.clone());
-            }
-        }
-        write_atomic(&tmp.join("generation_config.json"), serde_json::to_string_pretty(&g).unwrap().as_bytes())?;
+        write_generation_config(tmp, &cfg)?;
     }
-    File::open(&tmp).and_then(|d| d.sync_all()).map_err(|e| ModelError::io(&tmp, e))?;
+    Ok(())
+}
 
+/// `generation_config.json` with the bos / eos / pad ids of a config.json.
+pub fn write_generation_config(dir: &Path, config_json: &serde_json::Value) -> Result<()> {
+    let mut g = serde_json::Map::new();
+    for k in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+        if let Some(v) = config_json.get(k).filter(|v| !v.is_null()) {
+            g.insert(k.into(), v.clone());
+        }
+    }
+    write_atomic(&dir.join("generation_config.json"), serde_json::to_string_pretty(&g).unwrap().as_bytes())
+}
+
+/// The default temporary sibling of `out` for [`write_dir_atomic`]: `.NAME.partial-PID`.
+pub fn partial_dir(out: &Path) -> PathBuf {
+    let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("model");
+    out.with_file_name(format!(".{name}.partial-{}", std::process::id()))
+}
+
+/// Writes a directory atomically: `fill` writes into `tmp` (a sibling of `out`, emptied first), which is
+/// fsynced and renamed to `out` (an existing `out` is replaced); then the parent directory is fsynced. A reader
+/// sees the old directory or the complete new one, never a half-written one.
+pub fn write_dir_atomic<E: From<ModelError>>(
+    out: &Path,
+    tmp: &Path,
+    fill: impl FnOnce(&Path) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| ModelError::io(parent, e))?;
+    if tmp.exists() {
+        std::fs::remove_dir_all(tmp).map_err(|e| ModelError::io(tmp, e))?;
+    }
+    std::fs::create_dir_all(tmp).map_err(|e| ModelError::io(tmp, e))?;
+    fill(tmp)?;
+    File::open(tmp).and_then(|d| d.sync_all()).map_err(|e| ModelError::io(tmp, e))?;
     // Swap into place: old → trash, tmp → out, remove trash.
     if out.exists() {
+        let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("dir");
         let trash = parent.join(format!(".{name}.old-{}", std::process::id()));
         std::fs::rename(out, &trash).map_err(|e| ModelError::io(out, e))?;
-        std::fs::rename(&tmp, out).map_err(|e| ModelError::io(out, e))?;
+        std::fs::rename(tmp, out).map_err(|e| ModelError::io(out, e))?;
         let _ = std::fs::remove_dir_all(&trash);
     } else {
-        std::fs::rename(&tmp, out).map_err(|e| ModelError::io(out, e))?;
+        std::fs::rename(tmp, out).map_err(|e| ModelError::io(out, e))?;
     }
     File::open(parent).and_then(|d| d.sync_all()).map_err(|e| ModelError::io(parent, e))?;
     Ok(())

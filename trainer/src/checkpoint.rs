@@ -59,19 +59,13 @@ pub fn write(output: &Path, state: &TrainState, fill: impl FnOnce(&Path) -> Resu
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
     let final_name = name(state.stage, if state.stage_complete { None } else { Some(state.step) });
     let tmp = root.join(format!(".tmp-{final_name}-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp)?;
-    fill(&tmp)?;
-    model::weights::write_atomic(&tmp.join("state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
-    std::fs::File::open(&tmp).and_then(|d| d.sync_all())?;
     let dst = root.join(&final_name);
-    if dst.exists() {
-        std::fs::remove_dir_all(&dst)?;
-    }
-    std::fs::rename(&tmp, &dst).with_context(|| format!("renaming checkpoint into {}", dst.display()))?;
-    std::fs::File::open(&root).and_then(|d| d.sync_all())?;
+    model::weights::write_dir_atomic(&dst, &tmp, |d| {
+        fill(d)?;
+        model::weights::write_atomic(&d.join("state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
+        Ok::<(), anyhow::Error>(())
+    })
+    .with_context(|| format!("writing checkpoint {}", dst.display()))?;
     Ok(dst)
 }
 
