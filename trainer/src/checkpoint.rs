@@ -25,6 +25,9 @@ pub struct TrainState {
     pub tokens: u64,
     /// The recipe without harmless keys (see recipe::fingerprint), to refuse resuming a changed recipe.
     pub recipe: serde_json::Value,
+    /// Stage-specific state to resume exactly (e.g. GRPO's sampling cursor and filters).
+    #[serde(default)]
+    pub extra: serde_json::Value,
 }
 
 pub struct Checkpoint {

@@ -53,32 +53,147 @@ pub fn causal_lm_backward(net: &Transformer, batch: &Batch, labels: &Tensor, sca
     (total, n)
 }
 
-/// Sum of next-token log-probabilities of the labelled tokens per row, without gradients: `[B]`, plus the
-/// token count per row. Used for held-out loss and (later) reference log-probabilities.
-pub fn sequence_logprobs(net: &Transformer, batch: &Batch, labels: &Tensor, chunk_rows: i64) -> (Tensor, Tensor) {
-    tch::no_grad(|| {
-        let hidden = net.hidden_states(batch);
-        let (b, t, h) = hidden.size3().unwrap();
-        let hs = hidden.narrow(1, 0, t - 1).reshape([b * (t - 1), h]);
-        let ys = labels.narrow(1, 1, t - 1).reshape([b * (t - 1)]).to_device(hidden.device());
-        let valid = ys.ne(IGNORE);
-        let safe = ys.clamp_min(0);
-        let w = net.lm_head_weight();
-        let n = b * (t - 1);
-        let mut parts = vec![];
-        let mut start = 0;
-        while start < n {
-            let len = chunk_rows.max(1).min(n - start);
-            let logits = upcast(hs.narrow(0, start, len).linear(w, None::<Tensor>));
-            let logp = logits.log_softmax(-1, logits.kind());
-            parts.push(logp.gather(1, &safe.narrow(0, start, len).unsqueeze(1), false).squeeze_dim(1));
-            start += len;
+/// Hidden states at the positions whose next token is labelled, the labels, and where they sit in the
+/// `[B, T-1]` grid of next-token positions.
+struct Gathered {
+    /// `[n, hidden]`, in the network's graph.
+    sel: Tensor,
+    /// `[n]` next-token ids.
+    ys: Tensor,
+    /// `[n]` flat indices into `B * (T-1)`.
+    idx: Tensor,
+    b: i64,
+    t1: i64,
+}
+
+fn gather(net: &Transformer, batch: &Batch, labels: &Tensor) -> Gathered {
+    let hidden = net.hidden_states(batch);
+    let (b, t, h) = hidden.size3().unwrap();
+    let hs = hidden.narrow(1, 0, t - 1).reshape([b * (t - 1), h]);
+    let ys = labels.narrow(1, 1, t - 1).reshape([b * (t - 1)]).to_device(hidden.device());
+    let idx = ys.ne(IGNORE).nonzero().squeeze_dim(1);
+    Gathered { sel: hs.index_select(0, &idx), ys: ys.index_select(0, &idx), idx, b, t1: t - 1 }
+}
+
+/// Log-probabilities of `ys` under `h @ wᵀ` in row chunks (and the entropies of the distributions when
+/// asked): `[n]` each.
+fn chunked_logprobs(h: &Tensor, w: &Tensor, ys: &Tensor, chunk: i64, temperature: f64, entropy: bool) -> (Tensor, Option<Tensor>) {
+    let n = h.size()[0];
+    let (mut lps, mut ents) = (vec![], vec![]);
+    let mut start = 0;
+    while start < n {
+        let len = chunk.max(1).min(n - start);
+        let logits = scaled_logits(&h.narrow(0, start, len), w, temperature);
+        let logp = logits.log_softmax(-1, logits.kind());
+        lps.push(logp.gather(1, &ys.narrow(0, start, len).unsqueeze(1), false).squeeze_dim(1));
+        if entropy {
+            ents.push(-(logp.exp() * &logp).sum_dim_intlist(1, false, logp.kind()));
         }
-        let lp = Tensor::cat(&parts, 0);
-        let lp = (&lp * valid.to_kind(lp.kind())).reshape([b, t - 1]).sum_dim_intlist(1, false, lp.kind());
-        let cnt = valid.reshape([b, t - 1]).sum_dim_intlist(1, false, Kind::Int64);
-        (lp, cnt)
+        start += len;
+    }
+    let cat = |v: Vec<Tensor>| if v.is_empty() { Tensor::zeros([0], (Kind::Float, h.device())) } else { Tensor::cat(&v, 0) };
+    (cat(lps), entropy.then(|| cat(ents)))
+}
+
+/// `h @ wᵀ / temperature` in at least fp32.
+fn scaled_logits(h: &Tensor, w: &Tensor, temperature: f64) -> Tensor {
+    let logits = upcast(h.linear(w, None::<Tensor>));
+    if temperature == 1.0 {
+        logits
+    } else {
+        logits / temperature
+    }
+}
+
+/// Scatters `[n]` values at `idx` into a zero `[b, t1]` grid.
+fn grid(v: &Tensor, idx: &Tensor, b: i64, t1: i64) -> Tensor {
+    Tensor::zeros([b * t1], (v.kind(), v.device())).index_put_(&[Some(idx.shallow_clone())], v, false).view([b, t1])
+}
+
+/// Per-token next-token log-probabilities, without gradients: `[B, T-1]` (position j holds log p(label[j+1])),
+/// 0 where the label is IGNORE, plus the mask of labelled positions and, when asked, per-token entropies.
+/// The distribution is softmax(logits / `temperature`), as the sampler's (TRL and verl score rollouts so).
+pub fn token_logprobs(net: &Transformer, batch: &Batch, labels: &Tensor, chunk_rows: i64, temperature: f64, entropy: bool) -> (Tensor, Tensor, Option<Tensor>) {
+    tch::no_grad(|| {
+        let g = gather(net, batch, labels);
+        let (lp, ent) = chunked_logprobs(&g.sel, &net.lm_head_weight(), &g.ys, chunk_rows, temperature, entropy);
+        let mask = grid(&Tensor::ones_like(&lp), &g.idx, g.b, g.t1).gt(0.5);
+        (grid(&lp, &g.idx, g.b, g.t1), mask, ent.map(|e| grid(&e, &g.idx, g.b, g.t1)))
     })
+}
+
+/// Sum of next-token log-probabilities of the labelled tokens per row, without gradients: `[B]`, plus the
+/// token count per row. Used for held-out loss and reference log-probabilities.
+pub fn sequence_logprobs(net: &Transformer, batch: &Batch, labels: &Tensor, chunk_rows: i64) -> (Tensor, Tensor) {
+    let (lp, mask, _) = token_logprobs(net, batch, labels, chunk_rows, 1.0, false);
+    (lp.sum_dim_intlist(1, false, lp.kind()), mask.sum_dim_intlist(1, false, Kind::Int64))
+}
+
+/// Back-propagates any loss written in terms of per-token log-probabilities (DPO, policy gradients), without
+/// ever holding full `[B, T, vocabulary]` logits in the graph:
+///
+/// 1. the labelled positions' hidden states are computed once and detached; their log-probabilities (and
+///    entropies when asked) are computed chunk by chunk without a graph;
+/// 2. `loss_fn(logp, entropy)` gets them as `[B, T-1]` leaves (0 at unlabelled positions) and returns the
+///    scalar loss, which is back-propagated to those leaves only;
+/// 3. each chunk's logits are recomputed with a graph and back-propagated with the leaves' gradients as
+///    weights (exact chain rule), accumulating into the output projection and the detached hidden states;
+/// 4. the hidden states' gradient is pushed through the network.
+///
+/// Log-probabilities are under softmax(logits / `temperature`). Returns the loss value and the (detached)
+/// log-probabilities and entropies given to `loss_fn`.
+pub fn logprob_backward<F>(
+    net: &Transformer,
+    batch: &Batch,
+    labels: &Tensor,
+    chunk_rows: i64,
+    temperature: f64,
+    entropy: bool,
+    loss_fn: F,
+) -> (f64, Tensor, Option<Tensor>)
+where
+    F: FnOnce(&Tensor, Option<&Tensor>) -> Tensor,
+{
+    let g = gather(net, batch, labels);
+    let w = net.lm_head_weight();
+    let detached = g.sel.detach().set_requires_grad(true);
+    let (lp, ent) = tch::no_grad(|| chunked_logprobs(&detached, &w, &g.ys, chunk_rows, temperature, entropy));
+    let lp_leaf = grid(&lp, &g.idx, g.b, g.t1).set_requires_grad(true);
+    let ent_leaf = ent.map(|e| grid(&e, &g.idx, g.b, g.t1).set_requires_grad(true));
+    let loss = loss_fn(&lp_leaf, ent_leaf.as_ref());
+    let value = loss.double_value(&[]);
+    if !loss.requires_grad() {
+        return (value, lp_leaf.detach(), ent_leaf.map(|e| e.detach()));
+    }
+    // gradients w.r.t. the leaves only
+    let mut inputs = vec![&lp_leaf];
+    if let Some(e) = &ent_leaf {
+        inputs.push(e);
+    }
+    let grads = Tensor::run_backward(&[&loss], &inputs, false, false);
+    let pick = |t: &Tensor| t.view([g.b * g.t1]).index_select(0, &g.idx);
+    let g_lp = pick(&grads[0]);
+    let g_ent = ent_leaf.as_ref().map(|_| pick(&grads[1]));
+    let n = g.sel.size()[0];
+    let mut start = 0;
+    while start < n {
+        let len = chunk_rows.max(1).min(n - start);
+        let logits = scaled_logits(&detached.narrow(0, start, len), &w, temperature);
+        let logp = logits.log_softmax(-1, logits.kind());
+        let tok = logp.gather(1, &g.ys.narrow(0, start, len).unsqueeze(1), false).squeeze_dim(1);
+        let mut surrogate = (tok * g_lp.narrow(0, start, len)).sum(logp.kind());
+        if let Some(ge) = &g_ent {
+            let h = -(logp.exp() * &logp).sum_dim_intlist(1, false, logp.kind());
+            surrogate = surrogate + (h * ge.narrow(0, start, len)).sum(logp.kind());
+        }
+        surrogate.backward();
+        start += len;
+    }
+    if n > 0 {
+        let gh = detached.grad();
+        (g.sel * gh).sum(Kind::Float).backward();
+    }
+    (value, lp_leaf.detach(), ent_leaf.map(|e| e.detach()))
 }
 
 #[cfg(test)]
@@ -129,5 +244,40 @@ mod tests {
         let (lp, cnt) = sequence_logprobs(&net, &batch, &labels, 4);
         assert!((lp.sum(Kind::Double).double_value(&[]) + sum).abs() < 1e-9);
         assert_eq!(Vec::<i64>::try_from(cnt).unwrap(), vec![3, 5]);
+    }
+
+    #[test]
+    fn logprob_backward_matches_autograd_through_full_logits() {
+        let net = tiny();
+        let ids = Tensor::from_slice(&[5i64, 7, 9, 11, 3, 4, 8, 2, 6, 1, 10, 12]).view([2, 6]);
+        let labels = Tensor::from_slice(&[-100i64, -100, 9, 11, 3, -100, -100, 8, 2, 6, 1, 10]).view([2, 6]);
+        let batch = Batch::causal(&ids);
+        let weights = Tensor::from_slice(&[0.3f64, -1.2, 0.7, 2.0, -0.4, 1.1, 0.9, -0.8, 0.5, 1.5]).view([2, 5]);
+        // a non-linear loss of per-row sums plus an entropy bonus
+        let f = |lp: &Tensor, ent: Option<&Tensor>| {
+            let seq = (lp * &weights).sum_dim_intlist(1, false, Kind::Double);
+            let l = -(seq.get(0) - seq.get(1)).sigmoid().log();
+            l - ent.unwrap().sum(Kind::Double) * 0.1
+        };
+        let (v, lp, ent) = logprob_backward(&net, &batch, &labels, 3, 0.7, true, f);
+        let g1: Vec<Tensor> = net.params.tensors().iter().map(|p| p.grad().copy()).collect();
+        for p in net.params.tensors() {
+            let _ = p.grad().zero_();
+        }
+        let logits = net.forward(&batch).narrow(1, 0, 5) / 0.7;
+        let logp = logits.log_softmax(-1, Kind::Double);
+        let y = labels.narrow(1, 1, 5);
+        let mask = y.ne(IGNORE).to_kind(Kind::Double);
+        let tok = logp.gather(2, &y.clamp_min(0).unsqueeze(2), false).squeeze_dim(2) * &mask;
+        let h = -(logp.exp() * &logp).sum_dim_intlist(2, false, Kind::Double) * &mask;
+        assert!((&tok - &lp).abs().max().double_value(&[]) < 1e-10);
+        assert!((&h - ent.unwrap()).abs().max().double_value(&[]) < 1e-10);
+        let reference = f(&tok, Some(&h));
+        assert!((reference.double_value(&[]) - v).abs() < 1e-10);
+        reference.backward();
+        for (a, p) in g1.iter().zip(net.params.tensors()) {
+            let d = (a - p.grad()).abs().max().double_value(&[]);
+            assert!(d < 1e-10, "gradient differs by {d}");
+        }
     }
 }

@@ -9,7 +9,6 @@ use data::{DataConfig, TokenizeConfig};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-use crate::optim::Schedule;
 
 /// A whole recipe.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
@@ -103,17 +102,30 @@ impl Default for RunSpec {
 pub enum Stage {
     /// Supervised fine-tuning / long-CoT mid-training (next-token loss on assistant tokens).
     Sft(SftStage),
+    /// Direct preference optimisation over (prompt, chosen, rejected) pairs.
+    Dpo(crate::dpo::DpoStage),
+    /// Rollout-DPO: pairs of verified-correct and incorrect rollouts per problem, then DPO on them.
+    RolloutDpo(crate::dpo::RolloutDpoStage),
+    /// GRPO-family RL with verifiable rewards.
+    Grpo(crate::grpo::GrpoStage),
 }
 
 impl Stage {
     pub fn name(&self, index: usize) -> String {
         match self {
-            Stage::Sft(s) => s.name.clone().unwrap_or_else(|| format!("sft{index}")),
+            Stage::Sft(s) => s.name.clone(),
+            Stage::Dpo(s) => s.name.clone(),
+            Stage::RolloutDpo(s) => s.name.clone(),
+            Stage::Grpo(s) => s.name.clone(),
         }
+        .unwrap_or_else(|| format!("{}{index}", self.kind()))
     }
     pub fn kind(&self) -> &'static str {
         match self {
             Stage::Sft(_) => "sft",
+            Stage::Dpo(_) => "dpo",
+            Stage::RolloutDpo(_) => "rollout_dpo",
+            Stage::Grpo(_) => "grpo",
         }
     }
 }
@@ -154,73 +166,34 @@ fn default_eval_tokens() -> usize {
     16
 }
 
-/// `kind = "sft"`.
-#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SftStage {
-    /// A name for logs and output directories.
-    #[serde(default)]
-    pub name: Option<String>,
-    /// Dataset (conversations, or prompt with completion / answer).
-    #[serde(default)]
-    pub data: Option<DataConfig>,
-    /// Synthetic arithmetic conversations instead of a dataset.
-    #[serde(default)]
-    pub synthetic: Option<SyntheticSpec>,
-    /// Tokenization: max_length, loss_on (all_assistant, last_assistant, completion_only), truncation.
-    #[serde(default)]
-    pub tokenize: TokenizeConfig,
-    /// Pack examples into rows of `max_length` tokens (best-fit decreasing, no cross-document attention).
-    #[serde(default)]
-    pub packing: bool,
-    /// Passes over the data (used when `max_steps` is not set).
-    #[serde(default = "default_epochs", alias = "num_train_epochs")]
-    pub epochs: f64,
-    /// Optimizer steps; overrides `epochs`.
-    #[serde(default)]
-    pub max_steps: Option<usize>,
-    /// Rows per micro-batch.
-    #[serde(default = "default_batch", alias = "per_device_train_batch_size")]
-    pub batch_size: usize,
-    /// Micro-batches per optimizer step.
-    #[serde(default = "one", alias = "gradient_accumulation_steps")]
-    pub grad_accum: usize,
-    /// Peak learning rate.
-    #[serde(default = "default_lr", alias = "learning_rate")]
-    pub lr: f64,
-    /// constant, linear or cosine (after linear warmup).
-    #[serde(default, alias = "lr_scheduler_type")]
-    pub schedule: Schedule,
-    /// Warmup steps (overrides warmup_ratio).
-    #[serde(default)]
-    pub warmup_steps: Option<usize>,
-    /// Warmup as a fraction of the steps.
-    #[serde(default)]
-    pub warmup_ratio: f64,
-    /// Final learning rate as a fraction of the peak.
-    #[serde(default)]
-    pub min_lr_ratio: f64,
-    /// Decoupled weight decay (not applied to norms and biases).
-    #[serde(default)]
-    pub weight_decay: f64,
-    /// Adam β1.
-    #[serde(default = "default_b1", alias = "adam_beta1")]
-    pub beta1: f64,
-    /// Adam β2.
-    #[serde(default = "default_b2", alias = "adam_beta2")]
-    pub beta2: f64,
-    /// Adam ε.
-    #[serde(default = "default_eps", alias = "adam_epsilon")]
-    pub eps: f64,
-    /// Clip the global gradient norm to this (0: no clipping; the norm is logged either way).
-    #[serde(default = "one_f")]
-    pub max_grad_norm: f64,
-    /// Rows of hidden states projected to logits at once in the loss (bounds logits memory).
-    #[serde(default = "default_chunk")]
-    pub loss_chunk: usize,
-    /// Held-out evaluation.
-    #[serde(default)]
-    pub eval: Option<EvalSpec>,
+crate::stage::training_stage! {
+    /// `kind = "sft"`.
+    pub struct SftStage {
+        /// Dataset (conversations, or prompt with completion / answer).
+        #[serde(default)]
+        pub data: Option<DataConfig>,
+        /// Synthetic arithmetic conversations instead of a dataset.
+        #[serde(default)]
+        pub synthetic: Option<SyntheticSpec>,
+        /// Tokenization: max_length, loss_on (all_assistant, last_assistant, completion_only), truncation.
+        #[serde(default)]
+        pub tokenize: TokenizeConfig,
+        /// Pack examples into rows of `max_length` tokens (best-fit decreasing, no cross-document attention).
+        #[serde(default)]
+        pub packing: bool,
+        /// Passes over the data (used when `max_steps` is not set).
+        #[serde(default = "default_epochs", alias = "num_train_epochs")]
+        pub epochs: f64,
+        /// Rows per micro-batch.
+        #[serde(default = "default_batch", alias = "per_device_train_batch_size")]
+        pub batch_size: usize,
+        /// Micro-batches per optimizer step.
+        #[serde(default = "one", alias = "gradient_accumulation_steps")]
+        pub grad_accum: usize,
+        /// Peak learning rate.
+        #[serde(default = "default_lr", alias = "learning_rate")]
+        pub lr: f64,
+    }
 }
 
 fn default_epochs() -> f64 {
@@ -232,23 +205,8 @@ fn default_batch() -> usize {
 fn one() -> usize {
     1
 }
-fn one_f() -> f64 {
-    1.0
-}
 fn default_lr() -> f64 {
     1e-5
-}
-fn default_b1() -> f64 {
-    0.9
-}
-fn default_b2() -> f64 {
-    0.999
-}
-fn default_eps() -> f64 {
-    1e-8
-}
-fn default_chunk() -> usize {
-    4096
 }
 
 /// Keys whose change does not affect results: allowed when resuming.
@@ -436,6 +394,9 @@ fn resolve_paths(r: &mut Recipe, base: &Path) {
                     resolve(base, &mut d.path);
                 }
             }
+            Stage::Dpo(s) => s.resolve_paths(&mut |p| resolve(base, p)),
+            Stage::RolloutDpo(s) => s.resolve_paths(&mut |p| resolve(base, p)),
+            Stage::Grpo(s) => s.resolve_paths(&mut |p| resolve(base, p)),
         }
     }
 }
@@ -479,27 +440,18 @@ pub fn validate(r: &Recipe, origin: &str) -> Vec<String> {
                 if s.batch_size == 0 || s.grad_accum == 0 {
                     p.push(format!("{at}: batch_size and grad_accum must be at least 1"));
                 }
-                if !(s.lr > 0.0 && s.lr.is_finite()) {
-                    p.push(format!("{at}: lr must be a positive number, got {}", s.lr));
-                }
-                if !(0.0..1.0).contains(&s.beta1) || !(0.0..1.0).contains(&s.beta2) {
-                    p.push(format!("{at}: beta1 and beta2 must be in [0, 1)"));
-                }
+                s.optim().validate(&at, &mut p);
                 if s.max_steps == Some(0) || (s.max_steps.is_none() && s.epochs <= 0.0) {
                     p.push(format!("{at}: needs max_steps ≥ 1 or epochs > 0"));
-                }
-                if !(0.0..=1.0).contains(&s.warmup_ratio) || !(0.0..=1.0).contains(&s.min_lr_ratio) {
-                    p.push(format!("{at}: warmup_ratio and min_lr_ratio must be in [0, 1]"));
                 }
                 if s.tokenize.max_length < 2 {
                     p.push(format!("{at}: tokenize.max_length must be at least 2"));
                 }
-                if let Some(e) = &s.eval {
-                    if e.synthetic.is_none() && e.data.is_none() {
-                        p.push(format!("{at}: [eval] needs `synthetic` or `data` held-out problems"));
-                    }
-                }
+                crate::stage::validate_eval(&s.eval, &at, &mut p);
             }
+            Stage::Dpo(s) => s.validate(&at, &mut p),
+            Stage::RolloutDpo(s) => s.validate(&at, &mut p),
+            Stage::Grpo(s) => s.validate(&at, &mut p),
         }
     }
     p

@@ -120,6 +120,9 @@ fn plan(r: &Recipe) -> String {
                     x.schedule
                 ));
             }
+            Stage::Dpo(x) => s.push_str(&format!("stage {} {:?} (dpo): {}\n", i + 1, st.name(i), x.plan())),
+            Stage::RolloutDpo(x) => s.push_str(&format!("stage {} {:?} (rollout_dpo): {}\n", i + 1, st.name(i), x.plan())),
+            Stage::Grpo(x) => s.push_str(&format!("stage {} {:?} (grpo): {}\n", i + 1, st.name(i), x.plan())),
         }
     }
     s
@@ -182,6 +185,9 @@ pub fn run(recipe_path: &Path, overrides: &[String], output: Option<PathBuf>, op
         let resume = if i == first { mid } else { None };
         let acc = match &r.stage[i] {
             Stage::Sft(s) => crate::sft::run(&ctx, i, s, &model, resume)?,
+            Stage::Dpo(s) => crate::dpo::run(&ctx, i, s, &model, resume)?,
+            Stage::RolloutDpo(s) => crate::dpo::run_rollout(&ctx, i, s, &model, resume)?,
+            Stage::Grpo(s) => crate::grpo::run(&ctx, i, s, &model, resume)?,
         };
         summary.push((r.stage[i].name(i), r.stage[i].kind(), acc));
         // the next stage starts from this stage's saved result (identical bits; fresh autograd state)

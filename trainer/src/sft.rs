@@ -5,13 +5,13 @@
 use anyhow::{bail, Context, Result};
 use data::{Record, Sampler, SamplerConfig, TokenizedExample};
 use model::{Batch, Model};
-use serde_json::{json, Map};
+use serde_json::json;
 use std::time::Instant;
 use tch::{Device, Tensor};
 
-use crate::checkpoint::{self, Checkpoint, TrainState};
-use crate::optim::{lr_at, AdamW, AdamWConfig};
-use crate::recipe::{EvalSpec, SftStage, SyntheticSpec};
+use crate::checkpoint::{Checkpoint, TrainState};
+use crate::recipe::SftStage;
+use crate::stage::{eval_records, obj, save_checkpoint};
 use crate::run::Ctx;
 
 /// One training row: tokens, labels and, for packed rows, per-document positions.
@@ -19,10 +19,6 @@ struct Row {
     ids: Vec<i64>,
     labels: Vec<i64>,
     pos: Option<Vec<i64>>,
-}
-
-fn synthetic(spec: &SyntheticSpec) -> Result<data::synth::Arithmetic> {
-    Ok(data::synth::Arithmetic::new(spec.arithmetic.clone())?)
 }
 
 fn rows(ctx: &Ctx, s: &SftStage) -> Result<(Vec<Row>, String)> {
@@ -34,7 +30,7 @@ fn rows(ctx: &Ctx, s: &SftStage) -> Result<(Vec<Row>, String)> {
             ds.examples
         }
         (None, Some(spec)) => {
-            let records = synthetic(spec)?.conversations(spec.start, spec.count);
+            let records = crate::stage::synthetic(spec)?.conversations(spec.start, spec.count);
             data::tokenize::tokenize_records(&ctx.tok, ctx.template.as_ref(), &records, &s.tokenize)?.0
         }
         (None, None) => bail!("the stage has no data"),
@@ -136,29 +132,16 @@ fn eval_rows(ctx: &Ctx, s: &SftStage, records: &[Record]) -> Result<Vec<Row>> {
     Ok(ex.into_iter().map(|e| Row { ids: e.input_ids.iter().map(|&x| x as i64).collect(), labels: e.labels, pos: None }).collect())
 }
 
-/// Held-out prompt-with-answer records of an eval spec.
-pub fn eval_records(e: &EvalSpec) -> Result<Vec<Record>> {
-    match (&e.synthetic, &e.data) {
-        (Some(s), _) => Ok(synthetic(s)?.prompt_answer(s.start, s.count)),
-        (None, Some(d)) => Ok(data::load_records(d)?),
-        _ => bail!("[eval] needs `synthetic` or `data`"),
-    }
-}
-
 pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<&Checkpoint>) -> Result<f64> {
     let name = ctx.recipe.stage[index].name(index);
     let (rows, info) = rows(ctx, s)?;
     let per_step = s.batch_size * s.grad_accum;
     let total = s.max_steps.unwrap_or_else(|| ((s.epochs * rows.len() as f64) / per_step as f64).ceil().max(1.0) as usize);
-    let warmup = s.warmup_steps.unwrap_or((s.warmup_ratio * total as f64).round() as usize);
     eprintln!("[{name}] {info}; {total} optimizer steps of {} × {} rows", s.grad_accum, s.batch_size);
 
     let mut sampler = Sampler::single(rows.len(), SamplerConfig { seed: ctx.recipe.run.seed.wrapping_add(index as u64), shuffle: true, num_epochs: None, drop_last: false })?;
-    let params: Vec<(String, Tensor)> = model.net.params.iter().map(|(n, t)| (n.to_string(), t.shallow_clone())).collect();
-    for (_, p) in &params {
-        let _ = p.shallow_clone().requires_grad_(true);
-    }
-    let mut opt = AdamW::new(params, AdamWConfig { beta1: s.beta1, beta2: s.beta2, eps: s.eps, weight_decay: s.weight_decay });
+    let optim = s.optim();
+    let mut opt = optim.optimizer(model);
     let mut start = 0;
     let mut tokens = 0u64;
     if let Some(c) = resume {
@@ -215,8 +198,8 @@ pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<
             loss_sum += l;
             tokens += m.iter().map(|r| r.ids.len() as u64).sum::<u64>();
         }
-        let grad_norm = opt.clip_grad_norm(s.max_grad_norm);
-        let lr = lr_at(s.schedule, s.lr, step, total, warmup, s.min_lr_ratio);
+        let grad_norm = opt.clip_grad_norm(optim.max_grad_norm);
+        let lr = optim.lr_at(step, total);
         opt.step(lr);
         opt.zero_grad();
         let loss = loss_sum / n_tok as f64;
@@ -252,15 +235,9 @@ pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<
                 sampler: Some(sampler.state()),
                 tokens,
                 recipe: ctx.fingerprint.clone(),
+                extra: serde_json::Value::Null,
             };
-            let dir = checkpoint::write(&ctx.output, &state, |d| {
-                model.save(&d.join("model"), &model::weights::SaveOptions { source_dir: Some(&ctx.tok_dir), ..Default::default() })?;
-                crate::faults::point(&format!("ckpt-write:{index}:{done}"));
-                opt.save(&d.join("optimizer.safetensors"))
-            })?;
-            checkpoint::prune(&ctx.output, index, ctx.recipe.run.keep_last)?;
-            eprintln!("[{name}] checkpoint {}", dir.display());
-            crate::faults::point(&format!("after-ckpt:{index}:{done}"));
+            save_checkpoint(ctx, &state, model, Some(&opt))?;
         }
     }
     bar.finish();
@@ -289,20 +266,8 @@ pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<
         sampler: Some(sampler.state()),
         tokens,
         recipe: ctx.fingerprint.clone(),
+        extra: serde_json::Value::Null,
     };
-    let dir = checkpoint::write(&ctx.output, &state, |d| {
-        model.save(&d.join("model"), &model::weights::SaveOptions { source_dir: Some(&ctx.tok_dir), ..Default::default() })?;
-        Ok(())
-    })?;
-    checkpoint::prune(&ctx.output, index, 0)?;
-    eprintln!("[{name}] model saved to {}", dir.join("model").display());
-    crate::faults::point(&format!("after-final:{index}"));
+    save_checkpoint(ctx, &state, model, None)?;
     Ok(after)
-}
-
-fn obj(v: serde_json::Value) -> Map<String, serde_json::Value> {
-    match v {
-        serde_json::Value::Object(m) => m,
-        _ => Map::new(),
-    }
 }

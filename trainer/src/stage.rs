@@ -1,0 +1,227 @@
+//! What every training stage shares: the optimizer keys (declared once by [`training_stage!`]), the
+//! optimizer built from them, checkpoint writing with the fault points of the resume tests, held-out
+//! accuracy, and metrics records.
+
+use anyhow::{bail, Result};
+use data::Record;
+use model::Model;
+use serde_json::{Map, Value};
+use std::path::PathBuf;
+use tch::Tensor;
+
+use crate::checkpoint::{self, TrainState};
+use crate::optim::{AdamW, AdamWConfig, Schedule};
+use crate::recipe::{EvalSpec, SyntheticSpec};
+use crate::run::Ctx;
+
+/// Declares a stage's recipe table: the given fields plus the keys every trained stage has (name, steps,
+/// optimizer, schedule, clipping, loss chunking, held-out evaluation), with TRL's names as aliases.
+/// The stage must declare `lr` itself (defaults differ by stage kind).
+macro_rules! training_stage {
+    ($(#[$meta:meta])* pub struct $name:ident { $($(#[$fm:meta])* pub $f:ident : $t:ty),* $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            $($(#[$fm])* pub $f: $t,)*
+            /// A name for logs and output directories.
+            #[serde(default)]
+            pub name: Option<String>,
+            /// Optimizer steps (for SFT/DPO: overrides `epochs`).
+            #[serde(default)]
+            pub max_steps: Option<usize>,
+            /// constant, linear or cosine (after linear warmup).
+            #[serde(default, alias = "lr_scheduler_type")]
+            pub schedule: crate::optim::Schedule,
+            /// Warmup steps (overrides warmup_ratio).
+            #[serde(default)]
+            pub warmup_steps: Option<usize>,
+            /// Warmup as a fraction of the steps.
+            #[serde(default)]
+            pub warmup_ratio: f64,
+            /// Final learning rate as a fraction of the peak.
+            #[serde(default)]
+            pub min_lr_ratio: f64,
+            /// Decoupled weight decay (not applied to norms and biases).
+            #[serde(default)]
+            pub weight_decay: f64,
+            /// Adam β1.
+            #[serde(default = "crate::stage::default_b1", alias = "adam_beta1")]
+            pub beta1: f64,
+            /// Adam β2.
+            #[serde(default = "crate::stage::default_b2", alias = "adam_beta2")]
+            pub beta2: f64,
+            /// Adam ε.
+            #[serde(default = "crate::stage::default_eps", alias = "adam_epsilon")]
+            pub eps: f64,
+            /// Clip the global gradient norm to this (0: no clipping; the norm is logged either way).
+            #[serde(default = "crate::stage::one_f")]
+            pub max_grad_norm: f64,
+            /// Rows of hidden states projected to logits at once in the loss (bounds logits memory).
+            #[serde(default = "crate::stage::default_chunk")]
+            pub loss_chunk: usize,
+            /// Held-out evaluation.
+            #[serde(default)]
+            pub eval: Option<crate::recipe::EvalSpec>,
+        }
+
+        impl $name {
+            pub fn optim(&self) -> crate::stage::OptimArgs {
+                crate::stage::OptimArgs {
+                    lr: self.lr,
+                    schedule: self.schedule,
+                    warmup_steps: self.warmup_steps,
+                    warmup_ratio: self.warmup_ratio,
+                    min_lr_ratio: self.min_lr_ratio,
+                    adam: crate::optim::AdamWConfig { beta1: self.beta1, beta2: self.beta2, eps: self.eps, weight_decay: self.weight_decay },
+                    max_grad_norm: self.max_grad_norm,
+                }
+            }
+        }
+    };
+}
+pub(crate) use training_stage;
+
+pub fn default_b1() -> f64 {
+    0.9
+}
+pub fn default_b2() -> f64 {
+    0.999
+}
+pub fn default_eps() -> f64 {
+    1e-8
+}
+pub fn one_f() -> f64 {
+    1.0
+}
+pub fn default_chunk() -> usize {
+    4096
+}
+
+/// The optimizer keys of a stage.
+#[derive(Debug, Clone)]
+pub struct OptimArgs {
+    pub lr: f64,
+    pub schedule: Schedule,
+    pub warmup_steps: Option<usize>,
+    pub warmup_ratio: f64,
+    pub min_lr_ratio: f64,
+    pub adam: AdamWConfig,
+    pub max_grad_norm: f64,
+}
+
+impl OptimArgs {
+    /// Problems with the values, each prefixed by `at`.
+    pub fn validate(&self, at: &str, p: &mut Vec<String>) {
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            p.push(format!("{at}: lr must be a positive number, got {}", self.lr));
+        }
+        if !(0.0..1.0).contains(&self.adam.beta1) || !(0.0..1.0).contains(&self.adam.beta2) {
+            p.push(format!("{at}: beta1 and beta2 must be in [0, 1)"));
+        }
+        if !(0.0..=1.0).contains(&self.warmup_ratio) || !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            p.push(format!("{at}: warmup_ratio and min_lr_ratio must be in [0, 1]"));
+        }
+    }
+
+    pub fn warmup(&self, total: usize) -> usize {
+        self.warmup_steps.unwrap_or((self.warmup_ratio * total as f64).round() as usize)
+    }
+
+    pub fn lr_at(&self, step: usize, total: usize) -> f64 {
+        crate::optim::lr_at(self.schedule, self.lr, step, total, self.warmup(total), self.min_lr_ratio)
+    }
+
+    /// AdamW over all the model's parameters (gradients switched on).
+    pub fn optimizer(&self, model: &Model) -> AdamW {
+        let params: Vec<(String, Tensor)> = model.net.params.iter().map(|(n, t)| (n.to_string(), t.shallow_clone())).collect();
+        for (_, p) in &params {
+            let _ = p.shallow_clone().requires_grad_(true);
+        }
+        AdamW::new(params, self.adam)
+    }
+}
+
+/// Problems with an `[eval]` table.
+pub fn validate_eval(e: &Option<EvalSpec>, at: &str, p: &mut Vec<String>) {
+    if let Some(e) = e {
+        if e.synthetic.is_none() && e.data.is_none() {
+            p.push(format!("{at}: [eval] needs `synthetic` or `data` held-out problems"));
+        }
+        if let Some(d) = &e.data {
+            if !d.path.exists() {
+                p.push(format!("{at}: eval data path {} does not exist", d.path.display()));
+            }
+        }
+    }
+}
+
+pub fn synthetic(spec: &SyntheticSpec) -> Result<data::synth::Arithmetic> {
+    Ok(data::synth::Arithmetic::new(spec.arithmetic.clone())?)
+}
+
+/// Held-out prompt-with-answer records of an eval spec.
+pub fn eval_records(e: &EvalSpec) -> Result<Vec<Record>> {
+    match (&e.synthetic, &e.data) {
+        (Some(s), _) => Ok(synthetic(s)?.prompt_answer(s.start, s.count)),
+        (None, Some(d)) => Ok(data::load_records(d)?),
+        _ => bail!("[eval] needs `synthetic` or `data`"),
+    }
+}
+
+/// Held-out greedy accuracy of a stage, logged as `eval_accuracy` at `step`.
+pub struct HeldOut<'a> {
+    pub spec: &'a EvalSpec,
+    pub records: Vec<Record>,
+}
+
+impl<'a> HeldOut<'a> {
+    pub fn new(spec: &'a Option<EvalSpec>) -> Result<Option<HeldOut<'a>>> {
+        match spec {
+            Some(e) => Ok(Some(HeldOut { spec: e, records: eval_records(e)? })),
+            None => Ok(None),
+        }
+    }
+
+    /// Accuracy and a few (question, answer, correct) samples.
+    pub fn accuracy(&self, ctx: &Ctx, model: &Model) -> Result<(f64, Vec<(String, String, bool)>)> {
+        crate::accuracy::evaluate(&model.net, &ctx.tok, ctx.template.as_ref(), &self.records, self.spec.max_new_tokens)
+    }
+
+    /// Whether to evaluate after optimizer step `done` of `total` (the final evaluation is separate).
+    pub fn due(&self, done: usize, total: usize) -> bool {
+        self.spec.every > 0 && done % self.spec.every == 0 && done < total
+    }
+}
+
+/// A JSON object (for metrics records).
+pub fn obj(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+/// Writes a checkpoint of the stage (model, optimizer when mid-stage, state), prunes old ones and passes the
+/// fault-injection points the resume tests use.
+pub fn save_checkpoint(ctx: &Ctx, state: &TrainState, model: &Model, opt: Option<&AdamW>) -> Result<PathBuf> {
+    let (index, done) = (state.stage, state.step);
+    let dir = checkpoint::write(&ctx.output, state, |d| {
+        model.save(&d.join("model"), &model::weights::SaveOptions { source_dir: Some(&ctx.tok_dir), ..Default::default() })?;
+        if let Some(opt) = opt.filter(|_| !state.stage_complete) {
+            crate::faults::point(&format!("ckpt-write:{index}:{done}"));
+            opt.save(&d.join("optimizer.safetensors"))?;
+        }
+        Ok(())
+    })?;
+    if state.stage_complete {
+        checkpoint::prune(&ctx.output, index, 0)?;
+        eprintln!("[{}] model saved to {}", state.stage_name, dir.join("model").display());
+        crate::faults::point(&format!("after-final:{index}"));
+    } else {
+        checkpoint::prune(&ctx.output, index, ctx.recipe.run.keep_last)?;
+        eprintln!("[{}] checkpoint {}", state.stage_name, dir.display());
+        crate::faults::point(&format!("after-ckpt:{index}:{done}"));
+    }
+    Ok(dir)
+}
