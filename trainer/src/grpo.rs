@@ -1,15 +1,178 @@
-//! The GRPO stage (being built; see issue 8).
+//! The GRPO-family RL stage with verifiable rewards (stage 4 of Phi-4-Mini-Reasoning).
+//!
+//! Each step: draw prompts; the rollout engine samples G completions per prompt from the very tensors being
+//! trained; the rewards crate scores them; advantages per group; `num_iterations` (μ) optimizer updates over
+//! the batch with the clipped surrogate against the log-probabilities of the policy that sampled. Around that
+//! core: dynamic sampling, oversample-then-balance, overlong filtering, pilot-pass-rate prompt filtering,
+//! temperature annealing, domain-aware sampling and a token budget per step. Everything that decides what
+//! the next step samples is either a pure function of (seed, step) or checkpointed in `TrainState::extra`, so
+//! a resumed run continues bit-identically.
 
-use anyhow::{bail, Result};
-use model::Model;
+use anyhow::{bail, Context, Result};
+use data::{DataConfig, Record};
+use model::{Batch, Model};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
 use std::path::PathBuf;
+use std::time::Instant;
+use tch::{Kind, Tensor};
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, TrainState};
+use crate::recipe::SyntheticSpec;
+use crate::rl::{self, AdvEstimator, AggDenoms, ClipCfg, KlEstimator, LossAgg, RatioLevel, ScaleRewards};
 use crate::run::Ctx;
+use crate::sft::{collate, Row};
+use crate::stage::{obj, save_checkpoint, HeldOut};
+
+/// Dynamic sampling (DAPO, Yu et al. 2025, arXiv 2503.14476 §3.2): groups whose rewards are all equal carry
+/// no gradient; they are dropped and more prompts are drawn until the batch is full.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DynamicSampling {
+    /// At most this many generation rounds per step (verl's `max_num_gen_batches`).
+    #[serde(default = "three", alias = "max_num_gen_batches")]
+    pub max_gen_batches: usize,
+    /// When the cap is hit with the batch not full: "train" on the groups kept so far (a step with none is
+    /// skipped and counted), or "error" to stop the run with a message.
+    #[serde(default)]
+    pub on_cap: OnCap,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnCap {
+    #[default]
+    Train,
+    Error,
+}
+
+/// Phi-4-mini's prompt filtering (arXiv 2504.21233 §RL): before training, sample `samples` completions per
+/// prompt with the starting policy; keep prompts whose pass rate lies in [min_pass_rate, max_pass_rate] and
+/// whose response lengths are uniform enough (coefficient of variation ≤ `max_length_cv`).
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Prefilter {
+    /// Pilot completions per prompt.
+    #[serde(default = "eight")]
+    pub samples: usize,
+    /// Drop prompts solved less often than this.
+    #[serde(default)]
+    pub min_pass_rate: f64,
+    /// Drop prompts solved more often than this (e.g. 0.9 drops the overly easy ones).
+    #[serde(default = "one_f")]
+    pub max_pass_rate: f64,
+    /// Drop prompts whose response lengths have a larger coefficient of variation (std/mean).
+    #[serde(default)]
+    pub max_length_cv: Option<f64>,
+}
 
 crate::stage::training_stage! {
     /// `kind = "grpo"`.
     pub struct GrpoStage {
+        /// Problems with gold answers (prompt + answer columns).
+        #[serde(default)]
+        pub data: Option<DataConfig>,
+        /// Synthetic arithmetic problems instead of a dataset.
+        #[serde(default)]
+        pub synthetic: Option<SyntheticSpec>,
+        /// Reward terms (`[[stage.reward]]`, see the rewards crate): default one `accuracy` term, +1 correct,
+        /// −1 otherwise (Phi-4-mini's reward).
+        #[serde(default = "default_rewards")]
+        #[schemars(with = "Vec<serde_json::Value>")]
+        pub reward: Vec<rewards::RewardConfig>,
+        /// Prompts per step (verl's `train_batch_size`).
+        #[serde(default = "eight", alias = "train_batch_size")]
+        pub prompts_per_step: usize,
+        /// Completions per prompt, G (TRL's `num_generations`, verl's `rollout.n`).
+        #[serde(default = "eight", alias = "n")]
+        pub num_generations: usize,
+        /// Oversample-then-balance (Phi-4-mini): generate this many (> G) per prompt and keep G, as balanced
+        /// between above-mean and below-mean rewards as the group allows.
+        #[serde(default)]
+        pub oversample_generations: Option<usize>,
+        /// Prompts longer than this (tokens) are dropped when loading.
+        #[serde(default = "default_prompt_len")]
+        pub max_prompt_length: usize,
+        /// Generation limit per completion.
+        #[serde(default = "default_completion_len", alias = "max_response_length")]
+        pub max_completion_length: usize,
+        /// Sampling temperature (at the start of the stage).
+        #[serde(default = "one_f")]
+        pub temperature: f64,
+        /// Temperature annealing (Phi-4-mini: 1.0 → 0.6): the temperature reached after
+        /// `temperature_anneal_steps` steps, linearly, then kept.
+        #[serde(default)]
+        pub temperature_final: Option<f64>,
+        /// Steps over which the temperature goes from `temperature` to `temperature_final`.
+        #[serde(default)]
+        pub temperature_anneal_steps: usize,
+        /// Nucleus sampling.
+        #[serde(default = "one_f")]
+        pub top_p: f64,
+        /// Top-k sampling (0: off).
+        #[serde(default)]
+        pub top_k: i64,
+        /// Min-p sampling (0: off).
+        #[serde(default)]
+        pub min_p: f64,
+        /// Policy updates per batch, μ (TRL's `num_iterations`, verl's `ppo_epochs`).
+        #[serde(default = "one", alias = "ppo_epochs")]
+        pub num_iterations: usize,
+        /// Rows per forward/backward pass (memory; does not change the result).
+        #[serde(default = "sixteen")]
+        pub micro_batch_size: usize,
+        /// Advantage estimator: "grpo" (group mean baseline) or "rloo" (leave-one-out baseline).
+        #[serde(default)]
+        pub adv_estimator: AdvEstimator,
+        /// Advantage scaling: "group" std (GRPO), "batch" std, or "none" (Dr.GRPO).
+        #[serde(default)]
+        pub scale_rewards: ScaleRewards,
+        /// Importance ratio per "token" (GRPO) or per "sequence" (GSPO).
+        #[serde(default)]
+        pub importance_sampling_level: RatioLevel,
+        /// Lower clip ε (TRL's `epsilon`).
+        #[serde(default = "default_clip", alias = "epsilon")]
+        pub clip_ratio_low: f64,
+        /// Upper clip ε (DAPO's clip-higher uses 0.28; default: equal to `clip_ratio_low`; TRL's `epsilon_high`).
+        #[serde(default, alias = "epsilon_high")]
+        pub clip_ratio_high: Option<f64>,
+        /// Dual clip constant c > 1 for negative advantages (off by default).
+        #[serde(default)]
+        pub clip_ratio_c: Option<f64>,
+        /// "token-mean" (DAPO, default), "seq-mean-token-mean" (GRPO), "seq-mean-token-sum",
+        /// "seq-mean-token-sum-norm" (Dr.GRPO, divides by `max_completion_length`).
+        #[serde(default)]
+        pub loss_agg_mode: LossAgg,
+        /// KL coefficient against the stage's starting model (TRL's `beta`); 0 loads no reference model.
+        #[serde(default, alias = "beta")]
+        pub kl_coef: f64,
+        /// KL estimator: "k1", "k2" or "k3".
+        #[serde(default)]
+        pub kl_estimator: KlEstimator,
+        /// Put the KL penalty (k1 summed over the completion) into the reward instead of the loss.
+        #[serde(default)]
+        pub kl_in_reward: bool,
+        /// Entropy bonus coefficient (the entropy is logged either way).
+        #[serde(default, alias = "entropy_coef")]
+        pub entropy_coeff: f64,
+        /// Overlong filtering (DAPO): truncated completions carry no loss (they still count in their group).
+        #[serde(default)]
+        pub mask_truncated_completions: bool,
+        /// Dynamic sampling (alias: verl's `filter_groups`).
+        #[serde(default, alias = "filter_groups")]
+        pub dynamic_sampling: Option<DynamicSampling>,
+        /// Pilot-pass-rate and length-uniformity prompt filtering before training.
+        #[serde(default)]
+        pub prefilter: Option<Prefilter>,
+        /// A fixed budget of completion tokens per step instead of a fixed number of prompts (Ring-lite's
+        /// C3PO, arXiv 2506.14731): generation rounds of `prompts_per_step` prompts continue until the budget is
+        /// reached (capped by `dynamic_sampling.max_gen_batches`, default 3); groups past the budget are dropped.
+        #[serde(default)]
+        pub tokens_per_step: Option<usize>,
+        /// Domain-aware dynamic sampling over the rows' `domain` column (see the data crate's DomainSampler).
+        #[serde(default)]
+        #[schemars(with = "Option<serde_json::Value>")]
+        pub domain_sampling: Option<data::sampler::DomainSamplingConfig>,
         /// Peak learning rate.
         #[serde(default = "default_lr", alias = "learning_rate")]
         pub lr: f64,
@@ -19,18 +182,782 @@ crate::stage::training_stage! {
 fn default_lr() -> f64 {
     1e-6
 }
+fn default_rewards() -> Vec<rewards::RewardConfig> {
+    vec![serde_json::from_value(json!({"kind": "accuracy"})).expect("accuracy reward config")]
+}
+fn eight() -> usize {
+    8
+}
+fn sixteen() -> usize {
+    16
+}
+fn one() -> usize {
+    1
+}
+fn three() -> usize {
+    3
+}
+fn one_f() -> f64 {
+    1.0
+}
+fn default_clip() -> f64 {
+    0.2
+}
+fn default_prompt_len() -> usize {
+    512
+}
+fn default_completion_len() -> usize {
+    256
+}
 
 impl GrpoStage {
-    pub fn resolve_paths(&mut self, _f: &mut dyn FnMut(&mut PathBuf)) {}
+    pub fn resolve_paths(&mut self, f: &mut dyn FnMut(&mut PathBuf)) {
+        if let Some(d) = self.data.as_mut() {
+            f(&mut d.path);
+        }
+        if let Some(d) = self.eval.as_mut().and_then(|e| e.data.as_mut()) {
+            f(&mut d.path);
+        }
+    }
+
     pub fn validate(&self, at: &str, p: &mut Vec<String>) {
         self.optim().validate(at, p);
         crate::stage::validate_eval(&self.eval, at, p);
+        match (&self.data, &self.synthetic) {
+            (None, None) => p.push(format!("{at}: needs `data` (prompts with answers) or `synthetic`")),
+            (Some(_), Some(_)) => p.push(format!("{at}: has both `data` and `synthetic`; give one")),
+            (Some(d), None) if !d.path.exists() => p.push(format!("{at}: data path {} does not exist", d.path.display())),
+            _ => {}
+        }
+        if self.max_steps.unwrap_or(1) == 0 {
+            p.push(format!("{at}: max_steps must be at least 1"));
+        }
+        if self.prompts_per_step == 0 || self.micro_batch_size == 0 || self.num_iterations == 0 {
+            p.push(format!("{at}: prompts_per_step, micro_batch_size and num_iterations must be at least 1"));
+        }
+        if self.num_generations < 2 {
+            p.push(format!("{at}: num_generations must be at least 2 (advantages compare completions of a prompt)"));
+        }
+        if let Some(o) = self.oversample_generations {
+            if o <= self.num_generations {
+                p.push(format!("{at}: oversample_generations ({o}) must exceed num_generations ({})", self.num_generations));
+            }
+        }
+        if !(self.temperature > 0.0) || self.temperature_final.is_some_and(|t| !(t > 0.0)) {
+            p.push(format!("{at}: temperature and temperature_final must be positive"));
+        }
+        if !(0.0..1.0).contains(&self.clip_ratio_low) || self.clip_ratio_high.is_some_and(|h| !(h >= 0.0)) {
+            p.push(format!("{at}: clip_ratio_low must be in [0, 1) and clip_ratio_high ≥ 0"));
+        }
+        if self.clip_ratio_c.is_some_and(|c| !(c > 1.0)) {
+            p.push(format!("{at}: clip_ratio_c (dual clip) must be greater than 1"));
+        }
+        if self.kl_coef < 0.0 {
+            p.push(format!("{at}: kl_coef must not be negative"));
+        }
+        if self.max_completion_length == 0 {
+            p.push(format!("{at}: max_completion_length must be at least 1"));
+        }
+        if let Some(f) = &self.prefilter {
+            if f.samples == 0 || !(f.min_pass_rate <= f.max_pass_rate) {
+                p.push(format!("{at}: prefilter needs samples ≥ 1 and min_pass_rate ≤ max_pass_rate"));
+            }
+        }
+        if let Err(e) = rewards::RewardSet::from_config(&self.reward) {
+            p.push(format!("{at}: reward: {e}"));
+        }
+        if self.domain_sampling.is_some() && self.data.is_none() {
+            p.push(format!("{at}: domain_sampling needs `data` with a `domain` column"));
+        }
     }
+
     pub fn plan(&self) -> String {
-        String::new()
+        let src = self.synthetic.as_ref().map(|s| format!("{} synthetic problems", s.count)).unwrap_or_else(|| self.data.as_ref().map(|d| d.path.display().to_string()).unwrap_or_default());
+        format!(
+            "{src}; {} steps of {} prompts × {} completions (≤ {} tokens), μ = {}, lr {:.1e}, kl_coef {}{}",
+            self.max_steps.unwrap_or(100),
+            self.prompts_per_step,
+            self.num_generations,
+            self.max_completion_length,
+            self.num_iterations,
+            self.lr,
+            self.kl_coef,
+            if self.kl_coef > 0.0 { " (a reference model is kept in memory)" } else { "" }
+        )
+    }
+
+    fn total_steps(&self) -> usize {
+        self.max_steps.unwrap_or(100)
+    }
+
+    /// The sampling temperature at (0-based) step `step`.
+    pub fn temperature_at(&self, step: usize) -> f64 {
+        match self.temperature_final {
+            Some(end) if self.temperature_anneal_steps > 0 => {
+                let f = (step as f64 / self.temperature_anneal_steps as f64).min(1.0);
+                self.temperature + (end - self.temperature) * f
+            }
+            Some(end) => end,
+            None => self.temperature,
+        }
+    }
+
+    fn clip(&self) -> ClipCfg {
+        ClipCfg {
+            level: self.importance_sampling_level,
+            eps_low: self.clip_ratio_low,
+            eps_high: self.clip_ratio_high.unwrap_or(self.clip_ratio_low),
+            dual_clip: self.clip_ratio_c,
+        }
     }
 }
 
-pub fn run(_ctx: &Ctx, _index: usize, _s: &GrpoStage, _model: &Model, _resume: Option<&Checkpoint>) -> Result<f64> {
-    bail!("kind = \"grpo\" is not built yet")
+/// A problem: prompt token ids, the prompt text, its gold answer, its domain, and its dataset row.
+struct Problem {
+    ids: Vec<i64>,
+    text: String,
+    answer: String,
+    domain: Option<String>,
+    row: serde_json::Map<String, serde_json::Value>,
+}
+
+/// One scored completion.
+#[derive(Clone)]
+struct Sampled {
+    ids: Vec<i64>,
+    reward: f64,
+    correct: bool,
+    truncated: bool,
+}
+
+/// The completions of one prompt.
+struct Group {
+    problem: usize,
+    done: Vec<Sampled>,
+}
+
+/// What is checkpointed besides the model and optimizer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct GrpoState {
+    /// Problem indices kept by the prefilter (None: all).
+    kept: Option<Vec<usize>>,
+    sampler: Option<data::SamplerState>,
+    domain: Option<data::sampler::DomainState>,
+    /// Totals over the stage.
+    groups_dropped_zero_variance: u64,
+    groups_dropped_over_budget: u64,
+    steps_skipped: u64,
+    prompts_drawn: u64,
+}
+
+/// Draws problem indices: plainly shuffled, or by domain with rewards fed back.
+enum Draw {
+    Plain(data::Sampler),
+    Domain { sampler: data::sampler::DomainSampler, members: Vec<Vec<usize>>, names: Vec<String> },
+}
+
+impl Draw {
+    fn next(&mut self, n: usize, pool: &[usize]) -> Vec<usize> {
+        match self {
+            Draw::Plain(s) => s.next_batch(n).into_iter().map(|i| pool[i]).collect(),
+            Draw::Domain { sampler, members, .. } => (0..n).filter_map(|_| sampler.next_item()).map(|(d, i)| members[d][i]).collect(),
+        }
+    }
+}
+
+fn load_problems(ctx: &Ctx, s: &GrpoStage) -> Result<(Vec<Problem>, usize)> {
+    let records = match (&s.data, &s.synthetic) {
+        (Some(d), _) => data::load_records(d).with_context(|| format!("loading {}", d.path.display()))?,
+        (None, Some(spec)) => crate::stage::synthetic(spec)?.prompt_answer(spec.start, spec.count),
+        (None, None) => bail!("the stage has no data"),
+    };
+    let (mut out, mut too_long) = (vec![], 0);
+    for (i, r) in records.iter().enumerate() {
+        let Record::PromptAnswer { prompt, answer, id, domain, .. } = r else {
+            bail!("row {}: a GRPO stage needs prompts with gold answers (prompt + answer columns)", i + 1);
+        };
+        let ids = crate::accuracy::prompt_ids(&ctx.tok, ctx.template.as_ref(), prompt)?;
+        if ids.len() > s.max_prompt_length {
+            too_long += 1;
+            continue;
+        }
+        let text = prompt.last().map(|m| m.content.clone()).unwrap_or_default();
+        let mut row = serde_json::Map::new();
+        row.insert("id".into(), json!(id));
+        if let Some(d) = domain {
+            row.insert("domain".into(), json!(d));
+        }
+        out.push(Problem { ids, text, answer: answer.clone(), domain: domain.clone(), row });
+    }
+    if out.is_empty() {
+        bail!("no problems left: all {} prompts are longer than max_prompt_length = {}", records.len(), s.max_prompt_length);
+    }
+    Ok((out, too_long))
+}
+
+/// Generates `n` completions for each of `problems` at `temperature` and scores them.
+#[allow(clippy::too_many_arguments)]
+fn rollout(
+    ctx: &Ctx,
+    s: &GrpoStage,
+    model: &Model,
+    rewards: &rewards::RewardSet,
+    problems: &[Problem],
+    which: &[usize],
+    n: usize,
+    temperature: f64,
+    seed: u64,
+) -> Result<Vec<Group>> {
+    let stop: Vec<i64> = ctx.tok.stop_token_ids().into_iter().map(|x| x as i64).collect();
+    let cfg = rollout::EngineConfig { eos_token_ids: stop.clone(), pad_token_id: ctx.tok.pad_id as i64, seed, ..Default::default() };
+    let engine = rollout::Engine::new(&model.net, cfg)?;
+    let params = rollout::SamplingParams {
+        temperature: temperature as f32,
+        top_p: s.top_p as f32,
+        top_k: s.top_k,
+        min_p: s.min_p as f32,
+        max_new_tokens: s.max_completion_length,
+        ..Default::default()
+    };
+    let requests: Vec<rollout::Request> = which.iter().map(|&i| rollout::Request { prompt_ids: problems[i].ids.clone(), n, params: params.clone() }).collect();
+    let mut done = engine.generate(&requests)?;
+    done.sort_by_key(|c| (c.request_index, c.sample_index));
+    let mut samples = Vec::with_capacity(done.len());
+    for c in &done {
+        let p = &problems[which[c.request_index]];
+        let text_ids: Vec<u32> = c.token_ids.iter().filter(|t| !stop.contains(t)).map(|&t| t as u32).collect();
+        samples.push(rewards::Sample {
+            prompt: p.text.clone(),
+            completion: ctx.tok.decode(&text_ids, true)?,
+            gold: Some(p.answer.clone()),
+            completion_tokens: c.token_ids.len(),
+            max_tokens: s.max_completion_length,
+            truncated: c.finish_reason == rollout::FinishReason::Length,
+            row: p.row.clone(),
+        });
+    }
+    let scores = rewards.score_batch(&samples)?;
+    let mut groups: Vec<Group> = which.iter().map(|&i| Group { problem: i, done: vec![] }).collect();
+    for (k, c) in done.into_iter().enumerate() {
+        groups[c.request_index].done.push(Sampled {
+            ids: c.token_ids,
+            reward: scores.total[k].unwrap_or(0.0),
+            correct: scores.correct[k].unwrap_or(false),
+            truncated: samples[k].truncated,
+        });
+    }
+    Ok(groups)
+}
+
+/// Keeps `g` of a group's completions, balanced between rewards above and at-or-below the group mean
+/// (Phi-4-mini's oversample-then-balance): alternately one from each side, in generation order.
+fn balance(group: &mut Group, g: usize) {
+    if group.done.len() <= g {
+        return;
+    }
+    let mean = group.done.iter().map(|x| x.reward).sum::<f64>() / group.done.len() as f64;
+    let (hi, lo): (Vec<Sampled>, Vec<Sampled>) = group.done.drain(..).partition(|x| x.reward > mean);
+    let (mut hi, mut lo) = (hi.into_iter(), lo.into_iter());
+    let mut out = Vec::with_capacity(g);
+    while out.len() < g {
+        match (out.len() % 2 == 0).then(|| hi.next()).flatten().or_else(|| lo.next()).or_else(|| hi.next()) {
+            Some(x) => out.push(x),
+            None => break,
+        }
+    }
+    group.done = out;
+}
+
+fn zero_variance(g: &Group) -> bool {
+    g.done.windows(2).all(|w| w[0].reward == w[1].reward)
+}
+
+/// Seed of a generation round: a pure function of the run seed, stage, step and round.
+fn round_seed(run_seed: u64, stage: usize, step: usize, round: usize) -> u64 {
+    let mut x = run_seed ^ 0x9E37_79B9_7F4A_7C15;
+    for v in [stage as u64, step as u64, round as u64] {
+        x = (x ^ v).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x ^= x >> 31;
+    }
+    x
+}
+
+/// Pilot pass: which problems the prefilter keeps, with counts for the log.
+fn prefilter(ctx: &Ctx, s: &GrpoStage, f: &Prefilter, model: &Model, rewards: &rewards::RewardSet, problems: &[Problem], index: usize) -> Result<Vec<usize>> {
+    let all: Vec<usize> = (0..problems.len()).collect();
+    let mut kept = vec![];
+    let (mut easy, mut hard, mut uneven) = (0, 0, 0);
+    for (round, chunk) in all.chunks(64).enumerate() {
+        let groups = rollout(ctx, s, model, rewards, problems, chunk, f.samples, s.temperature, round_seed(ctx.recipe.run.seed, index, usize::MAX, round))?;
+        for g in groups {
+            let rate = g.done.iter().filter(|x| x.correct).count() as f64 / g.done.len() as f64;
+            let lens: Vec<f64> = g.done.iter().map(|x| x.ids.len() as f64).collect();
+            let mean = lens.iter().sum::<f64>() / lens.len() as f64;
+            let cv = (lens.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / lens.len() as f64).sqrt() / mean.max(1.0);
+            if rate < f.min_pass_rate {
+                hard += 1;
+            } else if rate > f.max_pass_rate {
+                easy += 1;
+            } else if f.max_length_cv.is_some_and(|m| cv > m) {
+                uneven += 1;
+            } else {
+                kept.push(g.problem);
+            }
+        }
+    }
+    eprintln!(
+        "[{}] prefilter ({} pilot samples each): kept {} of {} prompts; dropped {easy} too easy, {hard} too hard, {uneven} with uneven lengths",
+        ctx.recipe.stage[index].name(index),
+        f.samples,
+        kept.len(),
+        problems.len()
+    );
+    if kept.is_empty() {
+        bail!("the prefilter kept no prompts; widen [min_pass_rate, max_pass_rate] or max_length_cv");
+    }
+    Ok(kept)
+}
+
+/// Training rows of the groups: prompt + completion, labels on the completion only (none for masked
+/// truncated completions), with the completion's advantage.
+fn rows_of(groups: &[Group], problems: &[Problem], adv: &[f64], mask_truncated: bool) -> (Vec<Row>, Vec<f64>) {
+    let mut rows = vec![];
+    let mut advs = vec![];
+    let mut k = 0;
+    for g in groups {
+        let p = &problems[g.problem].ids;
+        for c in &g.done {
+            let mut ids = p.clone();
+            ids.extend(&c.ids);
+            let mut labels = vec![crate::loss::IGNORE; p.len()];
+            if mask_truncated && c.truncated {
+                labels.extend(std::iter::repeat_n(crate::loss::IGNORE, c.ids.len()));
+            } else {
+                labels.extend(&c.ids);
+            }
+            rows.push(Row { ids, labels, pos: None });
+            advs.push(adv[k]);
+            k += 1;
+        }
+    }
+    (rows, advs)
+}
+
+/// Per-token log-probabilities of rows (no gradients), micro-batch by micro-batch.
+fn logprobs_of(model: &Model, rows: &[Row], mb: usize, pad: i64, chunk: i64, temperature: f64) -> Vec<Tensor> {
+    let dev = model.net.device();
+    rows.chunks(mb)
+        .map(|m| {
+            let refs: Vec<&Row> = m.iter().collect();
+            let (ids, labels, pos, aux, _) = collate(&refs, pad, dev);
+            crate::loss::token_logprobs(&model.net, &Batch::padded(&ids, &pos, &aux), &labels, chunk, temperature, false).0
+        })
+        .collect()
+}
+
+/// A frozen copy of the model (the KL reference).
+fn frozen_copy(model: &Model) -> Model {
+    let kind = model.net.params.tensors()[0].kind();
+    let net = model::Transformer::build(&model.net.cfg, kind, model.net.device(), model::Fill::Empty);
+    tch::no_grad(|| {
+        for ((_, dst), (_, src)) in net.params.iter().zip(model.net.params.iter()) {
+            dst.shallow_clone().copy_(src);
+        }
+    });
+    Model { net, source_dir: model.source_dir.clone() }
+}
+
+pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option<&Checkpoint>) -> Result<f64> {
+    let name = ctx.recipe.stage[index].name(index);
+    let total = s.total_steps();
+    let rewards = rewards::RewardSet::from_config(&s.reward)?;
+    let (problems, too_long) = load_problems(ctx, s)?;
+    if too_long > 0 {
+        eprintln!("[{name}] dropped {too_long} prompts longer than max_prompt_length = {}", s.max_prompt_length);
+    }
+    let optim = s.optim();
+    let mut opt = optim.optimizer(model);
+    let mut st: GrpoState = match resume {
+        Some(c) => {
+            opt.load(&c.optimizer_path())?;
+            serde_json::from_value(c.state.extra.clone()).context("checkpoint: GRPO state")?
+        }
+        None => GrpoState::default(),
+    };
+    let start = resume.map(|c| c.state.step).unwrap_or(0);
+    let held = HeldOut::new(&s.eval)?;
+    let mut before = f64::NAN;
+    if let (Some(h), 0) = (&held, start) {
+        let (acc, _) = h.accuracy(ctx, model)?;
+        before = acc;
+        eprintln!("[{name}] held-out accuracy before: {:.1}% ({} problems)", 100.0 * acc, h.records.len());
+        ctx.metrics.log(obj(json!({"stage": index, "stage_name": name, "step": 0, "eval_accuracy": acc})))?;
+    }
+    // prompt filtering with the starting policy (once; its result is checkpointed)
+    if let (Some(f), None) = (&s.prefilter, &st.kept) {
+        st.kept = Some(prefilter(ctx, s, f, model, &rewards, &problems, index)?);
+    }
+    let pool: Vec<usize> = st.kept.clone().unwrap_or_else(|| (0..problems.len()).collect());
+    let scfg = data::SamplerConfig { seed: ctx.recipe.run.seed.wrapping_add(index as u64), shuffle: true, num_epochs: None, drop_last: false };
+    let mut draw = match &s.domain_sampling {
+        None => {
+            let mut smp = data::Sampler::single(pool.len(), scfg)?;
+            if let Some(x) = st.sampler.clone() {
+                smp.restore(x)?;
+            }
+            Draw::Plain(smp)
+        }
+        Some(dcfg) => {
+            let mut names: Vec<String> = pool.iter().map(|&i| problems[i].domain.clone().unwrap_or_default()).collect();
+            names.sort();
+            names.dedup();
+            let members: Vec<Vec<usize>> = names.iter().map(|n| pool.iter().copied().filter(|&i| problems[i].domain.as_deref().unwrap_or("") == n).collect()).collect();
+            let mut ds = data::sampler::DomainSampler::new(names.iter().cloned().zip(members.iter().map(|m| m.len())).collect(), dcfg.clone(), scfg, 0, 1)?;
+            if let Some(x) = st.domain.clone() {
+                ds.restore(x)?;
+            }
+            eprintln!("[{name}] domain-aware sampling over {} domains: {}", names.len(), names.join(", "));
+            Draw::Domain { sampler: ds, members, names }
+        }
+    };
+    let reference = if s.kl_coef > 0.0 {
+        Some(if start == 0 { frozen_copy(model) } else { crate::run::stage_start_model(ctx, index, model.net.params.tensors()[0].kind(), model.net.device())? })
+    } else {
+        None
+    };
+    eprintln!("[{name}] {} problems; {total} steps: {}", pool.len(), s.plan());
+
+    let pad = ctx.tok.pad_id as i64;
+    let chunk = s.loss_chunk as i64;
+    let g = s.num_generations;
+    let clip = s.clip();
+    let bar = crate::progress::Bar::new(&name, start, total);
+    let t_stage = Instant::now();
+    for step in start..total {
+        let t0 = Instant::now();
+        let temperature = s.temperature_at(step);
+        // ---- generate and score
+        let (mut t_gen, mut t_score) = (0.0, 0.0);
+        let mut groups: Vec<Group> = vec![];
+        let mut gen_tokens = 0usize;
+        let (mut dropped_zero, mut dropped_budget, mut rounds) = (0u64, 0u64, 0usize);
+        let cap = s.dynamic_sampling.as_ref().map(|d| d.max_gen_batches).unwrap_or(if s.tokens_per_step.is_some() { 3 } else { 1 }).max(1);
+        let mut all_groups_stats: Vec<(f64, bool, usize, bool)> = vec![]; // (reward, correct, len, truncated) of every sample generated
+        let mut zero_var_groups = 0usize;
+        let mut generated_groups = 0usize;
+        loop {
+            let which = draw.next(s.prompts_per_step, &pool);
+            st.prompts_drawn += which.len() as u64;
+            if which.is_empty() {
+                break;
+            }
+            let tg = Instant::now();
+            let n = s.oversample_generations.unwrap_or(g);
+            let mut got = rollout(ctx, s, model, &rewards, &problems, &which, n, temperature, round_seed(ctx.recipe.run.seed, index, step, rounds))?;
+            t_gen += tg.elapsed().as_secs_f64();
+            rounds += 1;
+            for gr in &mut got {
+                for x in &gr.done {
+                    all_groups_stats.push((x.reward, x.correct, x.ids.len(), x.truncated));
+                }
+                if let (Draw::Domain { sampler, names, .. }, Some(d)) = (&mut draw, &problems[gr.problem].domain) {
+                    if let Some(di) = names.iter().position(|n| n == d) {
+                        let rs: Vec<f64> = gr.done.iter().map(|x| x.reward).collect();
+                        sampler.update(di, &rs)?;
+                    }
+                }
+                balance(gr, g);
+            }
+            generated_groups += got.len();
+            for gr in got {
+                let zv = zero_variance(&gr);
+                zero_var_groups += zv as usize;
+                if zv && s.dynamic_sampling.is_some() {
+                    dropped_zero += 1;
+                    continue;
+                }
+                if let Some(budget) = s.tokens_per_step {
+                    if gen_tokens >= budget {
+                        dropped_budget += 1;
+                        continue;
+                    }
+                }
+                gen_tokens += gr.done.iter().map(|x| x.ids.len()).sum::<usize>();
+                groups.push(gr);
+            }
+            let full = match (s.tokens_per_step, &s.dynamic_sampling) {
+                (Some(b), _) => gen_tokens >= b,
+                (None, Some(_)) => groups.len() >= s.prompts_per_step,
+                (None, None) => true,
+            };
+            if full {
+                break;
+            }
+            if rounds >= cap {
+                if let Some(DynamicSampling { on_cap: OnCap::Error, max_gen_batches }) = &s.dynamic_sampling {
+                    bail!(
+                        "[{name}] step {}: dynamic sampling kept {} of {} groups after max_gen_batches = {max_gen_batches} rounds \
+                         (all others had equal rewards); raise max_gen_batches, use a harder/easier dataset, or on_cap = \"train\"",
+                        step + 1,
+                        groups.len(),
+                        s.prompts_per_step
+                    );
+                }
+                break;
+            }
+        }
+        if s.dynamic_sampling.is_some() && s.tokens_per_step.is_none() {
+            groups.truncate(s.prompts_per_step);
+        }
+        st.groups_dropped_zero_variance += dropped_zero;
+        st.groups_dropped_over_budget += dropped_budget;
+        let ts = Instant::now();
+
+        // ---- advantages (KL in the reward first, when asked)
+        let mut rewards_flat: Vec<f64> = groups.iter().flat_map(|gr| gr.done.iter().map(|x| x.reward)).collect();
+        let (rows, _) = rows_of(&groups, &problems, &vec![0.0; rewards_flat.len()], s.mask_truncated_completions);
+        let ref_lp = match &reference {
+            Some(r) if !rows.is_empty() => Some(logprobs_of(r, &rows, s.micro_batch_size, pad, chunk, temperature)),
+            _ => None,
+        };
+        let mut kl_reward = 0.0;
+        if let (true, Some(refs)) = (s.kl_in_reward, &ref_lp) {
+            let cur = logprobs_of(model, &rows, s.micro_batch_size, pad, chunk, temperature);
+            let mut k = 0;
+            for (c, r) in cur.iter().zip(refs) {
+                let per_row = Vec::<f64>::try_from(rl::kl(c, r, KlEstimator::K1).sum_dim_intlist(1, false, Kind::Double)).unwrap();
+                for v in per_row {
+                    rewards_flat[k] -= s.kl_coef * v;
+                    kl_reward += v;
+                    k += 1;
+                }
+            }
+            kl_reward /= rows.len().max(1) as f64;
+        }
+        let sizes_equal = groups.iter().all(|gr| gr.done.len() == g);
+        let adv = if groups.is_empty() {
+            vec![]
+        } else if sizes_equal {
+            rl::advantages(&rewards_flat, g, s.adv_estimator, s.scale_rewards, 1e-4)
+        } else {
+            // groups cut short (oversampling of a group with fewer distinct samples): one group at a time
+            let mut out = vec![];
+            let mut k = 0;
+            for gr in &groups {
+                let n = gr.done.len();
+                out.extend(rl::advantages(&rewards_flat[k..k + n], n, s.adv_estimator, s.scale_rewards, 1e-4));
+                k += n;
+            }
+            if s.scale_rewards == ScaleRewards::Batch {
+                out = rl::advantages(&rewards_flat, rewards_flat.len(), s.adv_estimator, ScaleRewards::Batch, 1e-4);
+            }
+            out
+        };
+        let (rows, advs) = rows_of(&groups, &problems, &adv, s.mask_truncated_completions);
+        t_score += ts.elapsed().as_secs_f64();
+
+        // ---- policy update: μ passes, one optimizer step each
+        let tt = Instant::now();
+        let n_tok: f64 = rows.iter().map(|r| r.labels.iter().filter(|&&x| x != crate::loss::IGNORE).count() as f64).sum();
+        let n_seq = rows.iter().filter(|r| r.labels.iter().any(|&x| x != crate::loss::IGNORE)).count() as f64;
+        let denoms = AggDenoms { tokens: n_tok, seqs: n_seq, norm: s.max_completion_length as f64 };
+        let old_lp = if s.num_iterations > 1 && !rows.is_empty() { Some(logprobs_of(model, &rows, s.micro_batch_size, pad, chunk, temperature)) } else { None };
+        let (mut loss_sum, mut clip_sum, mut kl_sum, mut ent_sum, mut grad_norm) = (0.0, 0.0, 0.0, 0.0, 0.0);
+        let lr = optim.lr_at(step, total);
+        let dev = model.net.device();
+        let want_entropy = true;
+        if n_tok > 0.0 {
+            for it in 0..s.num_iterations {
+                for (mi, m) in rows.chunks(s.micro_batch_size).enumerate() {
+                    let refs: Vec<&Row> = m.iter().collect();
+                    let (ids, labels, pos, aux, _) = collate(&refs, pad, dev);
+                    let batch = Batch::padded(&ids, &pos, &aux);
+                    let a0 = mi * s.micro_batch_size;
+                    let adv_t = Tensor::from_slice(&advs[a0..a0 + m.len()]).to_kind(Kind::Float).to_device(dev);
+                    let old = old_lp.as_ref().map(|o| o[mi].shallow_clone());
+                    let rf = ref_lp.as_ref().map(|r| r[mi].shallow_clone());
+                    let mut stats = (0.0, 0.0, 0.0);
+                    let (l, _, _) = crate::loss::logprob_backward(&model.net, &batch, &labels, chunk, temperature, want_entropy, |lp, ent| {
+                        let mask = labels.narrow(1, 1, labels.size()[1] - 1).ne(crate::loss::IGNORE).to_device(dev).to_kind(lp.kind());
+                        let old = old.unwrap_or_else(|| lp.detach());
+                        let ratio = rl::ratios(lp, &old, &mask, clip.level);
+                        let (pg, clipped) = rl::clipped_pg(&ratio, &adv_t.to_kind(lp.kind()), &clip);
+                        let mut per_tok = pg;
+                        if let Some(r) = &rf {
+                            let k = rl::kl(lp, r, s.kl_estimator);
+                            stats.1 = f64::try_from((&k * &mask).sum(Kind::Double)).unwrap_or(0.0);
+                            if !s.kl_in_reward {
+                                per_tok = per_tok + k * s.kl_coef;
+                            }
+                        }
+                        if let Some(e) = ent {
+                            stats.2 = f64::try_from((e * &mask).sum(Kind::Double)).unwrap_or(0.0);
+                            if s.entropy_coeff != 0.0 {
+                                per_tok = per_tok - e * s.entropy_coeff;
+                            }
+                        }
+                        stats.0 = f64::try_from((&clipped * &mask).sum(Kind::Double)).unwrap_or(0.0);
+                        rl::aggregate(&per_tok, &mask, s.loss_agg_mode, denoms)
+                    });
+                    if it == 0 {
+                        loss_sum += l;
+                        clip_sum += stats.0;
+                        kl_sum += stats.1;
+                        ent_sum += stats.2;
+                    }
+                }
+                grad_norm = opt.clip_grad_norm(optim.max_grad_norm);
+                opt.step(lr);
+                opt.zero_grad();
+            }
+        } else {
+            st.steps_skipped += 1;
+            bar.println(&format!("[{name}] step {}: no trainable completions (all groups dropped); step skipped", step + 1));
+        }
+        let t_train = tt.elapsed().as_secs_f64();
+        if !loss_sum.is_finite() {
+            bail!("[{name}] loss became {loss_sum} at step {}: lower the learning rate", step + 1);
+        }
+
+        // ---- metrics
+        let dt = t0.elapsed().as_secs_f64();
+        let done = step + 1;
+        let ns = all_groups_stats.len().max(1) as f64;
+        let rmean = all_groups_stats.iter().map(|x| x.0).sum::<f64>() / ns;
+        let rstd = (all_groups_stats.iter().map(|x| (x.0 - rmean).powi(2)).sum::<f64>() / ns).sqrt();
+        let acc = all_groups_stats.iter().filter(|x| x.1).count() as f64 / ns;
+        let len_mean = all_groups_stats.iter().map(|x| x.2 as f64).sum::<f64>() / ns;
+        let len_max = all_groups_stats.iter().map(|x| x.2).max().unwrap_or(0);
+        let trunc = all_groups_stats.iter().filter(|x| x.3).count() as f64 / ns;
+        let total_tokens: usize = all_groups_stats.iter().map(|x| x.2).sum();
+        let record = json!({"stage": index, "stage_name": name, "step": done,
+            "loss": loss_sum, "reward_mean": rmean, "reward_std": rstd, "accuracy": acc,
+            "frac_zero_std_groups": zero_var_groups as f64 / generated_groups.max(1) as f64,
+            "kl": kl_sum / n_tok.max(1.0), "kl_in_reward": kl_reward, "clip_frac": clip_sum / n_tok.max(1.0), "entropy": ent_sum / n_tok.max(1.0),
+            "response_length_mean": len_mean, "response_length_max": len_max, "truncated_frac": trunc,
+            "grad_norm": grad_norm, "lr": lr, "temperature": temperature, "groups": groups.len(), "gen_rounds": rounds,
+            "groups_dropped_zero_std": dropped_zero, "groups_dropped_over_budget": dropped_budget, "train_tokens": n_tok,
+            "time_generate_s": t_gen, "time_score_s": t_score, "time_train_s": t_train, "step_s": dt,
+            "tokens_per_s": total_tokens as f64 / t_gen.max(1e-9)});
+        if done % ctx.recipe.run.log_every.max(1) == 0 || done == total || done == 1 {
+            bar.println(&format!(
+                "[{name}] step {done}/{total} reward {rmean:.3} acc {:.1}% len {len_mean:.1} clip {:.3} kl {:.4} T {temperature:.2} ({t_gen:.1}s gen, {t_train:.1}s train)",
+                100.0 * acc,
+                clip_sum / n_tok.max(1.0),
+                kl_sum / n_tok.max(1.0)
+            ));
+        }
+        ctx.metrics.log(obj(record))?;
+        bar.step(done, loss_sum, total_tokens as f64 / dt);
+        if let Some(h) = &held {
+            if h.due(done, total) {
+                let (a, _) = h.accuracy(ctx, model)?;
+                bar.println(&format!("[{name}] step {done}: held-out accuracy {:.1}%", 100.0 * a));
+                ctx.metrics.log(obj(json!({"stage": index, "stage_name": name, "step": done, "eval_accuracy": a})))?;
+            }
+        }
+        crate::faults::point(&format!("step:{index}:{done}"));
+        let save_every = ctx.recipe.run.save_every;
+        if save_every > 0 && done % save_every == 0 && done < total {
+            sync_state(&mut st, &draw);
+            let state = TrainState {
+                stage: index,
+                stage_name: name.clone(),
+                step: done,
+                total_steps: total,
+                stage_complete: false,
+                sampler: None,
+                tokens: 0,
+                recipe: ctx.fingerprint.clone(),
+                extra: serde_json::to_value(&st)?,
+            };
+            save_checkpoint(ctx, &state, model, Some(&opt))?;
+        }
+    }
+    bar.finish();
+    let mut after = f64::NAN;
+    if let Some(h) = &held {
+        let (acc, samples) = h.accuracy(ctx, model)?;
+        after = acc;
+        for (q, a, ok) in samples {
+            eprintln!("[{name}]   {q:?} -> {a:?} {}", if ok { "✓" } else { "✗" });
+        }
+        if before.is_nan() {
+            eprintln!("[{name}] held-out accuracy after: {:.1}%", 100.0 * acc);
+        } else {
+            eprintln!("[{name}] held-out accuracy: {:.1}% before, {:.1}% after", 100.0 * before, 100.0 * acc);
+        }
+        ctx.metrics.log(obj(json!({"stage": index, "stage_name": name, "step": total, "eval_accuracy": acc})))?;
+    }
+    eprintln!(
+        "[{name}] done in {:.1} s ({} groups dropped for equal rewards, {} over the token budget, {} steps skipped); curves in {}",
+        t_stage.elapsed().as_secs_f64(),
+        st.groups_dropped_zero_variance,
+        st.groups_dropped_over_budget,
+        st.steps_skipped,
+        crate::plot::stage_plot(&ctx.output, index, &name)?.display()
+    );
+    sync_state(&mut st, &draw);
+    let state = TrainState {
+        stage: index,
+        stage_name: name.clone(),
+        step: total,
+        total_steps: total,
+        stage_complete: true,
+        sampler: None,
+        tokens: 0,
+        recipe: ctx.fingerprint.clone(),
+        extra: serde_json::to_value(&st)?,
+    };
+    save_checkpoint(ctx, &state, model, None)?;
+    Ok(after)
+}
+
+fn sync_state(st: &mut GrpoState, draw: &Draw) {
+    match draw {
+        Draw::Plain(s) => st.sampler = Some(s.state()),
+        Draw::Domain { sampler, .. } => st.domain = Some(sampler.state()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampled(r: f64) -> Sampled {
+        Sampled { ids: vec![1], reward: r, correct: r > 0.0, truncated: false }
+    }
+
+    #[test]
+    fn balance_keeps_g_alternating_above_and_below_the_mean() {
+        let mut g = Group { problem: 0, done: [1.0, 1.0, 1.0, 1.0, 1.0, -1.0, 1.0, -1.0].iter().map(|&r| sampled(r)).collect() };
+        balance(&mut g, 4);
+        let r: Vec<f64> = g.done.iter().map(|x| x.reward).collect();
+        assert_eq!(r, vec![1.0, -1.0, 1.0, -1.0]);
+        // only one negative: the rest are filled from the other side
+        let mut g = Group { problem: 0, done: [1.0, 1.0, 1.0, -1.0, 1.0, 1.0].iter().map(|&r| sampled(r)).collect() };
+        balance(&mut g, 4);
+        let r: Vec<f64> = g.done.iter().map(|x| x.reward).collect();
+        assert_eq!(r.iter().filter(|&&x| x < 0.0).count(), 1);
+        assert_eq!(r.len(), 4);
+    }
+
+    #[test]
+    fn temperature_anneals_linearly_then_holds() {
+        let mut s: GrpoStage = toml::from_str("synthetic = { count = 1 }\ntemperature = 1.0\ntemperature_final = 0.6\ntemperature_anneal_steps = 4").unwrap();
+        assert_eq!(s.temperature_at(0), 1.0);
+        assert!((s.temperature_at(2) - 0.8).abs() < 1e-12);
+        assert!((s.temperature_at(4) - 0.6).abs() < 1e-12);
+        assert!((s.temperature_at(100) - 0.6).abs() < 1e-12);
+        s.temperature_final = None;
+        assert_eq!(s.temperature_at(50), 1.0);
+    }
+
+    #[test]
+    fn round_seeds_differ_by_step_and_round() {
+        let a = round_seed(0, 1, 2, 0);
+        assert_ne!(a, round_seed(0, 1, 3, 0));
+        assert_ne!(a, round_seed(0, 1, 2, 1));
+        assert_eq!(a, round_seed(0, 1, 2, 0));
+    }
 }

@@ -68,6 +68,20 @@ fn gguf_dir(gguf: &Path, output: &Path) -> PathBuf {
     output.join("base-model").join(gguf.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default())
 }
 
+/// The weights stage `index` started from (a fresh copy): the base model for the first stage, else the
+/// previous stage's final checkpoint. Used for reference models on resume.
+pub(crate) fn stage_start_model(ctx: &Ctx, index: usize, kind: Kind, device: Device) -> Result<Model> {
+    if index == 0 {
+        return base_model(&ctx.recipe, &ctx.output, kind, device);
+    }
+    let prev = checkpoint::list(&ctx.output)?
+        .into_iter()
+        .filter(|c| c.state.stage == index - 1 && c.state.stage_complete)
+        .last()
+        .with_context(|| format!("no final checkpoint of stage {} in {}", index, ctx.output.display()))?;
+    Ok(Model::load(&prev.model_dir(), Some(kind), device)?)
+}
+
 /// The starting model of the first stage.
 fn base_model(r: &Recipe, output: &Path, kind: Kind, device: Device) -> Result<Model> {
     if let Some(cfg) = &r.model.config {

@@ -15,10 +15,10 @@ use crate::stage::{eval_records, obj, save_checkpoint};
 use crate::run::Ctx;
 
 /// One training row: tokens, labels and, for packed rows, per-document positions.
-struct Row {
-    ids: Vec<i64>,
-    labels: Vec<i64>,
-    pos: Option<Vec<i64>>,
+pub(crate) struct Row {
+    pub ids: Vec<i64>,
+    pub labels: Vec<i64>,
+    pub pos: Option<Vec<i64>>,
 }
 
 fn rows(ctx: &Ctx, s: &SftStage) -> Result<(Vec<Row>, String)> {
@@ -65,7 +65,7 @@ fn rows(ctx: &Ctx, s: &SftStage) -> Result<(Vec<Row>, String)> {
 
 /// Stacks rows into tensors: (ids, labels, position ids, mask) with right padding (padded rows) or the
 /// packed positions (packed rows, where documents are told apart by positions restarting at 0).
-fn collate(rows: &[&Row], pad: i64, dev: Device) -> (Tensor, Tensor, Tensor, Tensor, bool) {
+pub(crate) fn collate(rows: &[&Row], pad: i64, dev: Device) -> (Tensor, Tensor, Tensor, Tensor, bool) {
     let l = rows.iter().map(|r| r.ids.len()).max().unwrap();
     let b = rows.len();
     let (mut ids, mut labels, mut pos, mut aux) = (vec![pad; b * l], vec![crate::loss::IGNORE; b * l], vec![0i64; b * l], vec![0i64; b * l]);
