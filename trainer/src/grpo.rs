@@ -325,6 +325,8 @@ struct Problem {
 #[derive(Clone)]
 struct Sampled {
     ids: Vec<i64>,
+    /// Log-probabilities of the tokens under the sampling distribution, as the rollout engine computed them.
+    logprobs: Vec<f32>,
     reward: f64,
     correct: bool,
     truncated: bool,
@@ -440,6 +442,7 @@ fn rollout(
     let mut groups: Vec<Group> = which.iter().map(|&i| Group { problem: i, done: vec![] }).collect();
     for (k, c) in done.into_iter().enumerate() {
         groups[c.request_index].done.push(Sampled {
+            logprobs: c.logprobs_sampled,
             ids: c.token_ids,
             reward: scores.total[k].unwrap_or(0.0),
             correct: scores.correct[k].unwrap_or(false),
@@ -761,49 +764,48 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
         let n_tok: f64 = rows.iter().map(|r| r.labels.iter().filter(|&&x| x != crate::loss::IGNORE).count() as f64).sum();
         let n_seq = rows.iter().filter(|r| r.labels.iter().any(|&x| x != crate::loss::IGNORE)).count() as f64;
         let denoms = AggDenoms { tokens: n_tok, seqs: n_seq, norm: s.max_completion_length as f64 };
+        if std::env::var("WHET_DEBUG_LP").is_ok() && !rows.is_empty() {
+            let cur = logprobs_of(model, &rows, s.micro_batch_size, pad, chunk, temperature);
+            let mut k = 0;
+            for (mi, t) in cur.iter().enumerate() {
+                let _ = mi;
+                let n = t.size()[0];
+                for r in 0..n {
+                    let row: Vec<f32> = Vec::<f32>::try_from(t.get(r)).unwrap();
+                    let c = groups.iter().flat_map(|g| g.done.iter()).nth(k).unwrap();
+                    let plen = rows[k].ids.len() - c.ids.len();
+                    let train: Vec<f32> = row[plen - 1..plen - 1 + c.ids.len()].to_vec();
+                    if k < 3 {
+                        eprintln!("rollout {:?}\ntrain   {:?}\nids {:?} reward {}", c.logprobs, train, c.ids, c.reward);
+                    }
+                    k += 1;
+                }
+            }
+        }
         let old_lp = if s.num_iterations > 1 && !rows.is_empty() { Some(logprobs_of(model, &rows, s.micro_batch_size, pad, chunk, temperature)) } else { None };
         let (mut loss_sum, mut clip_sum, mut kl_sum, mut ent_sum, mut grad_norm) = (0.0, 0.0, 0.0, 0.0, 0.0);
         let lr = optim.lr_at(step, total);
-        let dev = model.net.device();
-        let want_entropy = true;
+        let lcfg = LossCfg {
+            clip,
+            agg: s.loss_agg_mode,
+            denoms,
+            kl: reference.as_ref().map(|_| (s.kl_coef, s.kl_estimator, s.kl_in_reward)),
+            entropy_coeff: s.entropy_coeff,
+            temperature,
+            chunk,
+        };
         if n_tok > 0.0 {
             for it in 0..s.num_iterations {
                 for (mi, m) in rows.chunks(s.micro_batch_size).enumerate() {
-                    let refs: Vec<&Row> = m.iter().collect();
-                    let (ids, labels, pos, aux, _) = collate(&refs, pad, dev);
-                    let batch = Batch::padded(&ids, &pos, &aux);
                     let a0 = mi * s.micro_batch_size;
-                    let adv_t = Tensor::from_slice(&advs[a0..a0 + m.len()]).to_kind(Kind::Float).to_device(dev);
-                    let old = old_lp.as_ref().map(|o| o[mi].shallow_clone());
-                    let rf = ref_lp.as_ref().map(|r| r[mi].shallow_clone());
-                    let mut stats = (0.0, 0.0, 0.0);
-                    let (l, _, _) = crate::loss::logprob_backward(&model.net, &batch, &labels, chunk, temperature, want_entropy, |lp, ent| {
-                        let mask = labels.narrow(1, 1, labels.size()[1] - 1).ne(crate::loss::IGNORE).to_device(dev).to_kind(lp.kind());
-                        let old = old.unwrap_or_else(|| lp.detach());
-                        let ratio = rl::ratios(lp, &old, &mask, clip.level);
-                        let (pg, clipped) = rl::clipped_pg(&ratio, &adv_t.to_kind(lp.kind()), &clip);
-                        let mut per_tok = pg;
-                        if let Some(r) = &rf {
-                            let k = rl::kl(lp, r, s.kl_estimator);
-                            stats.1 = f64::try_from((&k * &mask).sum(Kind::Double)).unwrap_or(0.0);
-                            if !s.kl_in_reward {
-                                per_tok = per_tok + k * s.kl_coef;
-                            }
-                        }
-                        if let Some(e) = ent {
-                            stats.2 = f64::try_from((e * &mask).sum(Kind::Double)).unwrap_or(0.0);
-                            if s.entropy_coeff != 0.0 {
-                                per_tok = per_tok - e * s.entropy_coeff;
-                            }
-                        }
-                        stats.0 = f64::try_from((&clipped * &mask).sum(Kind::Double)).unwrap_or(0.0);
-                        rl::aggregate(&per_tok, &mask, s.loss_agg_mode, denoms)
-                    });
+                    let old = old_lp.as_ref().map(|o| &o[mi]);
+                    let rf = ref_lp.as_ref().map(|r| &r[mi]);
+                    let st = micro_step(&model.net, m, &advs[a0..a0 + m.len()], old, rf, pad, &lcfg);
                     if it == 0 {
-                        loss_sum += l;
-                        clip_sum += stats.0;
-                        kl_sum += stats.1;
-                        ent_sum += stats.2;
+                        loss_sum += st.loss;
+                        clip_sum += st.clipped;
+                        kl_sum += st.kl;
+                        ent_sum += st.entropy;
                     }
                 }
                 grad_norm = opt.clip_grad_norm(optim.max_grad_norm);
@@ -913,6 +915,64 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
     Ok(after)
 }
 
+/// The loss settings of one step.
+struct LossCfg {
+    clip: ClipCfg,
+    agg: LossAgg,
+    denoms: AggDenoms,
+    /// (coefficient, estimator, in the reward instead of the loss) when there is a reference model.
+    kl: Option<(f64, KlEstimator, bool)>,
+    entropy_coeff: f64,
+    temperature: f64,
+    chunk: i64,
+}
+
+/// Sums over a micro-batch's tokens, for metrics.
+#[derive(Default)]
+struct MicroStats {
+    loss: f64,
+    clipped: f64,
+    kl: f64,
+    entropy: f64,
+}
+
+/// Forward and backward of one micro-batch of the clipped policy-gradient loss (gradients accumulate in the
+/// parameters). `old`: log-probabilities of the sampling policy (None: the current ones, detached, i.e. μ = 1);
+/// `rf`: the reference's, when there is a KL term.
+fn micro_step(net: &model::Transformer, m: &[Row], advs: &[f64], old: Option<&Tensor>, rf: Option<&Tensor>, pad: i64, c: &LossCfg) -> MicroStats {
+    let dev = net.device();
+    let refs: Vec<&Row> = m.iter().collect();
+    let (ids, labels, pos, aux, _) = collate(&refs, pad, dev);
+    let batch = Batch::padded(&ids, &pos, &aux);
+    let adv_t = Tensor::from_slice(advs).to_device(dev);
+    let mut st = MicroStats::default();
+    let sum = |t: &Tensor| f64::try_from(t.sum(Kind::Double)).unwrap_or(0.0);
+    let (l, _, _) = crate::loss::logprob_backward(net, &batch, &labels, c.chunk, c.temperature, true, |lp, ent| {
+        let mask = labels.narrow(1, 1, labels.size()[1] - 1).ne(crate::loss::IGNORE).to_device(dev).to_kind(lp.kind());
+        let old = old.map(|o| o.shallow_clone()).unwrap_or_else(|| lp.detach());
+        let ratio = rl::ratios(lp, &old, &mask, c.clip.level);
+        let (pg, clipped) = rl::clipped_pg(&ratio, &adv_t.to_kind(lp.kind()), &c.clip);
+        st.clipped = sum(&(&clipped * &mask));
+        let mut per_tok = pg;
+        if let (Some(r), Some((coef, est, in_reward))) = (rf, c.kl) {
+            let k = rl::kl(lp, r, est);
+            st.kl = sum(&(&k * &mask));
+            if !in_reward {
+                per_tok = per_tok + k * coef;
+            }
+        }
+        if let Some(e) = ent {
+            st.entropy = sum(&(e * &mask));
+            if c.entropy_coeff != 0.0 {
+                per_tok = per_tok - e * c.entropy_coeff;
+            }
+        }
+        rl::aggregate(&per_tok, &mask, c.agg, c.denoms)
+    });
+    st.loss = l;
+    st
+}
+
 fn sync_state(st: &mut GrpoState, draw: &Draw) {
     match draw {
         Draw::Plain(s) => st.sampler = Some(s.state()),
@@ -925,7 +985,7 @@ mod tests {
     use super::*;
 
     fn sampled(r: f64) -> Sampled {
-        Sampled { ids: vec![1], reward: r, correct: r > 0.0, truncated: false }
+        Sampled { ids: vec![1], logprobs: vec![0.0], reward: r, correct: r > 0.0, truncated: false }
     }
 
     #[test]
@@ -951,6 +1011,63 @@ mod tests {
         assert!((s.temperature_at(100) - 0.6).abs() < 1e-12);
         s.temperature_final = None;
         assert_eq!(s.temperature_at(50), 1.0);
+    }
+
+    /// One update with the clipped surrogate raises the log-probability of a completion with a positive
+    /// advantage and lowers that of one with a negative advantage.
+    #[test]
+    fn an_update_moves_log_probs_in_the_direction_of_the_advantage() {
+        model::runtime::preload_cuda();
+        let cfg = model::ModelConfig::from_json(
+            json!({"model_type": "llama", "vocab_size": 40, "hidden_size": 32, "intermediate_size": 64,
+                "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "tie_word_embeddings": true}),
+            "test",
+        )
+        .unwrap();
+        let model = Model::random(&cfg, Kind::Float, tch::Device::Cpu, 1);
+        let args = crate::stage::OptimArgs {
+            lr: 1e-2,
+            schedule: crate::optim::Schedule::Constant,
+            warmup_steps: Some(0),
+            warmup_ratio: 0.0,
+            min_lr_ratio: 0.0,
+            adam: crate::optim::AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
+            max_grad_norm: 0.0,
+        };
+        let mut opt = args.optimizer(&model);
+        let prompt = vec![3i64, 4, 5];
+        let mk = |c: &[i64]| {
+            let mut ids = prompt.clone();
+            ids.extend(c);
+            let mut labels = vec![crate::loss::IGNORE; 3];
+            labels.extend(c);
+            Row { ids, labels, pos: None }
+        };
+        let rows = vec![mk(&[7, 8, 9]), mk(&[10, 11])];
+        let advs = [1.0, -1.0];
+        let seq_lp = |m: &Model| -> Vec<f64> {
+            let lp = logprobs_of(m, &rows, 8, 0, 64, 1.0);
+            Vec::<f64>::try_from(lp[0].sum_dim_intlist(1, false, Kind::Double)).unwrap()
+        };
+        let before = seq_lp(&model);
+        for agg in [LossAgg::TokenMean, LossAgg::SeqMeanTokenMean, LossAgg::SeqMeanTokenSumNorm] {
+            let c = LossCfg {
+                clip: ClipCfg { level: RatioLevel::Token, eps_low: 0.2, eps_high: 0.2, dual_clip: None },
+                agg,
+                denoms: AggDenoms { tokens: 5.0, seqs: 2.0, norm: 4.0 },
+                kl: None,
+                entropy_coeff: 0.0,
+                temperature: 1.0,
+                chunk: 64,
+            };
+            let st = micro_step(&model.net, &rows, &advs, None, None, 0, &c);
+            assert!(st.loss.is_finite() && st.entropy > 0.0);
+            opt.step(args.lr);
+            opt.zero_grad();
+        }
+        let after = seq_lp(&model);
+        assert!(after[0] > before[0] + 0.1, "positive advantage: {} -> {}", before[0], after[0]);
+        assert!(after[1] < before[1] - 0.1, "negative advantage: {} -> {}", before[1], after[1]);
     }
 
     #[test]

@@ -171,9 +171,10 @@ where
         inputs.push(e);
     }
     let grads = Tensor::run_backward(&[&loss], &inputs, false, false);
-    let pick = |t: &Tensor| t.view([g.b * g.t1]).index_select(0, &g.idx);
-    let g_lp = pick(&grads[0]);
-    let g_ent = ent_leaf.as_ref().map(|_| pick(&grads[1]));
+    // an input the loss does not use (e.g. entropies only logged) has an undefined gradient
+    let pick = |t: &Tensor| t.defined().then(|| t.view([g.b * g.t1]).index_select(0, &g.idx));
+    let g_lp = pick(&grads[0]).unwrap_or_else(|| Tensor::zeros([g.sel.size()[0]], (lp.kind(), lp.device())));
+    let g_ent = grads.get(1).and_then(pick);
     let n = g.sel.size()[0];
     let mut start = 0;
     while start < n {

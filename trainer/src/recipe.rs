@@ -297,12 +297,22 @@ fn apply_override(doc: &mut toml::Table, spec: &str) -> Result<()> {
 
 /// Reads, overrides and validates a recipe. All problems are collected and reported together.
 pub fn load(path: &Path, overrides: &[String]) -> Result<Recipe> {
+    Ok(load_with(path, overrides, false)?.0)
+}
+
+/// As [`load`]; with `missing_ok`, files and directories that do not exist yet (a model or dataset the user
+/// will provide) are returned as warnings instead of errors (for `--dry-run`).
+pub fn load_with(path: &Path, overrides: &[String], missing_ok: bool) -> Result<(Recipe, Vec<String>)> {
     let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    parse(&text, &path.display().to_string(), overrides, path.parent().unwrap_or(Path::new(".")))
+    parse_with(&text, &path.display().to_string(), overrides, path.parent().unwrap_or(Path::new(".")), missing_ok)
 }
 
 /// As [`load`], from text; `origin` names the file in messages, relative paths resolve against `base`.
 pub fn parse(text: &str, origin: &str, overrides: &[String], base: &Path) -> Result<Recipe> {
+    Ok(parse_with(text, origin, overrides, base, false)?.0)
+}
+
+fn parse_with(text: &str, origin: &str, overrides: &[String], base: &Path, missing_ok: bool) -> Result<(Recipe, Vec<String>)> {
     let mut errors: Vec<String> = vec![];
     // Collect unknown-key and type errors one by one: blank out the offending line and parse again.
     let mut work = text.to_string();
@@ -362,12 +372,16 @@ pub fn parse(text: &str, origin: &str, overrides: &[String], base: &Path) -> Res
     let Some(mut recipe) = recipe.filter(|_| errors.is_empty()) else {
         bail!("{} problem(s) in the recipe:\n  {}", errors.len().max(1), if errors.is_empty() { "invalid recipe".into() } else { errors.join("\n  ") });
     };
+    // `--set model.path=""` removes the path (e.g. to swap in an inline `config`)
+    if recipe.model.path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+        recipe.model.path = None;
+    }
     resolve_paths(&mut recipe, base);
-    let problems = validate(&recipe, origin);
+    let (warnings, problems): (Vec<String>, Vec<String>) = validate(&recipe, origin).into_iter().partition(|p| missing_ok && p.contains(" does not exist"));
     if !problems.is_empty() {
         bail!("{} problem(s) in the recipe:\n  {}", problems.len(), problems.join("\n  "));
     }
-    Ok(recipe)
+    Ok((recipe, warnings))
 }
 
 fn resolve(base: &Path, p: &mut PathBuf) {

@@ -143,12 +143,15 @@ fn plan(r: &Recipe) -> String {
 }
 
 pub fn run(recipe_path: &Path, overrides: &[String], output: Option<PathBuf>, opts: Options) -> Result<()> {
-    let mut r = recipe::load(recipe_path, overrides)?;
+    let (mut r, missing) = recipe::load_with(recipe_path, overrides, opts.dry_run)?;
     if let Some(o) = output {
         r.run.output_dir = o;
     }
     if opts.dry_run {
         println!("# resolved recipe\n{}", toml::to_string_pretty(&r).unwrap_or_default());
+        for m in &missing {
+            println!("# needed before a real run: {m}");
+        }
         println!("# plan\n{}", plan(&r));
         return Ok(());
     }
