@@ -325,8 +325,6 @@ struct Problem {
 #[derive(Clone)]
 struct Sampled {
     ids: Vec<i64>,
-    /// Log-probabilities of the tokens under the sampling distribution, as the rollout engine computed them.
-    logprobs: Vec<f32>,
     reward: f64,
     correct: bool,
     truncated: bool,
@@ -442,7 +440,6 @@ fn rollout(
     let mut groups: Vec<Group> = which.iter().map(|&i| Group { problem: i, done: vec![] }).collect();
     for (k, c) in done.into_iter().enumerate() {
         groups[c.request_index].done.push(Sampled {
-            logprobs: c.logprobs_sampled,
             ids: c.token_ids,
             reward: scores.total[k].unwrap_or(0.0),
             correct: scores.correct[k].unwrap_or(false),
@@ -764,24 +761,6 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
         let n_tok: f64 = rows.iter().map(|r| r.labels.iter().filter(|&&x| x != crate::loss::IGNORE).count() as f64).sum();
         let n_seq = rows.iter().filter(|r| r.labels.iter().any(|&x| x != crate::loss::IGNORE)).count() as f64;
         let denoms = AggDenoms { tokens: n_tok, seqs: n_seq, norm: s.max_completion_length as f64 };
-        if std::env::var("WHET_DEBUG_LP").is_ok() && !rows.is_empty() {
-            let cur = logprobs_of(model, &rows, s.micro_batch_size, pad, chunk, temperature);
-            let mut k = 0;
-            for (mi, t) in cur.iter().enumerate() {
-                let _ = mi;
-                let n = t.size()[0];
-                for r in 0..n {
-                    let row: Vec<f32> = Vec::<f32>::try_from(t.get(r)).unwrap();
-                    let c = groups.iter().flat_map(|g| g.done.iter()).nth(k).unwrap();
-                    let plen = rows[k].ids.len() - c.ids.len();
-                    let train: Vec<f32> = row[plen - 1..plen - 1 + c.ids.len()].to_vec();
-                    if k < 3 {
-                        eprintln!("rollout {:?}\ntrain   {:?}\nids {:?} reward {}", c.logprobs, train, c.ids, c.reward);
-                    }
-                    k += 1;
-                }
-            }
-        }
         let old_lp = if s.num_iterations > 1 && !rows.is_empty() { Some(logprobs_of(model, &rows, s.micro_batch_size, pad, chunk, temperature)) } else { None };
         let (mut loss_sum, mut clip_sum, mut kl_sum, mut ent_sum, mut grad_norm) = (0.0, 0.0, 0.0, 0.0, 0.0);
         let lr = optim.lr_at(step, total);
@@ -985,7 +964,7 @@ mod tests {
     use super::*;
 
     fn sampled(r: f64) -> Sampled {
-        Sampled { ids: vec![1], logprobs: vec![0.0], reward: r, correct: r > 0.0, truncated: false }
+        Sampled { ids: vec![1], reward: r, correct: r > 0.0, truncated: false }
     }
 
     #[test]

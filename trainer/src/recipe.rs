@@ -296,11 +296,7 @@ fn apply_override(doc: &mut toml::Table, spec: &str) -> Result<()> {
 }
 
 /// Reads, overrides and validates a recipe. All problems are collected and reported together.
-pub fn load(path: &Path, overrides: &[String]) -> Result<Recipe> {
-    Ok(load_with(path, overrides, false)?.0)
-}
-
-/// As [`load`]; with `missing_ok`, files and directories that do not exist yet (a model or dataset the user
+/// Loads a recipe; with `missing_ok`, files and directories that do not exist yet (a model or dataset the user
 /// will provide) are returned as warnings instead of errors (for `--dry-run`).
 pub fn load_with(path: &Path, overrides: &[String], missing_ok: bool) -> Result<(Recipe, Vec<String>)> {
     let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
@@ -308,10 +304,6 @@ pub fn load_with(path: &Path, overrides: &[String], missing_ok: bool) -> Result<
 }
 
 /// As [`load`], from text; `origin` names the file in messages, relative paths resolve against `base`.
-pub fn parse(text: &str, origin: &str, overrides: &[String], base: &Path) -> Result<Recipe> {
-    Ok(parse_with(text, origin, overrides, base, false)?.0)
-}
-
 fn parse_with(text: &str, origin: &str, overrides: &[String], base: &Path, missing_ok: bool) -> Result<(Recipe, Vec<String>)> {
     let mut errors: Vec<String> = vec![];
     // Collect unknown-key and type errors one by one: blank out the offending line and parse again.
