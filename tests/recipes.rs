@@ -51,3 +51,80 @@ fn shipped_recipes_pass_dry_run_and_overrides_apply() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("unknown key `learning_rat`"), "{stderr}");
 }
+
+#[test]
+fn every_shipped_recipe_passes_dry_run() {
+    for e in std::fs::read_dir(root().join("recipes")).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_none_or(|x| x != "toml") {
+            continue;
+        }
+        let out = Command::new(env!("CARGO_BIN_EXE_train")).arg("--recipe").arg(&path).arg("--dry-run").output().unwrap();
+        assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("# plan"), "{}", path.display());
+    }
+}
+
+/// The Phi-4-Mini-Reasoning recipe runs every one of its four stages for a few steps with the model swapped for
+/// a tiny random Phi-3-family model and the data files for small generated ones.
+#[test]
+fn phi4_mini_reasoning_recipe_runs_all_four_stages_on_a_tiny_phi3() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let conv = |a: i64, b: i64| serde_json::json!({"messages": [{"role": "user", "content": format!("What is {a} + {b}?")}, {"role": "assistant", "content": format!("{a} + {b} = {}. The answer is {}.", a + b, a + b)}]});
+    let lines = |v: Vec<serde_json::Value>| v.iter().map(|x| x.to_string() + "\n").collect::<String>();
+    std::fs::write(d.join("mid.jsonl"), lines((0..12).map(|i| conv(i, i + 3)).collect())).unwrap();
+    std::fs::write(d.join("sft.jsonl"), lines((0..8).map(|i| conv(i + 1, 2 * i)).collect())).unwrap();
+    let teacher: Vec<serde_json::Value> = (0..6)
+        .map(|i| serde_json::json!({"prompt": format!("What is {i} + 4?"), "answer": format!("{}", i + 4), "rollouts": [format!("{}", i + 4), format!("{}", i + 5), format!("{}", i + 4), "no idea"]}))
+        .collect();
+    std::fs::write(d.join("teacher.jsonl"), lines(teacher)).unwrap();
+    std::fs::write(d.join("rl.jsonl"), lines((0..10).map(|i| serde_json::json!({"prompt": format!("What is {i} + 1?"), "answer": format!("{}", i + 1)})).collect())).unwrap();
+    let p = |f: &str| d.join(f).display().to_string();
+    let sets = [
+        "model.path=\"\"".to_string(),
+        "model.config={ model_type = \"phi3\", vocab_size = 320, hidden_size = 32, intermediate_size = 64, num_hidden_layers = 2, num_attention_heads = 4, num_key_value_heads = 2, max_position_embeddings = 256, partial_rotary_factor = 0.75, tie_word_embeddings = true }".into(),
+        "model.tokenizer=\"builtin:bytes\"".into(),
+        "model.dtype=\"float32\"".into(),
+        "model.device=\"cpu\"".into(),
+        "run.threads=1".into(),
+        "run.save_every=0".into(),
+        format!("stage.0.data.path=\"{}\"", p("mid.jsonl")),
+        format!("stage.1.data.path=\"{}\"", p("sft.jsonl")),
+        format!("stage.2.teacher_rollouts=\"{}\"", p("teacher.jsonl")),
+        format!("stage.3.data.path=\"{}\"", p("rl.jsonl")),
+        format!("stage.3.eval.data.path=\"{}\"", p("rl.jsonl")),
+        "stage.3.eval.data.prompt=\"prompt\"".into(),
+        "stage.3.eval.max_new_tokens=6".into(),
+        "stage.0.tokenize.max_length=96".into(),
+        "stage.1.tokenize.max_length=96".into(),
+        "stage.2.tokenize.max_length=96".into(),
+        "stage.3.max_completion_length=6".into(),
+        "stage.3.prompts_per_step=2".into(),
+        "stage.3.num_generations=2".into(),
+        "stage.3.oversample_generations=3".into(),
+        "stage.3.micro_batch_size=4".into(),
+        "stage.3.prefilter.samples=2".into(),
+        "stage.3.prefilter.max_pass_rate=1.0".into(),
+        "stage.3.prefilter.max_length_cv=100.0".into(),
+    ];
+    let mut c = Command::new(env!("CARGO_BIN_EXE_train"));
+    c.arg("--recipe").arg(root().join("recipes/phi4-mini-reasoning.toml")).arg("--output").arg(d.join("out"));
+    for s in &sets {
+        c.args(["--set", s]);
+    }
+    for i in 0..4 {
+        c.args(["--set", &format!("stage.{i}.max_steps=2")]);
+        if i < 3 {
+            c.args(["--set", &format!("stage.{i}.batch_size=2"), "--set", &format!("stage.{i}.grad_accum=1")]);
+        }
+    }
+    let out = c.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    for s in ["s00-final", "s01-final", "s02-final", "s03-final"] {
+        assert!(d.join("out/checkpoints").join(s).join("model/config.json").is_file(), "{s} missing:\n{stderr}");
+    }
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("out/checkpoints/s03-final/model/config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model_type"], "phi3");
+}
