@@ -29,10 +29,10 @@ kind = "dpo"
 name = "dpo"
 synthetic = { count = 32, arithmetic = { seed = 5, max_digits = 1, ops = ["add"] } }
 tokenize = { max_length = 64 }
-max_steps = 8
+max_steps = 16
 batch_size = 4
 grad_accum = 2
-lr = 3e-3
+lr = 1e-2
 beta = 0.1
 rpo_alpha = 0.2
 "#;
@@ -66,7 +66,7 @@ fn dpo_widens_the_margin_caches_the_reference_and_resumes_exactly() {
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("reference log-probs of 32 pairs computed"), "{stderr}");
     let m: Vec<Value> = metrics(&a).into_iter().filter(|r| r.get("rewards_margin").is_some()).collect();
-    assert_eq!(m.len(), 8);
+    assert_eq!(m.len(), 16);
     let (first, last) = (&m[0], &m[m.len() - 1]);
     for k in ["loss", "rewards_chosen", "rewards_rejected", "rewards_accuracy", "nll"] {
         assert!(last[k].as_f64().unwrap().is_finite(), "{k}: {last}");

@@ -171,7 +171,7 @@ where
         inputs.push(e);
     }
     let grads = Tensor::run_backward(&[&loss], &inputs, false, false);
-    let pick = |t: &Tensor| t.view([g.b * g.t1]).index_select(0, &g.idx);
+    let pick = |t: &Tensor| t.reshape([g.b * g.t1]).index_select(0, &g.idx);
     let g_lp = pick(&grads[0]);
     let g_ent = ent_leaf.as_ref().map(|_| pick(&grads[1]));
     let n = g.sel.size()[0];
