@@ -171,8 +171,9 @@ where
         inputs.push(e);
     }
     let grads = Tensor::run_backward(&[&loss], &inputs, false, false);
-    // an input the loss does not use (e.g. entropies only logged) has an undefined gradient
-    let pick = |t: &Tensor| t.defined().then(|| t.view([g.b * g.t1]).index_select(0, &g.idx));
+    // an input the loss does not use (e.g. entropies only logged) has an undefined gradient; a row-sum loss
+    // gives an expanded, non-contiguous one (hence reshape, not view)
+    let pick = |t: &Tensor| t.defined().then(|| t.reshape([g.b * g.t1]).index_select(0, &g.idx));
     let g_lp = pick(&grads[0]).unwrap_or_else(|| Tensor::zeros([g.sel.size()[0]], (lp.kind(), lp.device())));
     let g_ent = grads.get(1).and_then(pick);
     let n = g.sel.size()[0];
