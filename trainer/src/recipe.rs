@@ -295,15 +295,14 @@ fn apply_override(doc: &mut toml::Table, spec: &str) -> Result<()> {
     result
 }
 
-/// Reads, overrides and validates a recipe. All problems are collected and reported together.
-/// Loads a recipe; with `missing_ok`, files and directories that do not exist yet (a model or dataset the user
+/// Reads, overrides and validates a recipe (all problems are collected and reported together); with `missing_ok`, files and directories that do not exist yet (a model or dataset the user
 /// will provide) are returned as warnings instead of errors (for `--dry-run`).
 pub fn load_with(path: &Path, overrides: &[String], missing_ok: bool) -> Result<(Recipe, Vec<String>)> {
     let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     parse_with(&text, &path.display().to_string(), overrides, path.parent().unwrap_or(Path::new(".")), missing_ok)
 }
 
-/// As [`load`], from text; `origin` names the file in messages, relative paths resolve against `base`.
+/// As [`load_with`], from text; `origin` names the file in messages, relative paths resolve against `base`.
 fn parse_with(text: &str, origin: &str, overrides: &[String], base: &Path, missing_ok: bool) -> Result<(Recipe, Vec<String>)> {
     let mut errors: Vec<String> = vec![];
     // Collect unknown-key and type errors one by one: blank out the offending line and parse again.
