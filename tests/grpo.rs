@@ -125,3 +125,43 @@ fn dynamic_sampling_cap_with_on_cap_error_stops_with_a_clear_message() {
     assert!(stderr.contains("dynamic sampling kept 0 of 3 groups after max_gen_batches = 2"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn grpo_from_a_dataset_with_domains_a_token_budget_and_the_other_switches() {
+    let root = tempfile::tempdir().unwrap();
+    let d = root.path();
+    let mut rows = String::new();
+    for i in 0..24 {
+        let (dom, q, a) = if i % 3 == 0 { ("sub", format!("What is {} - 1?", i + 5), i + 4) } else { ("add", format!("What is {i} + 2?"), i + 2) };
+        rows.push_str(&serde_json::json!({"question": q, "answer": a.to_string(), "topic": dom}).to_string());
+        rows.push('\n');
+    }
+    std::fs::write(d.join("problems.jsonl"), rows).unwrap();
+    let recipe = RECIPE
+        .replace(
+            "synthetic = { count = 40, arithmetic = { seed = 2, max_digits = 1 } }",
+            &format!("data = {{ path = \"{}\", prompt = \"question\", answer = \"answer\", domain = \"topic\" }}", d.join("problems.jsonl").display()),
+        )
+        .replace("prefilter = { samples = 2, min_pass_rate = 0.0, max_pass_rate = 1.0 }\n", "domain_sampling = { alpha = 0.5 }\ntokens_per_step = 40\nadv_estimator = \"rloo\"\nscale_rewards = \"batch\"\nimportance_sampling_level = \"sequence\"\nloss_agg_mode = \"seq-mean-token-sum-norm\"\nkl_in_reward = true\n")
+        .replace("kl_estimator = \"k3\"", "kl_estimator = \"k1\"")
+        .replace("dynamic_sampling = { max_gen_batches = 2, on_cap = \"train\" }\n", "")
+        .replace("oversample_generations = 6\n", "")
+        .replace("mask_truncated_completions = true", "mask_truncated_completions = false");
+    let dir = d.join("run");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("recipe.toml"), recipe).unwrap();
+    let out = train(&dir, None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("domain-aware sampling over 2 domains: add, sub"), "{stderr}");
+    let metrics: Vec<Value> = std::fs::read_to_string(dir.join("out/metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let steps: Vec<&Value> = metrics.iter().filter(|m| m.get("reward_mean").is_some()).collect();
+    assert_eq!(steps.len(), 4);
+    // the budget is reached by whole groups: generation stops once 40 completion tokens are in
+    for m in &steps {
+        let rounds = m["gen_rounds"].as_u64().unwrap();
+        assert!((1..=3).contains(&rounds), "{m}");
+    }
+    // the KL went into the reward (after the first update the policy differs from the reference)
+    assert!(steps[1..].iter().any(|m| m["kl_in_reward"].as_f64().unwrap() != 0.0), "{steps:?}");
+}

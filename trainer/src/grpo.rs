@@ -109,6 +109,10 @@ crate::stage::training_stage! {
         /// Nucleus sampling.
         #[serde(default = "one_f")]
         pub top_p: f64,
+        /// Ignore end-of-sequence tokens: every completion has exactly `max_completion_length` tokens
+        /// (benchmarks; TRL's `min_new_tokens` = `max_completion_length`).
+        #[serde(default)]
+        pub ignore_eos: bool,
         /// Top-k sampling (0: off).
         #[serde(default)]
         pub top_k: i64,
@@ -407,7 +411,7 @@ fn rollout(
     n: usize,
     temperature: f64,
     seed: u64,
-) -> Result<Vec<Group>> {
+) -> Result<(Vec<Group>, f64)> {
     let stop: Vec<i64> = ctx.tok.stop_token_ids().into_iter().map(|x| x as i64).collect();
     let cfg = rollout::EngineConfig { eos_token_ids: stop.clone(), pad_token_id: ctx.tok.pad_id as i64, seed, ..Default::default() };
     let engine = rollout::Engine::new(&model.net, cfg)?;
@@ -417,6 +421,7 @@ fn rollout(
         top_k: s.top_k,
         min_p: s.min_p as f32,
         max_new_tokens: s.max_completion_length,
+        ignore_eos: s.ignore_eos,
         ..Default::default()
     };
     let requests: Vec<rollout::Request> = which.iter().map(|&i| rollout::Request { prompt_ids: problems[i].ids.clone(), n, params: params.clone() }).collect();
@@ -436,7 +441,9 @@ fn rollout(
             row: p.row.clone(),
         });
     }
+    let t_score = Instant::now();
     let scores = rewards.score_batch(&samples)?;
+    let t_score = t_score.elapsed().as_secs_f64();
     let mut groups: Vec<Group> = which.iter().map(|&i| Group { problem: i, done: vec![] }).collect();
     for (k, c) in done.into_iter().enumerate() {
         groups[c.request_index].done.push(Sampled {
@@ -446,7 +453,7 @@ fn rollout(
             truncated: samples[k].truncated,
         });
     }
-    Ok(groups)
+    Ok((groups, t_score))
 }
 
 /// Keeps `g` of a group's completions, balanced between rewards above and at-or-below the group mean
@@ -488,7 +495,7 @@ fn prefilter(ctx: &Ctx, s: &GrpoStage, f: &Prefilter, model: &Model, rewards: &r
     let mut kept = vec![];
     let (mut easy, mut hard, mut uneven) = (0, 0, 0);
     for (round, chunk) in all.chunks(64).enumerate() {
-        let groups = rollout(ctx, s, model, rewards, problems, chunk, f.samples, s.temperature, round_seed(ctx.recipe.run.seed, index, usize::MAX, round))?;
+        let (groups, _) = rollout(ctx, s, model, rewards, problems, chunk, f.samples, s.temperature, round_seed(ctx.recipe.run.seed, index, usize::MAX, round))?;
         for g in groups {
             let rate = g.done.iter().filter(|x| x.correct).count() as f64 / g.done.len() as f64;
             let lens: Vec<f64> = g.done.iter().map(|x| x.ids.len() as f64).collect();
@@ -653,8 +660,9 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
             }
             let tg = Instant::now();
             let n = s.oversample_generations.unwrap_or(g);
-            let mut got = rollout(ctx, s, model, &rewards, &problems, &which, n, temperature, round_seed(ctx.recipe.run.seed, index, step, rounds))?;
-            t_gen += tg.elapsed().as_secs_f64();
+            let (mut got, ts) = rollout(ctx, s, model, &rewards, &problems, &which, n, temperature, round_seed(ctx.recipe.run.seed, index, step, rounds))?;
+            t_gen += tg.elapsed().as_secs_f64() - ts;
+            t_score += ts;
             rounds += 1;
             for gr in &mut got {
                 for x in &gr.done {

@@ -376,6 +376,10 @@ fn parse_with(text: &str, origin: &str, overrides: &[String], base: &Path, missi
 }
 
 fn resolve(base: &Path, p: &mut PathBuf) {
+    // `~/` is the home directory (e.g. the caches scripts/ fill: ~/.cache/whet/...)
+    if let (Ok(rest), Some(home)) = (p.strip_prefix("~"), std::env::var_os("HOME")) {
+        *p = PathBuf::from(home).join(rest);
+    }
     if p.is_relative() && !p.as_os_str().is_empty() {
         let joined = base.join(&*p);
         // Prefer the recipe-relative path; keep the given one if only it exists (run from the repo root).
