@@ -198,3 +198,12 @@ batch_size = 2
     assert_eq!(pairs.len(), 4, "{text}");
     assert!(stderr.contains("dropped 1 with every rollout correct and 1 with none correct"), "{stderr}");
 }
+
+#[test]
+fn example_recipe_passes_dry_run() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../recipes/examples/dpo-demo.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_train")).arg("--recipe").arg(&path).arg("--dry-run").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("(rollout_dpo): 2000 synthetic problems × 8 samples"), "{stdout}");
+}
