@@ -27,6 +27,10 @@ import tempfile
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 TRL = os.environ.get("TRL_BENCH_DIR", os.path.join(ROOT, "..", "shared", "bench", "trl"))
 VENV_PY = os.environ.get("TRL_PYTHON", "/tmp/trl-venv/bin/python")
+# Both sides run libtorch with libgomp. Its default spin-then-sleep barrier collapses when the 2 cores are shared
+# with other busy processes (measured: whet's tiny step 0.46 s idle-ish vs 3.6 s at load ~5); the TRL harness
+# sets PASSIVE for the same reason, so both sides get it here (override by exporting OMP_WAIT_POLICY).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 RECIPE = """
 [model]
