@@ -197,4 +197,27 @@ batch_size = 2
     let pairs: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(pairs.len(), 4, "{text}");
     assert!(stderr.contains("dropped 1 with every rollout correct and 1 with none correct"), "{stderr}");
+    let want = std::fs::read(d.join("out/checkpoints/s00-final/model/model.safetensors")).unwrap();
+
+    // killed after the step-1 checkpoint: the resumed run reads the pairs file and the cached reference back
+    let k = root.path().join("k");
+    std::fs::create_dir_all(&k).unwrap();
+    std::fs::copy(d.join("teacher.jsonl"), k.join("teacher.jsonl")).unwrap();
+    std::fs::write(k.join("recipe.toml"), format!("{MODEL}{}", recipe.replace("log_every = 1", "log_every = 1\nsave_every = 1"))).unwrap();
+    let out = train(&k, Some("step:0:2"));
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("killing at step:0:2"));
+    let out = train(&k, None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("resumed at step 1") && stderr.contains("4 pairs from") && stderr.contains("reference log-probs from"), "{stderr}");
+    assert!(std::fs::read(k.join("out/checkpoints/s00-final/model/model.safetensors")).unwrap() == want, "resumed weights differ");
+}
+
+#[test]
+fn example_recipe_passes_dry_run() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../recipes/examples/dpo-demo.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_train")).arg("--recipe").arg(&path).arg("--dry-run").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("(rollout_dpo): 2000 synthetic problems × 8 samples"), "{stdout}");
 }

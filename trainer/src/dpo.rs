@@ -562,6 +562,12 @@ fn collate(rows: &[&Seq], pad: i64, dev: Device) -> (Tensor, Tensor, Tensor, Ten
     (t(ids), t(labels), t(pos), t(mask))
 }
 
+/// A right-padded batch under plain causal attention: a real token only sees earlier positions, which are all
+/// real, so the padding needs no mask (the pad positions carry no label) and SDPA can use its fused causal kernel.
+fn right_padded<'a>(ids: &'a Tensor, pos: &'a Tensor, mask: &'a Tensor) -> Batch<'a> {
+    Batch { mask: model::AttnMask::Causal, ..Batch::padded(ids, pos, mask) }
+}
+
 /// Reference log-probabilities of every pair with `model` (no gradients), in batches of `bs` pairs.
 fn compute_ref(ctx: &Ctx, model: &Model, pairs: &[Pair], bs: usize, chunk: i64, key: String) -> RefLogps {
     let mut r = RefLogps { key, chosen: vec![], rejected: vec![], chosen_tokens: vec![], rejected_tokens: vec![] };
@@ -569,7 +575,7 @@ fn compute_ref(ctx: &Ctx, model: &Model, pairs: &[Pair], bs: usize, chunk: i64, 
     for group in pairs.chunks(bs.max(1)) {
         let rows: Vec<&Seq> = group.iter().map(|p| &p.c).chain(group.iter().map(|p| &p.r)).collect();
         let (ids, labels, pos, mask) = collate(&rows, ctx.tok.pad_id as i64, dev);
-        let (lp, cnt) = crate::loss::sequence_logprobs(&model.net, &Batch::padded(&ids, &pos, &mask), &labels, chunk);
+        let (lp, cnt) = crate::loss::sequence_logprobs(&model.net, &right_padded(&ids, &pos, &mask), &labels, chunk);
         let lp: Vec<f64> = Vec::try_from(lp.to_kind(Kind::Double).to_device(Device::Cpu)).unwrap();
         let cnt: Vec<i64> = Vec::try_from(cnt.to_device(Device::Cpu)).unwrap();
         let k = group.len();
@@ -692,7 +698,7 @@ fn train(ctx: &Ctx, index: usize, name: &str, records: &[Record], tokenize: &Tok
             let rows: Vec<&Seq> = m.iter().map(|&i| &pairs[i].c).chain(m.iter().map(|&i| &pairs[i].r)).collect();
             step_tokens += rows.iter().map(|r| r.ids.len()).sum::<usize>();
             let (ids, labels, pos, mask) = collate(&rows, pad, dev);
-            let batch = Batch::padded(&ids, &pos, &mask);
+            let batch = right_padded(&ids, &pos, &mask);
             let counts = Tensor::from_slice(&rows.iter().map(|r| r.n.max(1) as f64).collect::<Vec<_>>());
             let rc = Tensor::from_slice(&m.iter().map(|&i| ref_value(i, true)).collect::<Vec<_>>());
             let rr = Tensor::from_slice(&m.iter().map(|&i| ref_value(i, false)).collect::<Vec<_>>());
@@ -1276,6 +1282,27 @@ mod tests {
             let _ = m.net.params.tensors()[0].get(0).get(0).fill_(0.123);
         });
         assert_ne!(f0, weights_fingerprint(&m.net));
+    }
+
+    #[test]
+    fn right_padded_rows_need_no_mask() {
+        let cfg = model::ModelConfig::from_json(
+            serde_json::json!({"model_type": "qwen2", "vocab_size": 50, "hidden_size": 16, "intermediate_size": 32,
+                "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "tie_word_embeddings": true}),
+            "test",
+        )
+        .unwrap();
+        let m = Model::random(&cfg, Kind::Double, Device::Cpu, 2);
+        let a = Seq { ids: vec![3, 4, 5, 6, 7, 8], labels: vec![-100, -100, 5, 6, 7, 8], n: 4 };
+        let b = Seq { ids: vec![9, 10, 11], labels: vec![-100, 10, 11], n: 2 };
+        let (ids, labels, pos, mask) = collate(&[&a, &b], 0, Device::Cpu);
+        let (x, _) = crate::loss::sequence_logprobs(&m.net, &right_padded(&ids, &pos, &mask), &labels, 4);
+        let (y, _) = crate::loss::sequence_logprobs(&m.net, &Batch::padded(&ids, &pos, &mask), &labels, 4);
+        assert!((&x - &y).abs().max().double_value(&[]) < 1e-10);
+        // and the short row alone gives the same
+        let (ids1, labels1, _, _) = collate(&[&b], 0, Device::Cpu);
+        let (z, _) = crate::loss::sequence_logprobs(&m.net, &Batch::causal(&ids1), &labels1, 4);
+        assert!((x.double_value(&[1]) - z.double_value(&[0])).abs() < 1e-10);
     }
 
     #[test]
