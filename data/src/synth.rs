@@ -34,7 +34,7 @@ impl Op {
 }
 
 /// Generator settings (`[stage.data.synthetic]`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ArithmeticConfig {
     /// Seed.
@@ -55,6 +55,29 @@ pub struct ArithmeticConfig {
     /// Prompt text; `{a}`, `{op}`, `{b}` are replaced (default "What is {a} {op} {b}? Answer with just the number.").
     #[serde(default = "default_prompt")]
     pub prompt: String,
+    /// An imperfect teacher: the assistant replies of `conversations` (the distillation data) are wrong by
+    /// `offset` on a fraction `rate` of the problems of the listed `ops`. Gold answers (`prompt_answer`) stay
+    /// exact, so a verifier-driven stage can correct what was distilled.
+    #[serde(default)]
+    pub teacher_error: Option<TeacherError>,
+}
+
+/// A systematic error of the teacher whose replies are distilled (see [`ArithmeticConfig::teacher_error`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherError {
+    /// Fraction of the affected problems whose reply is wrong (0..=1).
+    pub rate: f64,
+    /// Operations affected (default: all).
+    #[serde(default)]
+    pub ops: Vec<Op>,
+    /// What the wrong reply adds to the true answer (default 1).
+    #[serde(default = "one_i")]
+    pub offset: i64,
+}
+
+fn one_i() -> i64 {
+    1
 }
 
 fn one() -> u32 {
@@ -75,7 +98,7 @@ fn default_prompt() -> String {
 
 impl Default for ArithmeticConfig {
     fn default() -> Self {
-        ArithmeticConfig { seed: 0, min_digits: 1, max_digits: 2, ops: default_ops(), non_negative: true, prompt: default_prompt() }
+        ArithmeticConfig { seed: 0, min_digits: 1, max_digits: 2, ops: default_ops(), non_negative: true, prompt: default_prompt(), teacher_error: None }
     }
 }
 
@@ -112,6 +135,11 @@ impl Arithmetic {
         }
         if cfg.ops.is_empty() {
             return Err(DataError::Config("synthetic arithmetic: `ops` is empty".into()));
+        }
+        if let Some(t) = &cfg.teacher_error {
+            if !(0.0..=1.0).contains(&t.rate) || t.offset == 0 {
+                return Err(DataError::Config("synthetic arithmetic: teacher_error needs 0 <= rate <= 1 and a non-zero offset".into()));
+            }
         }
         Ok(Arithmetic { cfg })
     }
@@ -169,9 +197,25 @@ impl Arithmetic {
         (start..start + n as u64)
             .map(|i| {
                 let p = self.problem(i);
-                Record::Conversation { messages: vec![Message::user(p.prompt), Message::assistant(p.answer.to_string())] }
+                let reply = p.answer + self.teacher_offset(&p, i);
+                Record::Conversation { messages: vec![Message::user(p.prompt), Message::assistant(reply.to_string())] }
             })
             .collect()
+    }
+
+    /// The imperfect teacher's error on problem `i` (0 when its reply is right).
+    fn teacher_offset(&self, p: &Problem, i: u64) -> i64 {
+        match &self.cfg.teacher_error {
+            Some(t) if t.ops.is_empty() || t.ops.contains(&p.op) => {
+                let mut g = SplitMix64::derive(self.cfg.seed ^ 0x7EAC_4E55, i);
+                if (g.below(1 << 24) as f64) < t.rate * (1u64 << 24) as f64 {
+                    t.offset
+                } else {
+                    0
+                }
+            }
+            _ => 0,
+        }
     }
 
     /// `n` preference pairs: the correct answer is chosen, a near miss (off by 1 to 10, never equal) rejected.
@@ -194,6 +238,30 @@ impl Arithmetic {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_imperfect_teacher_errs_on_its_ops_at_its_rate_and_gold_answers_stay_exact() {
+        let t = TeacherError { rate: 0.6, ops: vec![Op::Sub], offset: 1 };
+        let g = Arithmetic::new(ArithmeticConfig { seed: 4, teacher_error: Some(t), ..Default::default() }).unwrap();
+        let convs = g.conversations(0, 4000);
+        let golds = g.prompt_answer(0, 4000);
+        let (mut sub, mut sub_wrong) = (0, 0);
+        for (c, a) in convs.iter().zip(&golds) {
+            let (Record::Conversation { messages }, Record::PromptAnswer { answer, domain, .. }) = (c, a) else { panic!() };
+            let reply: i64 = messages[1].content.parse().unwrap();
+            let gold: i64 = answer.parse().unwrap();
+            if domain.as_deref() == Some("sub") {
+                sub += 1;
+                sub_wrong += (reply != gold) as usize;
+                assert!(reply == gold || reply == gold + 1);
+            } else {
+                assert_eq!(reply, gold, "additions are never wrong");
+            }
+        }
+        let rate = sub_wrong as f64 / sub as f64;
+        assert!((rate - 0.6).abs() < 0.04, "{rate}");
+        assert!(Arithmetic::new(ArithmeticConfig { teacher_error: Some(TeacherError { rate: 1.5, ops: vec![], offset: 1 }), ..Default::default() }).is_err());
+    }
 
     fn eval(p: &Problem) -> i64 {
         match p.op {
