@@ -30,10 +30,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
-use crate::checkpoint::{Checkpoint, TrainState};
+use crate::checkpoint::Checkpoint;
 use crate::recipe::SyntheticSpec;
 use crate::run::Ctx;
-use crate::stage::{obj, save_checkpoint, HeldOut};
+use crate::stage::{obj, HeldOut, Progress};
 
 /// The pairwise loss (TRL's `loss_type`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -666,13 +666,8 @@ fn train(ctx: &Ctx, index: usize, name: &str, records: &[Record], tokenize: &Tok
 
     let held = HeldOut::new(eval)?;
     let mut before = f64::NAN;
-    if let Some(h) = &held {
-        if start == 0 {
-            let (acc, _) = h.accuracy(ctx, model)?;
-            before = acc;
-            eprintln!("[{name}] held-out accuracy before: {:.1}% ({} problems)", 100.0 * acc, h.records.len());
-            ctx.metrics.log(obj(json!({"stage": index, "stage_name": name, "step": 0, "eval_accuracy": acc})))?;
-        }
+    if let (Some(h), 0) = (&held, start) {
+        before = h.at_start(ctx, model, index, name, Default::default())?;
     }
 
     let dev = model.net.device();
@@ -686,6 +681,7 @@ fn train(ctx: &Ctx, index: usize, name: &str, records: &[Record], tokenize: &Tok
     } else {
         extra = json!({ "ref_key": ref_key });
     }
+    let progress = |sampler: &Sampler, tokens: u64| Progress { index, name: name.to_string(), total, sampler: Some(sampler.state()), tokens, extra: extra.clone() };
     for step in start..total {
         let t0 = Instant::now();
         let micro: Vec<Vec<usize>> = (0..a.grad_accum).map(|_| sampler.next_batch(a.batch_size)).collect();
@@ -757,57 +753,16 @@ fn train(ctx: &Ctx, index: usize, name: &str, records: &[Record], tokenize: &Tok
         }
         bar.step(done, loss, step_tokens as f64 / dt);
         if let Some(h) = &held {
-            if h.due(done, total) {
-                let (acc, _) = h.accuracy(ctx, model)?;
-                eprintln!("[{name}] step {done}: held-out accuracy {:.1}%", 100.0 * acc);
-                ctx.metrics.log(obj(json!({"stage": index, "stage_name": name, "step": done, "eval_accuracy": acc})))?;
-            }
+            h.periodic(ctx, model, index, name, done, total, Default::default)?;
         }
-        crate::faults::point(&format!("step:{index}:{done}"));
-        let save_every = ctx.recipe.run.save_every;
-        if save_every > 0 && done % save_every == 0 && done < total {
-            let state = TrainState {
-                stage: index,
-                stage_name: name.to_string(),
-                step: done,
-                total_steps: total,
-                stage_complete: false,
-                sampler: Some(sampler.state()),
-                tokens,
-                recipe: ctx.fingerprint.clone(),
-                extra: extra.clone(),
-            };
-            save_checkpoint(ctx, &state, model, Some(&opt))?;
-        }
+        progress(&sampler, tokens).after_step(ctx, done, model, &opt)?;
     }
     bar.finish();
-    let mut after = f64::NAN;
-    if let Some(h) = &held {
-        let (acc, samples) = h.accuracy(ctx, model)?;
-        after = acc;
-        for (q, ans, ok) in samples {
-            eprintln!("[{name}]   {q:?} -> {ans:?} {}", if ok { "✓" } else { "✗" });
-        }
-        if before.is_nan() {
-            eprintln!("[{name}] held-out accuracy after: {:.1}%", 100.0 * acc);
-        } else {
-            eprintln!("[{name}] held-out accuracy: {:.1}% before, {:.1}% after", 100.0 * before, 100.0 * acc);
-        }
-        ctx.metrics.log(obj(json!({"stage": index, "stage_name": name, "step": total, "eval_accuracy": acc})))?;
-    }
-    eprintln!("[{name}] done in {:.1} s; curves in {}", t_stage.elapsed().as_secs_f64(), crate::plot::stage_plot(&ctx.output, index, name)?.display());
-    let state = TrainState {
-        stage: index,
-        stage_name: name.to_string(),
-        step: total,
-        total_steps: total,
-        stage_complete: true,
-        sampler: Some(sampler.state()),
-        tokens,
-        recipe: ctx.fingerprint.clone(),
-        extra,
+    let after = match &held {
+        Some(h) => h.at_end(ctx, model, index, name, total, before, Default::default())?,
+        None => f64::NAN,
     };
-    save_checkpoint(ctx, &state, model, None)?;
+    progress(&sampler, tokens).finish(ctx, model, t_stage, "")?;
     Ok(after)
 }
 

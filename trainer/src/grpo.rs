@@ -17,12 +17,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 use tch::{Kind, Tensor};
 
-use crate::checkpoint::{Checkpoint, TrainState};
+use crate::checkpoint::Checkpoint;
 use crate::recipe::SyntheticSpec;
 use crate::rl::{self, AdvEstimator, AggDenoms, ClipCfg, KlEstimator, LossAgg, RatioLevel, ScaleRewards};
 use crate::run::Ctx;
 use crate::sft::{collate, Row};
-use crate::stage::{obj, save_checkpoint, HeldOut};
+use crate::stage::{obj, HeldOut, Progress};
 
 /// Dynamic sampling (DAPO, Yu et al. 2025, arXiv 2503.14476 §3.2): groups whose rewards are all equal carry
 /// no gradient; they are dropped and more prompts are drawn until the batch is full.
@@ -595,10 +595,7 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
     let held = HeldOut::new(&s.eval)?;
     let mut before = f64::NAN;
     if let (Some(h), 0) = (&held, start) {
-        let (acc, _) = h.accuracy(ctx, model)?;
-        before = acc;
-        eprintln!("[{name}] held-out accuracy before: {:.1}% ({} problems)", 100.0 * acc, h.records.len());
-        ctx.metrics.log(obj(json!({"stage": index, "stage_name": name, "step": 0, "eval_accuracy": acc})))?;
+        before = h.at_start(ctx, model, index, &name, Default::default())?;
     }
     // prompt filtering with the starting policy (once; its result is checkpointed)
     if let (Some(f), None) = (&s.prefilter, &st.kept) {
@@ -634,6 +631,9 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
     };
     eprintln!("[{name}] {} problems; {total} steps: {}", pool.len(), s.plan());
 
+    let progress = |st: &GrpoState| -> Result<Progress> {
+        Ok(Progress { index, name: name.clone(), total, sampler: None, tokens: 0, extra: serde_json::to_value(st)? })
+    };
     let pad = ctx.tok.pad_id as i64;
     let chunk = s.loss_chunk as i64;
     let g = s.num_generations;
@@ -839,66 +839,22 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
         ctx.metrics.log(obj(record))?;
         bar.step(done, loss_sum, total_tokens as f64 / dt);
         if let Some(h) = &held {
-            if h.due(done, total) {
-                let (a, _) = h.accuracy(ctx, model)?;
-                bar.println(&format!("[{name}] step {done}: held-out accuracy {:.1}%", 100.0 * a));
-                ctx.metrics.log(obj(json!({"stage": index, "stage_name": name, "step": done, "eval_accuracy": a})))?;
-            }
+            h.periodic(ctx, model, index, &name, done, total, Default::default)?;
         }
-        crate::faults::point(&format!("step:{index}:{done}"));
-        let save_every = ctx.recipe.run.save_every;
-        if save_every > 0 && done % save_every == 0 && done < total {
-            sync_state(&mut st, &draw);
-            let state = TrainState {
-                stage: index,
-                stage_name: name.clone(),
-                step: done,
-                total_steps: total,
-                stage_complete: false,
-                sampler: None,
-                tokens: 0,
-                recipe: ctx.fingerprint.clone(),
-                extra: serde_json::to_value(&st)?,
-            };
-            save_checkpoint(ctx, &state, model, Some(&opt))?;
-        }
+        sync_state(&mut st, &draw);
+        progress(&st)?.after_step(ctx, done, model, &opt)?;
     }
     bar.finish();
-    let mut after = f64::NAN;
-    if let Some(h) = &held {
-        let (acc, samples) = h.accuracy(ctx, model)?;
-        after = acc;
-        for (q, a, ok) in samples {
-            eprintln!("[{name}]   {q:?} -> {a:?} {}", if ok { "✓" } else { "✗" });
-        }
-        if before.is_nan() {
-            eprintln!("[{name}] held-out accuracy after: {:.1}%", 100.0 * acc);
-        } else {
-            eprintln!("[{name}] held-out accuracy: {:.1}% before, {:.1}% after", 100.0 * before, 100.0 * acc);
-        }
-        ctx.metrics.log(obj(json!({"stage": index, "stage_name": name, "step": total, "eval_accuracy": acc})))?;
-    }
-    eprintln!(
-        "[{name}] done in {:.1} s ({} groups dropped for equal rewards, {} over the token budget, {} steps skipped); curves in {}",
-        t_stage.elapsed().as_secs_f64(),
-        st.groups_dropped_zero_variance,
-        st.groups_dropped_over_budget,
-        st.steps_skipped,
-        crate::plot::stage_plot(&ctx.output, index, &name)?.display()
-    );
-    sync_state(&mut st, &draw);
-    let state = TrainState {
-        stage: index,
-        stage_name: name.clone(),
-        step: total,
-        total_steps: total,
-        stage_complete: true,
-        sampler: None,
-        tokens: 0,
-        recipe: ctx.fingerprint.clone(),
-        extra: serde_json::to_value(&st)?,
+    let after = match &held {
+        Some(h) => h.at_end(ctx, model, index, &name, total, before, Default::default())?,
+        None => f64::NAN,
     };
-    save_checkpoint(ctx, &state, model, None)?;
+    sync_state(&mut st, &draw);
+    let note = format!(
+        " ({} groups dropped for equal rewards, {} over the token budget, {} steps skipped)",
+        st.groups_dropped_zero_variance, st.groups_dropped_over_budget, st.steps_skipped
+    );
+    progress(&st)?.finish(ctx, model, t_stage, &note)?;
     Ok(after)
 }
 

@@ -9,9 +9,9 @@ use serde_json::json;
 use std::time::Instant;
 use tch::{Device, Tensor};
 
-use crate::checkpoint::{Checkpoint, TrainState};
+use crate::checkpoint::Checkpoint;
 use crate::recipe::SftStage;
-use crate::stage::{eval_records, obj, save_checkpoint};
+use crate::stage::{obj, HeldOut, Progress};
 use crate::run::Ctx;
 
 /// One training row: tokens, labels and, for packed rows, per-document positions.
@@ -138,6 +138,7 @@ pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<
     let per_step = s.batch_size * s.grad_accum;
     let total = s.max_steps.unwrap_or_else(|| ((s.epochs * rows.len() as f64) / per_step as f64).ceil().max(1.0) as usize);
     eprintln!("[{name}] {info}; {total} optimizer steps of {} × {} rows", s.grad_accum, s.batch_size);
+    let progress = |name: &'_ str, sampler: &Sampler, tokens: u64| Progress { index, name: name.to_string(), total, sampler: Some(sampler.state()), tokens, extra: serde_json::Value::Null };
 
     let mut sampler = Sampler::single(rows.len(), SamplerConfig { seed: ctx.recipe.run.seed.wrapping_add(index as u64), shuffle: true, num_epochs: None, drop_last: false })?;
     let optim = s.optim();
@@ -154,28 +155,20 @@ pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<
         eprintln!("[{name}] resumed at step {start}/{total} from {}", c.dir.display());
     }
 
-    let evals = match &s.eval {
-        Some(e) => {
-            let recs = eval_records(e)?;
-            let rows = eval_rows(ctx, s, &recs)?;
-            Some((e, recs, rows))
-        }
-        None => None,
+    let held = HeldOut::new(&s.eval)?;
+    let erows = match &held {
+        Some(h) => eval_rows(ctx, s, &h.records)?,
+        None => vec![],
     };
+    let chunk = s.loss_chunk as i64;
+    let eval_loss = || obj(json!({"eval_loss": heldout_loss(ctx, model, &erows, chunk)}));
     let mut before = f64::NAN;
-    if let Some((e, recs, erows)) = &evals {
-        if start == 0 {
-            let (acc, _) = crate::accuracy::evaluate(&model.net, &ctx.tok, ctx.template.as_ref(), recs, e.max_new_tokens)?;
-            let el = heldout_loss(ctx, model, erows, s.loss_chunk as i64);
-            before = acc;
-            eprintln!("[{name}] held-out accuracy before: {:.1}% ({} problems), held-out loss {el:.4}", 100.0 * acc, recs.len());
-            ctx.metrics.log(obj(json!({"stage": index, "stage_name": name, "step": 0, "eval_accuracy": acc, "eval_loss": el})))?;
-        }
+    if let (Some(h), 0) = (&held, start) {
+        before = h.at_start(ctx, model, index, &name, eval_loss())?;
     }
 
     let dev = model.net.device();
     let pad = ctx.tok.pad_id as i64;
-    let chunk = s.loss_chunk as i64;
     let t_stage = Instant::now();
     let bar = crate::progress::Bar::new(&name, start, total);
     for step in start..total {
@@ -215,59 +208,16 @@ pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<
             bar.println(&format!("[{name}] step {done}/{total} loss {loss:.4} lr {lr:.2e} grad_norm {grad_norm:.3} ({:.2} s/step)", dt));
         }
         bar.step(done, loss, micro.iter().flatten().map(|r| r.ids.len()).sum::<usize>() as f64 / dt);
-        if let Some((e, recs, erows)) = &evals {
-            if e.every > 0 && done % e.every == 0 && done < total {
-                let (acc, _) = crate::accuracy::evaluate(&model.net, &ctx.tok, ctx.template.as_ref(), recs, e.max_new_tokens)?;
-                let el = heldout_loss(ctx, model, erows, s.loss_chunk as i64);
-                eprintln!("[{name}] step {done}: held-out accuracy {:.1}%, held-out loss {el:.4}", 100.0 * acc);
-                ctx.metrics.log(obj(json!({"stage": index, "stage_name": name, "step": done, "eval_accuracy": acc, "eval_loss": el})))?;
-            }
+        if let Some(h) = &held {
+            h.periodic(ctx, model, index, &name, done, total, eval_loss)?;
         }
-        crate::faults::point(&format!("step:{index}:{done}"));
-        let save_every = ctx.recipe.run.save_every;
-        if save_every > 0 && done % save_every == 0 && done < total {
-            let state = TrainState {
-                stage: index,
-                stage_name: name.clone(),
-                step: done,
-                total_steps: total,
-                stage_complete: false,
-                sampler: Some(sampler.state()),
-                tokens,
-                recipe: ctx.fingerprint.clone(),
-                extra: serde_json::Value::Null,
-            };
-            save_checkpoint(ctx, &state, model, Some(&opt))?;
-        }
+        progress(&name, &sampler, tokens).after_step(ctx, done, model, &opt)?;
     }
     bar.finish();
-    let mut after = f64::NAN;
-    if let Some((e, recs, erows)) = &evals {
-        let (acc, samples) = crate::accuracy::evaluate(&model.net, &ctx.tok, ctx.template.as_ref(), recs, e.max_new_tokens)?;
-        let el = heldout_loss(ctx, model, erows, s.loss_chunk as i64);
-        after = acc;
-        for (q, a, ok) in samples {
-            eprintln!("[{name}]   {q:?} -> {a:?} {}", if ok { "✓" } else { "✗" });
-        }
-        if before.is_nan() {
-            eprintln!("[{name}] held-out accuracy after: {:.1}%", 100.0 * acc);
-        } else {
-            eprintln!("[{name}] held-out accuracy: {:.1}% before, {:.1}% after", 100.0 * before, 100.0 * acc);
-        }
-        ctx.metrics.log(obj(json!({"stage": index, "stage_name": name, "step": total, "eval_accuracy": acc, "eval_loss": el})))?;
-    }
-    eprintln!("[{name}] done in {:.1} s; curves in {}", t_stage.elapsed().as_secs_f64(), crate::plot::stage_plot(&ctx.output, index, &name)?.display());
-    let state = TrainState {
-        stage: index,
-        stage_name: name.clone(),
-        step: total,
-        total_steps: total,
-        stage_complete: true,
-        sampler: Some(sampler.state()),
-        tokens,
-        recipe: ctx.fingerprint.clone(),
-        extra: serde_json::Value::Null,
+    let after = match &held {
+        Some(h) => h.at_end(ctx, model, index, &name, total, before, eval_loss())?,
+        None => f64::NAN,
     };
-    save_checkpoint(ctx, &state, model, None)?;
+    progress(&name, &sampler, tokens).finish(ctx, model, t_stage, "")?;
     Ok(after)
 }

@@ -188,9 +188,90 @@ impl<'a> HeldOut<'a> {
         crate::accuracy::evaluate(&model.net, &ctx.tok, ctx.template.as_ref(), &self.records, self.spec.max_new_tokens)
     }
 
-    /// Whether to evaluate after optimizer step `done` of `total` (the final evaluation is separate).
-    pub fn due(&self, done: usize, total: usize) -> bool {
-        self.spec.every > 0 && done % self.spec.every == 0 && done < total
+    fn log(ctx: &Ctx, index: usize, name: &str, step: usize, acc: f64, extra: Map<String, Value>) -> Result<()> {
+        let mut rec = obj(serde_json::json!({"stage": index, "stage_name": name, "step": step, "eval_accuracy": acc}));
+        rec.extend(extra);
+        ctx.metrics.log(rec)
+    }
+
+    /// The evaluation before the stage's first step (returns the accuracy); `extra` metrics go on the same line.
+    pub fn at_start(&self, ctx: &Ctx, model: &Model, index: usize, name: &str, extra: Map<String, Value>) -> Result<f64> {
+        let (acc, _) = self.accuracy(ctx, model)?;
+        let more: Vec<String> = extra.iter().filter_map(|(k, v)| v.as_f64().map(|x| format!(", held-out {} {x:.4}", k.trim_start_matches("eval_")))).collect();
+        eprintln!("[{name}] held-out accuracy before: {:.1}% ({} problems){}", 100.0 * acc, self.records.len(), more.join(""));
+        Self::log(ctx, index, name, 0, acc, extra)?;
+        Ok(acc)
+    }
+
+    /// The evaluation every `eval.every` steps (not at the last one): `extra` is computed only when due.
+    pub fn periodic(&self, ctx: &Ctx, model: &Model, index: usize, name: &str, done: usize, total: usize, extra: impl FnOnce() -> Map<String, Value>) -> Result<()> {
+        if !(self.spec.every > 0 && done % self.spec.every == 0 && done < total) {
+            return Ok(());
+        }
+        let (acc, _) = self.accuracy(ctx, model)?;
+        eprintln!("[{name}] step {done}: held-out accuracy {:.1}%", 100.0 * acc);
+        Self::log(ctx, index, name, done, acc, extra())
+    }
+
+    /// The evaluation after the last step: prints a few samples and before → after; returns the accuracy.
+    pub fn at_end(&self, ctx: &Ctx, model: &Model, index: usize, name: &str, total: usize, before: f64, extra: Map<String, Value>) -> Result<f64> {
+        let (acc, samples) = self.accuracy(ctx, model)?;
+        for (q, a, ok) in samples {
+            eprintln!("[{name}]   {q:?} -> {a:?} {}", if ok { "✓" } else { "✗" });
+        }
+        if before.is_nan() {
+            eprintln!("[{name}] held-out accuracy after: {:.1}%", 100.0 * acc);
+        } else {
+            eprintln!("[{name}] held-out accuracy: {:.1}% before, {:.1}% after", 100.0 * before, 100.0 * acc);
+        }
+        Self::log(ctx, index, name, total, acc, extra)?;
+        Ok(acc)
+    }
+}
+
+/// Where a stage stands, for its checkpoints.
+pub struct Progress {
+    pub index: usize,
+    pub name: String,
+    pub total: usize,
+    pub sampler: Option<data::SamplerState>,
+    pub tokens: u64,
+    /// Stage-specific state (`TrainState::extra`).
+    pub extra: Value,
+}
+
+impl Progress {
+    fn state(&self, ctx: &Ctx, step: usize, complete: bool) -> TrainState {
+        TrainState {
+            stage: self.index,
+            stage_name: self.name.clone(),
+            step,
+            total_steps: self.total,
+            stage_complete: complete,
+            sampler: self.sampler.clone(),
+            tokens: self.tokens,
+            recipe: ctx.fingerprint.clone(),
+            extra: self.extra.clone(),
+        }
+    }
+
+    /// After optimizer step `done`: the step's fault point, then a mid-stage checkpoint when `run.save_every`
+    /// says so.
+    pub fn after_step(&self, ctx: &Ctx, done: usize, model: &Model, opt: &AdamW) -> Result<()> {
+        crate::faults::point(&format!("step:{}:{done}", self.index));
+        let every = ctx.recipe.run.save_every;
+        if every > 0 && done % every == 0 && done < self.total {
+            save_checkpoint(ctx, &self.state(ctx, done, false), model, Some(opt))?;
+        }
+        Ok(())
+    }
+
+    /// The end of the stage: its curves and the stage-final checkpoint.
+    pub fn finish(&self, ctx: &Ctx, model: &Model, started: std::time::Instant, note: &str) -> Result<()> {
+        let plot = crate::plot::stage_plot(&ctx.output, self.index, &self.name)?;
+        eprintln!("[{}] done in {:.1} s{note}; curves in {}", self.name, started.elapsed().as_secs_f64(), plot.display());
+        save_checkpoint(ctx, &self.state(ctx, self.total, true), model, None)?;
+        Ok(())
     }
 }
 
