@@ -4,6 +4,9 @@
 //! - SFT then Rollout-DPO sampling from the policy writes a pairs file whose chosen replies verify correct and
 //!   rejected ones incorrect, and reports the dropped problems.
 
+mod common;
+
+use common::{metrics, train};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -37,24 +40,8 @@ beta = 0.1
 rpo_alpha = 0.2
 "#;
 
-fn train(dir: &Path, kill: Option<&str>) -> std::process::Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_train"));
-    c.args(["--recipe"]).arg(dir.join("recipe.toml")).args(["--output"]).arg(dir.join("out"));
-    if let Some(k) = kill {
-        c.env("WHET_TEST_KILL", k);
-    }
-    c.output().unwrap()
-}
-
 fn setup(root: &Path, name: &str, recipe: &str) -> PathBuf {
-    let d = root.join(name);
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(d.join("recipe.toml"), format!("{MODEL}{recipe}")).unwrap();
-    d
-}
-
-fn metrics(dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("out/metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    common::setup(root, name, &format!("{MODEL}{recipe}"))
 }
 
 #[test]

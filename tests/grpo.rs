@@ -3,9 +3,11 @@
 //! reference, μ = 2, clip-higher, dual clip), metrics logged per step, and a run killed with SIGKILL mid-stage
 //! resuming to weights bit-identical to an uninterrupted run.
 
+mod common;
+
+use common::{metrics, train};
 use serde_json::Value;
 use std::path::Path;
-use std::process::Command;
 
 const RECIPE: &str = r#"
 [model]
@@ -49,20 +51,8 @@ reward = [{ kind = "accuracy", correct = 1.0, incorrect = 0.0, no_answer = 0.0 }
 eval = { synthetic = { count = 10, start = 1000, arithmetic = { seed = 2, max_digits = 1 } }, max_new_tokens = 4 }
 "#;
 
-fn train(dir: &Path, kill: Option<&str>) -> std::process::Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_train"));
-    c.args(["--recipe"]).arg(dir.join("recipe.toml")).args(["--output"]).arg(dir.join("out"));
-    if let Some(k) = kill {
-        c.env("WHET_TEST_KILL", k);
-    }
-    c.output().unwrap()
-}
-
 fn setup(root: &Path, name: &str) -> std::path::PathBuf {
-    let d = root.join(name);
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(d.join("recipe.toml"), RECIPE).unwrap();
-    d
+    common::setup(root, name, RECIPE)
 }
 
 #[test]
@@ -75,7 +65,7 @@ fn grpo_runs_logs_its_metrics_and_resumes_bit_identically() {
     assert!(stderr.contains("prefilter (2 pilot samples each): kept"), "{stderr}");
     assert!(stderr.contains("held-out accuracy: "), "{stderr}");
 
-    let metrics: Vec<Value> = std::fs::read_to_string(reference.join("out/metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let metrics: Vec<Value> = metrics(&reference);
     let steps: Vec<&Value> = metrics.iter().filter(|m| m.get("reward_mean").is_some()).collect();
     assert_eq!(steps.len(), 4);
     for key in [
@@ -154,7 +144,7 @@ fn grpo_from_a_dataset_with_domains_a_token_budget_and_the_other_switches() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("domain-aware sampling over 2 domains: add, sub"), "{stderr}");
-    let metrics: Vec<Value> = std::fs::read_to_string(dir.join("out/metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let metrics: Vec<Value> = metrics(&dir);
     let steps: Vec<&Value> = metrics.iter().filter(|m| m.get("reward_mean").is_some()).collect();
     assert_eq!(steps.len(), 4);
     // the budget is reached by whole groups: generation stops once 40 completion tokens are in

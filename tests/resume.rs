@@ -2,8 +2,10 @@
 //! writing one, exactly at an epoch boundary, between checkpoints, at a stage boundary, in a later stage —
 //! and resumed with `--resume auto` end with weights bit-identical to an uninterrupted run (CPU).
 
+mod common;
+
+use common::train;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 const RECIPE: &str = r#"
 [model]
@@ -43,24 +45,12 @@ batch_size = 2
 lr = 1e-3
 "#;
 
-fn train(dir: &Path, kill: Option<&str>) -> std::process::Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_train"));
-    c.args(["--recipe"]).arg(dir.join("recipe.toml")).args(["--output"]).arg(dir.join("out"));
-    if let Some(k) = kill {
-        c.env("WHET_TEST_KILL", k);
-    }
-    c.output().unwrap()
-}
-
 fn final_weights(dir: &Path) -> Vec<u8> {
     std::fs::read(dir.join("out/checkpoints/s01-final/model/model.safetensors")).unwrap()
 }
 
 fn setup(root: &Path, name: &str) -> PathBuf {
-    let d = root.join(name);
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(d.join("recipe.toml"), RECIPE).unwrap();
-    d
+    common::setup(root, name, RECIPE)
 }
 
 #[test]

@@ -24,9 +24,7 @@ import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-TRL = os.environ.get("TRL_BENCH_DIR", os.path.join(ROOT, "..", "shared", "bench", "trl"))
-VENV_PY = os.environ.get("TRL_PYTHON", "/tmp/trl-venv/bin/python")
+from common import TRL, VENV_PY, ensure_assets, run_whet
 # Both sides run libtorch with libgomp. Its default spin-then-sleep barrier collapses when the 2 cores are shared
 # with other busy processes (measured: whet's tiny step 0.46 s idle-ish vs 3.6 s at load ~5); the TRL harness
 # sets PASSIVE for the same reason, so both sides get it here (override by exporting OMP_WAIT_POLICY).
@@ -38,7 +36,7 @@ path = "{assets}/models/{model}"
 tokenizer = "{assets}/tokenizer"
 device = "cpu"
 [run]
-output_dir = "{out}"
+output_dir = "{{out}}"
 threads = 2
 log_every = 1
 [[stage]]
@@ -84,16 +82,9 @@ json.dump({"median": s["step_s_median"], "min": s["step_s_min"]}, open(out, "w")
 
 
 def whet(assets, model, warmup, steps):
-    with tempfile.TemporaryDirectory() as d:
-        recipe = os.path.join(d, "r.toml")
-        out = os.path.join(d, "out")
-        with open(recipe, "w") as f:
-            f.write(RECIPE.format(assets=assets, model=model, out=out, rows=8 * (warmup + steps), steps=warmup + steps))
-        subprocess.run([os.path.join(ROOT, "target", "release", "train"), "--recipe", recipe, "--resume", "never"],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"step_s"' in l]
-        times = [r["step_s"] for r in rows if r["step"] > warmup]
-        return statistics.median(times), min(times)
+    rows = run_whet(RECIPE.format(assets=assets, model=model, rows=8 * (warmup + steps), steps=warmup + steps), "step_s")
+    times = [r["step_s"] for r in rows if r["step"] > warmup]
+    return statistics.median(times), min(times)
 
 
 def trl(assets, model, warmup, steps, precompute):
@@ -114,8 +105,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=6)
     a = ap.parse_args()
-    if not os.path.exists(os.path.join(a.assets, "manifest.json")):
-        subprocess.run([VENV_PY, os.path.join(TRL, "assets.py"), "--out", a.assets], check=True)
+    ensure_assets(a.assets)
     print("| model | round | whet s/step | TRL precomputed ref s/step | TRL default s/step | vs TRL precomputed | vs TRL default |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for model in a.models.split(","):

@@ -12,16 +12,10 @@ median step time and its split into generation, scoring (reward + reference log-
 Needs target/release/train (cargo build --release -p trainer).
 """
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-TRL = os.path.join(ROOT, "..", "shared", "bench", "trl")
-VENV_PY = os.environ.get("TRL_PYTHON", "/tmp/trl-venv/bin/python")
+from common import ensure_assets, run_trl, run_whet
 
 RECIPE = """
 [model]
@@ -29,7 +23,7 @@ path = "{assets}/models/{model}"
 tokenizer = "{assets}/tokenizer"
 device = "cpu"
 [run]
-output_dir = "{out}"
+output_dir = "{{out}}"
 threads = 2
 log_every = 1
 [[stage]]
@@ -50,28 +44,16 @@ reward = [{{ kind = "accuracy", correct = 1.0, incorrect = 0.0, no_answer = 0.0 
 
 
 def whet(assets, model, beta, warmup, steps):
-    with tempfile.TemporaryDirectory() as d:
-        recipe = os.path.join(d, "r.toml")
-        out = os.path.join(d, "out")
-        with open(recipe, "w") as f:
-            f.write(RECIPE.format(assets=assets, model=model, out=out, rows=4 * (warmup + steps), steps=warmup + steps, beta=beta))
-        subprocess.run([os.path.join(ROOT, "target", "release", "train"), "--recipe", recipe, "--resume", "never"],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"reward_mean"' in l]
-        rows = [r for r in rows if r["step"] > warmup]
-        med = lambda k: statistics.median(r[k] for r in rows)
-        return med("step_s"), med("time_generate_s"), med("time_score_s"), med("time_train_s")
+    rows = run_whet(RECIPE.format(assets=assets, model=model, rows=4 * (warmup + steps), steps=warmup + steps, beta=beta), "reward_mean")
+    rows = [r for r in rows if r["step"] > warmup]
+    med = lambda k: statistics.median(r[k] for r in rows)
+    return med("step_s"), med("time_generate_s"), med("time_score_s"), med("time_train_s")
 
 
 def trl(assets, model, beta, warmup, steps):
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "r.jsonl")
-        subprocess.run([VENV_PY, os.path.join(TRL, "workloads.py"), "--family", "grpo", "--models", model,
-                        "--assets", assets, "--warmup", str(warmup), "--steps", str(steps), "--grpo-betas", str(beta),
-                        "--out", out], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        r = [json.loads(l) for l in open(out)][0]
-        s, sp = r["summary"], r["split"]
-        return s["step_s_median"], sp["generate_s_median"], sp["score_s_median"], sp["train_s_median"]
+    r = run_trl(["--family", "grpo", "--models", model, "--assets", assets, "--warmup", str(warmup), "--steps", str(steps), "--grpo-betas", str(beta)])
+    s, sp = r["summary"], r["split"]
+    return s["step_s_median"], sp["generate_s_median"], sp["score_s_median"], sp["train_s_median"]
 
 
 def main():
@@ -83,8 +65,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=5)
     a = ap.parse_args()
-    if not os.path.exists(os.path.join(a.assets, "manifest.json")):
-        subprocess.run([VENV_PY, os.path.join(TRL, "assets.py"), "--out", a.assets], check=True)
+    ensure_assets(a.assets)
     print("| model | kl | round | whet s/step (gen / score / train) | TRL s/step (gen / score / train) | ratio |")
     print("|---|---:|---:|---|---|---:|")
     for model in a.models.split(","):

@@ -11,16 +11,10 @@ conversational data), 2 torch threads on both sides. Runs alternate whet / TRL p
 Needs target/release/train (cargo build --release -p trainer).
 """
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-TRL = os.path.join(ROOT, "..", "shared", "bench", "trl")
-VENV_PY = os.environ.get("TRL_PYTHON", "/tmp/trl-venv/bin/python")
+from common import ensure_assets, run_trl, run_whet
 
 RECIPE = """
 [model]
@@ -28,7 +22,7 @@ path = "{assets}/models/{model}"
 tokenizer = "{assets}/tokenizer"
 device = "cpu"
 [run]
-output_dir = "{out}"
+output_dir = "{{out}}"
 threads = 2
 log_every = 1
 [[stage]]
@@ -45,27 +39,14 @@ max_grad_norm = 1.0
 
 
 def whet(assets, model, warmup, steps):
-    with tempfile.TemporaryDirectory() as d:
-        recipe = os.path.join(d, "r.toml")
-        out = os.path.join(d, "out")
-        with open(recipe, "w") as f:
-            f.write(RECIPE.format(assets=assets, model=model, out=out, rows=8 * (warmup + steps), steps=warmup + steps))
-        subprocess.run([os.path.join(ROOT, "target", "release", "train"), "--recipe", recipe, "--resume", "never"],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in l]
-        times = [r["step_s"] for r in rows if r["step"] > warmup]
-        return statistics.median(times), min(times)
+    rows = run_whet(RECIPE.format(assets=assets, model=model, rows=8 * (warmup + steps), steps=warmup + steps), "loss")
+    times = [r["step_s"] for r in rows if r["step"] > warmup]
+    return statistics.median(times), min(times)
 
 
 def trl(assets, model, warmup, steps):
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "r.jsonl")
-        subprocess.run([VENV_PY, os.path.join(TRL, "workloads.py"), "--family", "sft", "--models", model,
-                        "--assets", assets, "--warmup", str(warmup), "--steps", str(steps), "--sft-packing", "",
-                        "--out", out], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        r = [json.loads(l) for l in open(out)][0]
-        s = r["summary"]
-        return s["step_s_median"], s["step_s_min"]
+    s = run_trl(["--family", "sft", "--models", model, "--assets", assets, "--warmup", str(warmup), "--steps", str(steps), "--sft-packing", ""])["summary"]
+    return s["step_s_median"], s["step_s_min"]
 
 
 def main():
@@ -76,8 +57,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
     a = ap.parse_args()
-    if not os.path.exists(os.path.join(a.assets, "manifest.json")):
-        subprocess.run([VENV_PY, os.path.join(TRL, "assets.py"), "--out", a.assets], check=True)
+    ensure_assets(a.assets)
     print("| model | round | whet median s/step | TRL median s/step | whet tok/s | TRL tok/s | ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for model in a.models.split(","):

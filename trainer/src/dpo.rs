@@ -652,17 +652,7 @@ fn train(ctx: &Ctx, index: usize, name: &str, records: &[Record], tokenize: &Tok
 
     let mut sampler = Sampler::single(pairs.len(), SamplerConfig { seed: ctx.recipe.run.seed.wrapping_add(index as u64), shuffle: true, num_epochs: None, drop_last: false })?;
     let mut opt = optim.optimizer(model);
-    let mut start = 0;
-    let mut tokens = 0u64;
-    if let Some(c) = resume {
-        opt.load(&c.optimizer_path())?;
-        if let Some(st) = &c.state.sampler {
-            sampler.restore(st.clone())?;
-        }
-        start = c.state.step;
-        tokens = c.state.tokens;
-        eprintln!("[{name}] resumed at step {start}/{total} from {}", c.dir.display());
-    }
+    let (start, mut tokens) = crate::stage::restore(resume, &mut opt, &mut sampler, name, total)?;
 
     let held = HeldOut::new(eval)?;
     let mut before = f64::NAN;

@@ -143,17 +143,7 @@ pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<
     let mut sampler = Sampler::single(rows.len(), SamplerConfig { seed: ctx.recipe.run.seed.wrapping_add(index as u64), shuffle: true, num_epochs: None, drop_last: false })?;
     let optim = s.optim();
     let mut opt = optim.optimizer(model);
-    let mut start = 0;
-    let mut tokens = 0u64;
-    if let Some(c) = resume {
-        opt.load(&c.optimizer_path())?;
-        if let Some(st) = &c.state.sampler {
-            sampler.restore(st.clone())?;
-        }
-        start = c.state.step;
-        tokens = c.state.tokens;
-        eprintln!("[{name}] resumed at step {start}/{total} from {}", c.dir.display());
-    }
+    let (start, mut tokens) = crate::stage::restore(resume, &mut opt, &mut sampler, &name, total)?;
 
     let held = HeldOut::new(&s.eval)?;
     let erows = match &held {

@@ -275,6 +275,18 @@ impl Progress {
     }
 }
 
+/// Continues a stage from a mid-stage checkpoint: restores the optimizer and the data sampler; returns the step
+/// to start at and the tokens trained on so far ((0, 0) without a checkpoint).
+pub fn restore(c: Option<&crate::checkpoint::Checkpoint>, opt: &mut AdamW, sampler: &mut data::Sampler, name: &str, total: usize) -> Result<(usize, u64)> {
+    let Some(c) = c else { return Ok((0, 0)) };
+    opt.load(&c.optimizer_path())?;
+    if let Some(st) = &c.state.sampler {
+        sampler.restore(st.clone())?;
+    }
+    eprintln!("[{name}] resumed at step {}/{total} from {}", c.state.step, c.dir.display());
+    Ok((c.state.step, c.state.tokens))
+}
+
 /// A JSON object (for metrics records).
 pub fn obj(v: Value) -> Map<String, Value> {
     match v {

@@ -1,0 +1,37 @@
+"""What the side-by-side benchmarks share: where things are, the assets, and one whet run."""
+import json
+import os
+import subprocess
+import tempfile
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+TRL = os.environ.get("TRL_BENCH_DIR", os.path.join(ROOT, "..", "shared", "bench", "trl"))
+VENV_PY = os.environ.get("TRL_PYTHON", "/tmp/trl-venv/bin/python")
+
+
+def ensure_assets(assets):
+    """Builds the harness's models, tokenizer and data in `assets` unless they are there."""
+    if not os.path.exists(os.path.join(assets, "manifest.json")):
+        subprocess.run([VENV_PY, os.path.join(TRL, "assets.py"), "--out", assets], check=True)
+
+
+def run_whet(recipe, key):
+    """Runs target/release/train on `recipe` (a format string with an `{out}` field) and returns the
+    metrics.jsonl records that have `key`."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "r.toml")
+        out = os.path.join(d, "out")
+        with open(path, "w") as f:
+            f.write(recipe.replace("{out}", out))
+        subprocess.run([os.path.join(ROOT, "target", "release", "train"), "--recipe", path, "--resume", "never"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return [r for r in (json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))) if key in r]
+
+
+def run_trl(args):
+    """Runs the harness's workloads.py with `args` in the TRL venv; returns its first JSON record."""
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "r.jsonl")
+        subprocess.run([VENV_PY, os.path.join(TRL, "workloads.py"), *args, "--out", out], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return [json.loads(l) for l in open(out)][0]

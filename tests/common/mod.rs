@@ -1,0 +1,29 @@
+//! Helpers shared by the end-to-end tests that drive the `train` binary.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// `train --recipe DIR/recipe.toml --output DIR/out`, optionally with a `WHET_TEST_KILL` fault point.
+pub fn train(dir: &Path, kill: Option<&str>) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_train"));
+    c.args(["--recipe"]).arg(dir.join("recipe.toml")).args(["--output"]).arg(dir.join("out"));
+    if let Some(k) = kill {
+        c.env("WHET_TEST_KILL", k);
+    }
+    c.output().unwrap()
+}
+
+/// A directory `root/name` holding `recipe.toml` with `recipe`.
+pub fn setup(root: &Path, name: &str, recipe: &str) -> PathBuf {
+    let d = root.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("recipe.toml"), recipe).unwrap();
+    d
+}
+
+/// The lines of `DIR/out/metrics.jsonl`.
+pub fn metrics(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("out/metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
