@@ -76,7 +76,66 @@ impl PairsPerProblem {
     }
 }
 
-crate::stage::training_stage! {
+/// Declares a DPO stage's table: the given fields, the DPO keys both kinds share (tokenize, beta, loss_type,
+/// label_smoothing, rpo_alpha, length_normalize, batch_size, grad_accum, epochs), and through
+/// [`crate::stage::training_stage!`] the keys of every trained stage; plus `args()`.
+macro_rules! dpo_stage {
+    ($(#[$meta:meta])* pub struct $name:ident { $($(#[$fm:meta])* pub $f:ident : $t:ty),* $(,)? }) => {
+        crate::stage::training_stage! {
+            $(#[$meta])*
+            pub struct $name {
+                $($(#[$fm])* pub $f: $t,)*
+                /// Tokenization (max_length applies to prompt + reply).
+                #[serde(default)]
+                pub tokenize: TokenizeConfig,
+                /// β: strength of the implicit KL regularisation (IPO's τ).
+                #[serde(default = "default_beta")]
+                pub beta: f64,
+                /// sigmoid (DPO), ipo or hinge.
+                #[serde(default)]
+                pub loss_type: LossType,
+                /// cDPO label smoothing ε in [0, 0.5) (sigmoid only).
+                #[serde(default)]
+                pub label_smoothing: f64,
+                /// Weight α of the chosen replies' token-mean NLL added to the loss (RPO; 0: off).
+                #[serde(default)]
+                pub rpo_alpha: f64,
+                /// Average log-probabilities per token instead of summing them (always on for IPO).
+                #[serde(default)]
+                pub length_normalize: bool,
+                /// Pairs per micro-batch.
+                #[serde(default = "default_batch", alias = "per_device_train_batch_size")]
+                pub batch_size: usize,
+                /// Micro-batches per optimizer step.
+                #[serde(default = "one", alias = "gradient_accumulation_steps")]
+                pub grad_accum: usize,
+                /// Passes over the pairs (used when `max_steps` is not set).
+                #[serde(default = "default_epochs", alias = "num_train_epochs")]
+                pub epochs: f64,
+            }
+        }
+
+        impl $name {
+            /// The DPO keys.
+            pub fn args(&self) -> DpoArgs {
+                DpoArgs {
+                    beta: self.beta,
+                    loss_type: self.loss_type,
+                    label_smoothing: self.label_smoothing,
+                    rpo_alpha: self.rpo_alpha,
+                    length_normalize: self.length_normalize,
+                    batch_size: self.batch_size,
+                    grad_accum: self.grad_accum,
+                    epochs: self.epochs,
+                    max_steps: self.max_steps,
+                    loss_chunk: self.loss_chunk,
+                }
+            }
+        }
+    };
+}
+
+dpo_stage! {
     /// `kind = "dpo"`.
     pub struct DpoStage {
         /// Peak learning rate (TRL's default 1e-6; Phi-4-mini used 5e-7).
@@ -88,37 +147,10 @@ crate::stage::training_stage! {
         /// Synthetic arithmetic preference pairs (correct answer chosen, a near miss rejected).
         #[serde(default)]
         pub synthetic: Option<SyntheticSpec>,
-        /// Tokenization (max_length applies to prompt + reply).
-        #[serde(default)]
-        pub tokenize: TokenizeConfig,
-        /// β: strength of the implicit KL regularisation (IPO's τ).
-        #[serde(default = "default_beta")]
-        pub beta: f64,
-        /// sigmoid (DPO), ipo or hinge.
-        #[serde(default)]
-        pub loss_type: LossType,
-        /// cDPO label smoothing ε in [0, 0.5) (sigmoid only).
-        #[serde(default)]
-        pub label_smoothing: f64,
-        /// Weight α of the chosen replies' token-mean NLL added to the loss (RPO; 0: off).
-        #[serde(default)]
-        pub rpo_alpha: f64,
-        /// Average log-probabilities per token instead of summing them (always on for IPO).
-        #[serde(default)]
-        pub length_normalize: bool,
-        /// Pairs per micro-batch.
-        #[serde(default = "default_batch", alias = "per_device_train_batch_size")]
-        pub batch_size: usize,
-        /// Micro-batches per optimizer step.
-        #[serde(default = "one", alias = "gradient_accumulation_steps")]
-        pub grad_accum: usize,
-        /// Passes over the pairs (used when `max_steps` is not set).
-        #[serde(default = "default_epochs", alias = "num_train_epochs")]
-        pub epochs: f64,
     }
 }
 
-crate::stage::training_stage! {
+dpo_stage! {
     /// `kind = "rollout_dpo"`.
     pub struct RolloutDpoStage {
         /// Peak learning rate (Phi-4-mini used 5e-7).
@@ -158,33 +190,6 @@ crate::stage::training_stage! {
         /// Where the pairs are written (default OUTPUT/<stage name>/pairs.jsonl).
         #[serde(default)]
         pub pairs_path: Option<PathBuf>,
-        /// Tokenization of the pairs (max_length applies to prompt + reply).
-        #[serde(default)]
-        pub tokenize: TokenizeConfig,
-        /// β: strength of the implicit KL regularisation (IPO's τ).
-        #[serde(default = "default_beta")]
-        pub beta: f64,
-        /// sigmoid (DPO), ipo or hinge.
-        #[serde(default)]
-        pub loss_type: LossType,
-        /// cDPO label smoothing ε in [0, 0.5) (sigmoid only).
-        #[serde(default)]
-        pub label_smoothing: f64,
-        /// Weight α of the chosen replies' token-mean NLL added to the loss (RPO; 0: off).
-        #[serde(default)]
-        pub rpo_alpha: f64,
-        /// Average log-probabilities per token instead of summing them (always on for IPO).
-        #[serde(default)]
-        pub length_normalize: bool,
-        /// Pairs per micro-batch.
-        #[serde(default = "default_batch", alias = "per_device_train_batch_size")]
-        pub batch_size: usize,
-        /// Micro-batches per optimizer step.
-        #[serde(default = "one", alias = "gradient_accumulation_steps")]
-        pub grad_accum: usize,
-        /// Passes over the pairs (used when `max_steps` is not set).
-        #[serde(default = "default_epochs", alias = "num_train_epochs")]
-        pub epochs: f64,
     }
 }
 
@@ -279,23 +284,6 @@ impl DpoArgs {
     }
 }
 
-macro_rules! dpo_args {
-    ($s:expr) => {
-        DpoArgs {
-            beta: $s.beta,
-            loss_type: $s.loss_type,
-            label_smoothing: $s.label_smoothing,
-            rpo_alpha: $s.rpo_alpha,
-            length_normalize: $s.length_normalize,
-            batch_size: $s.batch_size,
-            grad_accum: $s.grad_accum,
-            epochs: $s.epochs,
-            max_steps: $s.max_steps,
-            loss_chunk: $s.loss_chunk,
-        }
-    };
-}
-
 fn validate_data(d: &Option<DataConfig>, at: &str, p: &mut Vec<String>) {
     if let Some(d) = d {
         if !d.path.exists() {
@@ -311,9 +299,6 @@ fn resolve_eval(eval: &mut Option<crate::recipe::EvalSpec>, f: &mut dyn FnMut(&m
 }
 
 impl DpoStage {
-    pub fn args(&self) -> DpoArgs {
-        dpo_args!(self)
-    }
     pub fn resolve_paths(&mut self, f: &mut dyn FnMut(&mut PathBuf)) {
         if let Some(d) = self.data.as_mut() {
             f(&mut d.path);
@@ -345,9 +330,6 @@ impl DpoStage {
 }
 
 impl RolloutDpoStage {
-    pub fn args(&self) -> DpoArgs {
-        dpo_args!(self)
-    }
     pub fn resolve_paths(&mut self, f: &mut dyn FnMut(&mut PathBuf)) {
         if let Some(d) = self.data.as_mut() {
             f(&mut d.path);
