@@ -24,17 +24,11 @@ fn upcast(x: Tensor) -> Tensor {
 /// `scale`, back-propagated into the model's parameters. Returns (sum of token losses, number of tokens),
 /// unscaled.
 pub fn causal_lm_backward(net: &Transformer, batch: &Batch, labels: &Tensor, scale: f64, chunk_rows: i64) -> (f64, i64) {
-    let hidden = net.hidden_states(batch);
-    let (b, t, h) = hidden.size3().unwrap();
-    let hs = hidden.narrow(1, 0, t - 1).reshape([b * (t - 1), h]);
-    let ys = labels.narrow(1, 1, t - 1).reshape([b * (t - 1)]).to_device(hidden.device());
-    let idx = ys.ne(IGNORE).nonzero().squeeze_dim(1);
-    let n = idx.size()[0];
+    let Gathered { sel, ys: ysel, .. } = gather(net, batch, labels);
+    let n = sel.size()[0];
     if n == 0 {
         return (0.0, 0);
     }
-    let sel = hs.index_select(0, &idx);
-    let ysel = ys.index_select(0, &idx);
     let detached = sel.detach().set_requires_grad(true);
     let w = net.lm_head_weight();
     let mut total = 0.0;
@@ -42,7 +36,7 @@ pub fn causal_lm_backward(net: &Transformer, batch: &Batch, labels: &Tensor, sca
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
-        let logits = upcast(detached.narrow(0, start, len).linear(w, None::<Tensor>));
+        let logits = scaled_logits(&detached.narrow(0, start, len), &w, 1.0);
         let loss = logits.cross_entropy_loss::<Tensor>(&ysel.narrow(0, start, len), None, Reduction::Sum, IGNORE, 0.0);
         total += loss.double_value(&[]);
         (loss * scale).backward();
