@@ -4,21 +4,28 @@
 use anyhow::Result;
 use data::{ChatTemplate, Message, Record, Tokenizer};
 use model::Transformer;
-use rollout::{Engine, EngineConfig, Request, SamplingParams};
+use rollout::{Completion, Engine, EngineConfig, Request, SamplingParams};
 
-/// Greedy continuations of `prompts` (token ids) with the rollout engine, at most `max_new` tokens each,
-/// ending before the first `stop` id.
-pub fn greedy(net: &Transformer, prompts: &[Vec<i64>], max_new: usize, stop: &[i64], pad: i64) -> Result<Vec<Vec<i64>>> {
-    let cfg = EngineConfig { eos_token_ids: stop.to_vec(), pad_token_id: pad, ..Default::default() };
+/// `n` completions of every prompt, drawn with `params` by the rollout engine (the tokenizer's stop ids end a
+/// sequence; `seed` seeds requests that set none), sorted by prompt, then sample.
+pub fn generate(net: &Transformer, tok: &Tokenizer, prompts: &[Vec<i64>], n: usize, params: &SamplingParams, seed: u64) -> Result<Vec<Completion>> {
+    let cfg = EngineConfig { eos_token_ids: stop_ids(tok), pad_token_id: tok.pad_id as i64, seed, ..Default::default() };
     let engine = Engine::new(net, cfg)?;
-    let params = SamplingParams { temperature: 0.0, max_new_tokens: max_new, ..Default::default() };
-    let requests: Vec<Request> = prompts.iter().map(|p| Request { prompt_ids: p.clone(), n: 1, params: params.clone() }).collect();
+    let requests: Vec<Request> = prompts.iter().map(|p| Request { prompt_ids: p.clone(), n, params: params.clone() }).collect();
     let mut done = engine.generate(&requests)?;
-    done.sort_by_key(|c| c.request_index);
-    Ok(done
-        .into_iter()
-        .map(|c| c.token_ids.into_iter().take_while(|t| !stop.contains(t)).collect())
-        .collect())
+    done.sort_by_key(|c| (c.request_index, c.sample_index));
+    Ok(done)
+}
+
+/// The tokenizer's end-of-sequence and end-of-turn ids.
+pub fn stop_ids(tok: &Tokenizer) -> Vec<i64> {
+    tok.stop_token_ids().into_iter().map(|x| x as i64).collect()
+}
+
+/// The text of completion tokens before the first stop id.
+pub fn completion_text(tok: &Tokenizer, ids: &[i64], stop: &[i64]) -> Result<String> {
+    let ids: Vec<u32> = ids.iter().take_while(|t| !stop.contains(t)).map(|&t| t as u32).collect();
+    Ok(tok.decode(&ids, true)?)
 }
 
 /// Prompt ids for a prompt-with-answer record (chat template with the generation prompt when there is one).
@@ -49,13 +56,13 @@ pub fn evaluate(
     if prompts.is_empty() {
         anyhow::bail!("held-out evaluation needs prompt-with-answer records");
     }
-    let stop: Vec<i64> = tok.stop_token_ids().into_iter().map(|x| x as i64).collect();
-    let outs = greedy(net, &prompts, max_new, &stop, tok.pad_id as i64)?;
+    let stop = stop_ids(tok);
+    let outs = generate(net, tok, &prompts, 1, &SamplingParams::greedy(max_new), 0)?;
     let cfg = rewards::math::VerifyConfig::default();
     let mut correct = 0;
     let mut samples = vec![];
-    for ((q, gold), ids) in golds.iter().zip(outs) {
-        let text = tok.decode(&ids.iter().map(|&x| x as u32).collect::<Vec<_>>(), true)?;
+    for ((q, gold), c) in golds.iter().zip(outs) {
+        let text = completion_text(tok, &c.token_ids, &stop)?;
         let ok = rewards::math::verify(gold, &text, &cfg).equivalent;
         correct += ok as usize;
         if samples.len() < 3 {

@@ -914,20 +914,13 @@ fn judge(problems: Vec<(Vec<Message>, String, Vec<String>)>) -> Vec<Judged> {
 
 /// `num_samples` rollouts per problem from the policy.
 fn sample(ctx: &Ctx, index: usize, s: &RolloutDpoStage, model: &Model, problems: &[(Vec<Message>, String)]) -> Result<Vec<Vec<String>>> {
-    let stop: Vec<i64> = ctx.tok.stop_token_ids().into_iter().map(|x| x as i64).collect();
-    let cfg = rollout::EngineConfig { eos_token_ids: stop.clone(), pad_token_id: ctx.tok.pad_id as i64, seed: ctx.recipe.run.seed.wrapping_add(1000 + index as u64), ..Default::default() };
-    let engine = rollout::Engine::new(&model.net, cfg)?;
     let params = rollout::SamplingParams { temperature: s.temperature as f32, top_p: s.top_p as f32, max_new_tokens: s.max_new_tokens, ..Default::default() };
-    let mut requests = vec![];
-    for (p, _) in problems {
-        requests.push(rollout::Request { prompt_ids: crate::accuracy::prompt_ids(&ctx.tok, ctx.template.as_ref(), p)?, n: s.num_samples, params: params.clone() });
-    }
-    let mut done = tch::no_grad(|| engine.generate(&requests))?;
-    done.sort_by_key(|c| (c.request_index, c.sample_index));
+    let prompts = problems.iter().map(|(p, _)| crate::accuracy::prompt_ids(&ctx.tok, ctx.template.as_ref(), p)).collect::<Result<Vec<_>>>()?;
+    let done = crate::accuracy::generate(&model.net, &ctx.tok, &prompts, s.num_samples, &params, ctx.recipe.run.seed.wrapping_add(1000 + index as u64))?;
+    let stop = crate::accuracy::stop_ids(&ctx.tok);
     let mut out = vec![vec![]; problems.len()];
     for c in done {
-        let ids: Vec<u32> = c.token_ids.into_iter().take_while(|t| !stop.contains(t)).map(|x| x as u32).collect();
-        out[c.request_index].push(ctx.tok.decode(&ids, true)?);
+        out[c.request_index].push(crate::accuracy::completion_text(&ctx.tok, &c.token_ids, &stop)?);
     }
     Ok(out)
 }

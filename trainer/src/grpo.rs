@@ -351,7 +351,6 @@ struct GrpoState {
     groups_dropped_zero_variance: u64,
     groups_dropped_over_budget: u64,
     steps_skipped: u64,
-    prompts_drawn: u64,
 }
 
 /// Draws problem indices: plainly shuffled, or by domain with rewards fed back.
@@ -412,9 +411,6 @@ fn rollout(
     temperature: f64,
     seed: u64,
 ) -> Result<(Vec<Group>, f64)> {
-    let stop: Vec<i64> = ctx.tok.stop_token_ids().into_iter().map(|x| x as i64).collect();
-    let cfg = rollout::EngineConfig { eos_token_ids: stop.clone(), pad_token_id: ctx.tok.pad_id as i64, seed, ..Default::default() };
-    let engine = rollout::Engine::new(&model.net, cfg)?;
     let params = rollout::SamplingParams {
         temperature: temperature as f32,
         top_p: s.top_p as f32,
@@ -424,16 +420,15 @@ fn rollout(
         ignore_eos: s.ignore_eos,
         ..Default::default()
     };
-    let requests: Vec<rollout::Request> = which.iter().map(|&i| rollout::Request { prompt_ids: problems[i].ids.clone(), n, params: params.clone() }).collect();
-    let mut done = engine.generate(&requests)?;
-    done.sort_by_key(|c| (c.request_index, c.sample_index));
+    let prompts: Vec<Vec<i64>> = which.iter().map(|&i| problems[i].ids.clone()).collect();
+    let done = crate::accuracy::generate(&model.net, &ctx.tok, &prompts, n, &params, seed)?;
+    let stop = crate::accuracy::stop_ids(&ctx.tok);
     let mut samples = Vec::with_capacity(done.len());
     for c in &done {
         let p = &problems[which[c.request_index]];
-        let text_ids: Vec<u32> = c.token_ids.iter().filter(|t| !stop.contains(t)).map(|&t| t as u32).collect();
         samples.push(rewards::Sample {
             prompt: p.text.clone(),
-            completion: ctx.tok.decode(&text_ids, true)?,
+            completion: crate::accuracy::completion_text(&ctx.tok, &c.token_ids, &stop)?,
             gold: Some(p.answer.clone()),
             completion_tokens: c.token_ids.len(),
             max_tokens: s.max_completion_length,
@@ -525,12 +520,10 @@ fn prefilter(ctx: &Ctx, s: &GrpoStage, f: &Prefilter, model: &Model, rewards: &r
     Ok(kept)
 }
 
-/// Training rows of the groups: prompt + completion, labels on the completion only (none for masked
-/// truncated completions), with the completion's advantage.
-fn rows_of(groups: &[Group], problems: &[Problem], adv: &[f64], mask_truncated: bool) -> (Vec<Row>, Vec<f64>) {
+/// Training rows of the groups, in the order of their rewards: prompt + completion, labels on the completion
+/// only (none for masked truncated completions).
+fn rows_of(groups: &[Group], problems: &[Problem], mask_truncated: bool) -> Vec<Row> {
     let mut rows = vec![];
-    let mut advs = vec![];
-    let mut k = 0;
     for g in groups {
         let p = &problems[g.problem].ids;
         for c in &g.done {
@@ -543,11 +536,9 @@ fn rows_of(groups: &[Group], problems: &[Problem], adv: &[f64], mask_truncated: 
                 labels.extend(&c.ids);
             }
             rows.push(Row { ids, labels, pos: None });
-            advs.push(adv[k]);
-            k += 1;
         }
     }
-    (rows, advs)
+    rows
 }
 
 /// Per-token log-probabilities of rows (no gradients), micro-batch by micro-batch.
@@ -654,7 +645,6 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
         let mut generated_groups = 0usize;
         loop {
             let which = draw.next(s.prompts_per_step, &pool);
-            st.prompts_drawn += which.len() as u64;
             if which.is_empty() {
                 break;
             }
@@ -723,14 +713,19 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
 
         // ---- advantages (KL in the reward first, when asked)
         let mut rewards_flat: Vec<f64> = groups.iter().flat_map(|gr| gr.done.iter().map(|x| x.reward)).collect();
-        let (rows, _) = rows_of(&groups, &problems, &vec![0.0; rewards_flat.len()], s.mask_truncated_completions);
+        let rows = rows_of(&groups, &problems, s.mask_truncated_completions);
         let ref_lp = match &reference {
             Some(r) if !rows.is_empty() => Some(logprobs_of(r, &rows, s.micro_batch_size, pad, chunk, temperature)),
             _ => None,
         };
+        // the sampling policy's log-probabilities: for KL in the reward and as π_old when μ > 1
+        let cur_lp = if !rows.is_empty() && ((s.kl_in_reward && ref_lp.is_some()) || s.num_iterations > 1) {
+            Some(logprobs_of(model, &rows, s.micro_batch_size, pad, chunk, temperature))
+        } else {
+            None
+        };
         let mut kl_reward = 0.0;
-        if let (true, Some(refs)) = (s.kl_in_reward, &ref_lp) {
-            let cur = logprobs_of(model, &rows, s.micro_batch_size, pad, chunk, temperature);
+        if let (true, Some(refs), Some(cur)) = (s.kl_in_reward, &ref_lp, &cur_lp) {
             let mut k = 0;
             for (c, r) in cur.iter().zip(refs) {
                 let per_row = Vec::<f64>::try_from(rl::kl(c, r, KlEstimator::K1).sum_dim_intlist(1, false, Kind::Double)).unwrap();
@@ -742,26 +737,8 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
             }
             kl_reward /= rows.len().max(1) as f64;
         }
-        let sizes_equal = groups.iter().all(|gr| gr.done.len() == g);
-        let adv = if groups.is_empty() {
-            vec![]
-        } else if sizes_equal {
-            rl::advantages(&rewards_flat, g, s.adv_estimator, s.scale_rewards, 1e-4)
-        } else {
-            // groups cut short (oversampling of a group with fewer distinct samples): one group at a time
-            let mut out = vec![];
-            let mut k = 0;
-            for gr in &groups {
-                let n = gr.done.len();
-                out.extend(rl::advantages(&rewards_flat[k..k + n], n, s.adv_estimator, s.scale_rewards, 1e-4));
-                k += n;
-            }
-            if s.scale_rewards == ScaleRewards::Batch {
-                out = rl::advantages(&rewards_flat, rewards_flat.len(), s.adv_estimator, ScaleRewards::Batch, 1e-4);
-            }
-            out
-        };
-        let (rows, advs) = rows_of(&groups, &problems, &adv, s.mask_truncated_completions);
+        // every group holds exactly G completions (balance() keeps G of an oversampled group)
+        let advs = if groups.is_empty() { vec![] } else { rl::advantages(&rewards_flat, g, s.adv_estimator, s.scale_rewards, 1e-4) };
         t_score += ts.elapsed().as_secs_f64();
 
         // ---- policy update: μ passes, one optimizer step each
@@ -769,7 +746,7 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
         let n_tok: f64 = rows.iter().map(|r| r.labels.iter().filter(|&&x| x != crate::loss::IGNORE).count() as f64).sum();
         let n_seq = rows.iter().filter(|r| r.labels.iter().any(|&x| x != crate::loss::IGNORE)).count() as f64;
         let denoms = AggDenoms { tokens: n_tok, seqs: n_seq, norm: s.max_completion_length as f64 };
-        let old_lp = if s.num_iterations > 1 && !rows.is_empty() { Some(logprobs_of(model, &rows, s.micro_batch_size, pad, chunk, temperature)) } else { None };
+        let old_lp = cur_lp.filter(|_| s.num_iterations > 1);
         let (mut loss_sum, mut clip_sum, mut kl_sum, mut ent_sum, mut grad_norm) = (0.0, 0.0, 0.0, 0.0, 0.0);
         let lr = optim.lr_at(step, total);
         let lcfg = LossCfg {
