@@ -208,8 +208,7 @@ pub fn run(recipe_path: &Path, overrides: &[String], output: Option<PathBuf>, op
         };
         summary.push((r.stage[i].name(i), r.stage[i].kind(), acc));
         // the next stage starts from this stage's saved result (identical bits; fresh autograd state)
-        let done = checkpoint::list(&output)?.into_iter().filter(|c| c.state.stage == i && c.state.stage_complete).last().context("stage checkpoint")?;
-        model = Model::load(&done.model_dir(), Some(kind), device)?;
+        model = stage_start_model(&ctx, i + 1, kind, device)?;
     }
     if !summary.is_empty() {
         println!("\n| stage | kind | held-out accuracy after |\n|---|---|---:|");

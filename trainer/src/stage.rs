@@ -161,7 +161,7 @@ pub fn synthetic(spec: &SyntheticSpec) -> Result<data::synth::Arithmetic> {
 }
 
 /// Held-out prompt-with-answer records of an eval spec.
-pub fn eval_records(e: &EvalSpec) -> Result<Vec<Record>> {
+fn eval_records(e: &EvalSpec) -> Result<Vec<Record>> {
     match (&e.synthetic, &e.data) {
         (Some(s), _) => Ok(synthetic(s)?.prompt_answer(s.start, s.count)),
         (None, Some(d)) => Ok(data::load_records(d)?),
@@ -297,7 +297,7 @@ pub fn obj(v: Value) -> Map<String, Value> {
 
 /// Writes a checkpoint of the stage (model, optimizer when mid-stage, state), prunes old ones and passes the
 /// fault-injection points the resume tests use.
-pub fn save_checkpoint(ctx: &Ctx, state: &TrainState, model: &Model, opt: Option<&AdamW>) -> Result<PathBuf> {
+fn save_checkpoint(ctx: &Ctx, state: &TrainState, model: &Model, opt: Option<&AdamW>) -> Result<PathBuf> {
     let (index, done) = (state.stage, state.step);
     let dir = checkpoint::write(&ctx.output, state, |d| {
         model.save(&d.join("model"), &model::weights::SaveOptions { source_dir: Some(&ctx.tok_dir), ..Default::default() })?;
