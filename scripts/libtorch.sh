@@ -73,6 +73,31 @@ if [ ! -e "$target/.complete" ]; then
   echo "whet: libtorch ready in $(( $(date +%s) - start )) s ($(du -sh "$target" | cut -f1) on disk)" >&2
 fi
 
+# The gloo headers c10d's ProcessGroupGloo.hpp includes (the torch wheel ships none; the dist crate's shim
+# needs them): Debian's libgloo-dev unpacked into the cache, no system install; else a system install.
+gloo_include() {
+  local dir="$cache/gloo-headers"
+  if [ -e "$dir/.complete" ]; then echo "$dir/usr/include"; return; fi
+  local tmp; tmp=$(mktemp -d "$cache/.tmp-gloo.XXXXXX")
+  if (cd "$tmp" && { apt-get download libgloo-dev >/dev/null 2>&1 \
+        || { apt-get update -qq >/dev/null 2>&1 && apt-get download libgloo-dev >/dev/null 2>&1; }; } \
+      && dpkg -x libgloo-dev_*.deb x) \
+      && [ -e "$tmp/x/usr/include/gloo/algorithm.h" ]; then
+    rm -rf "$dir"; mv "$tmp/x" "$dir"; rm -rf "$tmp"; touch "$dir/.complete"; echo "$dir/usr/include"; return
+  fi
+  rm -rf "$tmp"
+  if [ ! -e /usr/include/gloo/algorithm.h ] && command -v apt-get >/dev/null 2>&1; then
+    echo "whet: apt-get download libgloo-dev failed; installing it" >&2
+    apt-get install -y --no-install-recommends libgloo-dev >/dev/null 2>&1 || true
+  fi
+  if [ -e /usr/include/gloo/algorithm.h ]; then echo /usr/include; return; fi
+  echo "whet: warning: no gloo headers (Debian's libgloo-dev); the dist crate will not build" >&2
+}
+exec 8>"$cache/.gloo.lock"
+flock 8
+gloo=$(gloo_include)
+flock -u 8
+
 real=$(readlink -f "$target")
 ln -sfn "$real" "$repo/.libtorch.tmp" && mv -T "$repo/.libtorch.tmp" "$repo/.libtorch"
 mkdir -p "$repo/.cargo"
@@ -82,6 +107,7 @@ new=$(mktemp "$repo/.cargo/.config.XXXXXX")
   echo "# written by scripts/libtorch.sh; not tracked by git"
   echo "[env]"
   echo "LIBTORCH = \"$real/torch\""
+  [ -n "$gloo" ] && echo "WHET_GLOO_INCLUDE = \"$gloo\""
   if command -v ccache >/dev/null 2>&1; then echo 'CXX = "ccache g++"'; echo 'CC = "ccache gcc"'; fi
 } > "$new"
 if cmp -s "$new" "$cfg" 2>/dev/null; then rm -f "$new"; else mv "$new" "$cfg"; fi
