@@ -145,3 +145,60 @@ pub fn check_replicas(ctx: &Ctx, model: &Model, name: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// This rank's contiguous share of a step's prompts and the index of its first one in the step's draw.
+pub fn shard_at<T>(ctx: &Ctx, items: Vec<T>) -> (Vec<T>, usize) {
+    let first = ctx.comm.rank() * (items.len() / ctx.comm.world());
+    (shard(ctx, items), first)
+}
+
+/// Every rank's values, in rank order, and the range holding this rank's (exact: their bytes travel).
+pub fn gather_f64(ctx: &Ctx, mine: &[f64]) -> Result<(Vec<f64>, std::ops::Range<usize>)> {
+    let bytes: Vec<u8> = mine.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let all = ctx.comm.all_gather_bytes(&bytes)?;
+    let start: usize = all[..ctx.comm.rank()].iter().map(|b| b.len() / 8).sum();
+    let values = all.concat().chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+    Ok((values, start..start + mine.len()))
+}
+
+/// Every rank's `mine`, in rank order.
+pub fn gather<T: serde::Serialize + serde::de::DeserializeOwned>(ctx: &Ctx, mine: &T) -> Result<Vec<T>> {
+    if ctx.comm.world() == 1 {
+        return Ok(vec![serde_json::from_value(serde_json::to_value(mine)?)?]);
+    }
+    let bytes = serde_json::to_vec(mine)?;
+    ctx.comm.all_gather_bytes(&bytes)?.iter().map(|b| Ok(serde_json::from_slice(b)?)).collect()
+}
+
+/// GRPO's per-sample statistics (reward, correct, length, truncated) and group counts of every rank.
+pub fn gather_groups(ctx: &Ctx, stats: Vec<(f64, bool, usize, bool)>, zero_var: usize, generated: usize) -> Result<(Vec<(f64, bool, usize, bool)>, usize, usize)> {
+    if ctx.comm.world() == 1 {
+        return Ok((stats, zero_var, generated));
+    }
+    let all = gather(ctx, &(stats, zero_var, generated))?;
+    let (mut s, mut z, mut g) = (vec![], 0, 0);
+    for (a, b, c) in all {
+        s.extend(a);
+        z += b;
+        g += c;
+    }
+    Ok((s, z, g))
+}
+
+/// What a data-parallel GRPO stage supports: prompts shared evenly; no sampling-side method whose
+/// decisions need the other ranks' groups while generating (not built yet).
+pub fn grpo_supported(ctx: &Ctx, s: &crate::grpo::GrpoStage, name: &str) -> Result<()> {
+    let w = ctx.comm.world();
+    if w == 1 {
+        return Ok(());
+    }
+    if s.prompts_per_step % w != 0 {
+        bail!("[{name}] prompts_per_step = {} cannot be shared evenly by {w} ranks (a group stays on one rank); use a multiple of {w}", s.prompts_per_step);
+    }
+    for (on, key) in [(s.dynamic_sampling.is_some(), "dynamic_sampling"), (s.tokens_per_step.is_some(), "tokens_per_step"), (s.domain_sampling.is_some(), "domain_sampling")] {
+        if on {
+            bail!("[{name}] {key} is not supported with data parallelism yet ({w} ranks); run it on one process or remove {key}");
+        }
+    }
+    Ok(())
+}
