@@ -6,7 +6,8 @@
 #   scripts/libtorch.sh [auto|cpu|cuda|env]
 #
 #   cpu   torch + cudart + cupti (needed by libtorch_cpu.so even on CPU), CUDA-only libraries pruned (~550 MB)
-#   cuda  torch + the full NVIDIA wheel set (~2.5 GB): libtorch_cuda.so can be loaded at run time
+#   cuda  torch + the full NVIDIA wheel set (~2.5 GB): libtorch_cuda.so can be loaded at run time, and the
+#         CUDA/NCCL headers `cargo build --features nccl` (data parallelism on GPUs) compiles against
 #   auto  cuda when an NVIDIA driver is visible, else cpu (default)
 #   env   print `export LIBTORCH=... LD_LIBRARY_PATH=...` for the installed flavour
 #
@@ -23,7 +24,9 @@ CPU_WHEELS=(torch==$TORCH_VERSION nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti
 CUDA_EXTRA=(nvidia-cublas==13.1.0.3 nvidia-cuda-nvrtc==13.0.88 nvidia-cufft==12.0.0.61 nvidia-cufile==1.15.1.6
   nvidia-curand==10.4.0.35 nvidia-cusolver==12.0.4.66 nvidia-cusparse==12.6.3.3 nvidia-nvjitlink==13.0.88
   nvidia-nvtx==13.0.85 nvidia-cudnn-cu13==9.19.0.56 nvidia-cusparselt-cu13==0.8.0 nvidia-nccl-cu13==2.28.9
-  nvidia-nvshmem-cu13==3.4.5)
+  nvidia-nvshmem-cu13==3.4.5
+  # headers ProcessGroupNCCL.hpp includes (the dist crate's `nccl` feature); the pins of cuda-toolkit 13.0.2
+  nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85)
 
 detect() {
   if [ -e /dev/nvidiactl ] || command -v nvidia-smi >/dev/null 2>&1; then echo cuda; else echo cpu; fi

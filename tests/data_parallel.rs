@@ -6,17 +6,20 @@
 
 mod common;
 
-use common::setup;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-const SFT: &str = r#"
+/// The tiny random Qwen2 of the SFT and DPO recipes.
+const QWEN2: &str = r#"
 [model]
 config = { model_type = "qwen2", vocab_size = 260, hidden_size = 32, intermediate_size = 64, num_hidden_layers = 2, num_attention_heads = 4, num_key_value_heads = 2, max_position_embeddings = 256, tie_word_embeddings = true }
 init_seed = 7
 tokenizer = "builtin:bytes"
 device = "cpu"
+"#;
+
+const SFT: &str = r#"
 
 [run]
 seed = 3
@@ -72,11 +75,6 @@ reward = [{ kind = "accuracy", correct = 1.0, incorrect = 0.0, no_answer = 0.0 }
 "#;
 
 const DPO: &str = r#"
-[model]
-config = { model_type = "qwen2", vocab_size = 260, hidden_size = 32, intermediate_size = 64, num_hidden_layers = 2, num_attention_heads = 4, num_key_value_heads = 2, max_position_embeddings = 256, tie_word_embeddings = true }
-init_seed = 7
-tokenizer = "builtin:bytes"
-device = "cpu"
 
 [run]
 seed = 3
@@ -95,6 +93,12 @@ rpo_alpha = 0.2
 "#;
 
 /// `train [--nproc-per-node N] --recipe DIR/recipe.toml --output DIR/out EXTRA...` with bounded collectives.
+/// A recipe directory holding `body`, after the Qwen2 model table unless `body` has its own.
+fn setup(root: &Path, name: &str, body: &str) -> std::path::PathBuf {
+    let text = if body.contains("[model]") { body.to_string() } else { format!("{QWEN2}{body}") };
+    common::setup(root, name, &text)
+}
+
 fn train(dir: &Path, nproc: Option<usize>, extra: &[&str], env: &[(&str, &str)]) -> Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_train"));
     if let Some(n) = nproc {

@@ -249,24 +249,12 @@ pub trait Communicator {
 
     /// Sums `xs` over the ranks, in place (f64 on the CPU group: for counts and logged metrics).
     fn all_reduce_f64(&self, xs: &mut [f64]) -> Result<()> {
-        if self.world() == 1 || xs.is_empty() {
-            return Ok(());
-        }
-        let t = Tensor::from_slice(xs);
-        self.all_reduce_sum(std::slice::from_ref(&t))?;
-        t.copy_data(xs, xs.len());
-        Ok(())
+        sum_in_place(self, xs)
     }
 
     /// Sums `xs` over the ranks, in place (exact).
     fn all_reduce_i64(&self, xs: &mut [i64]) -> Result<()> {
-        if self.world() == 1 || xs.is_empty() {
-            return Ok(());
-        }
-        let t = Tensor::from_slice(xs);
-        self.all_reduce_sum(std::slice::from_ref(&t))?;
-        t.copy_data(xs, xs.len());
-        Ok(())
+        sum_in_place(self, xs)
     }
 
     /// Every rank's byte string, in rank order (small objects: metrics, rewards). Two SUM all-reduces of
@@ -349,6 +337,17 @@ pub trait Communicator {
         let detached: Vec<Tensor> = params.iter().map(|p| p.detach()).collect();
         self.broadcast(&detached, 0)
     }
+}
+
+/// Sums a slice of host values over the ranks through a CPU tensor.
+fn sum_in_place<T: tch::kind::Element + Copy, C: Communicator + ?Sized>(c: &C, xs: &mut [T]) -> Result<()> {
+    if c.world() == 1 || xs.is_empty() {
+        return Ok(());
+    }
+    let t = Tensor::from_slice(xs);
+    c.all_reduce_sum(std::slice::from_ref(&t))?;
+    t.copy_data(xs, xs.len());
+    Ok(())
 }
 
 /// One process: world size 1, every collective the identity.
