@@ -824,7 +824,7 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
             "frac_zero_std_groups": zero_var_groups as f64 / generated_groups.max(1) as f64,
             "kl": kl_sum / n_tok.max(1.0), "kl_in_reward": kl_reward, "clip_frac": clip_sum / n_tok.max(1.0), "entropy": ent_sum / n_tok.max(1.0),
             "response_length_mean": len_mean, "response_length_max": len_max, "truncated_frac": trunc,
-            "grad_norm": grad_norm, "lr": lr, "temperature": temperature, "groups": n_groups, "gen_rounds": rounds,
+            "grad_norm": grad_norm, "lr": lr, "temperature": temperature, "groups": n_groups as usize, "gen_rounds": rounds,
             "groups_dropped_zero_std": dropped_zero, "groups_dropped_over_budget": dropped_budget, "train_tokens": n_tok,
             "time_generate_s": t_gen, "time_score_s": t_score, "time_train_s": t_train, "step_s": dt,
             "tokens_per_s": total_tokens as f64 / t_gen.max(1e-9)});
