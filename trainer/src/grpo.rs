@@ -415,6 +415,7 @@ fn rollout(
     n: usize,
     temperature: f64,
     seed: u64,
+    first: usize,
 ) -> Result<(Vec<Group>, f64)> {
     let params = rollout::SamplingParams {
         temperature: temperature as f32,
@@ -426,7 +427,7 @@ fn rollout(
         ..Default::default()
     };
     let prompts: Vec<Vec<i64>> = which.iter().map(|&i| problems[i].ids.clone()).collect();
-    let done = crate::accuracy::generate(&model.net, &ctx.tok, &prompts, n, &params, seed)?;
+    let done = crate::accuracy::generate_at(&model.net, &ctx.tok, &prompts, n, &params, seed, first)?;
     let stop = crate::accuracy::stop_ids(&ctx.tok);
     let mut samples = Vec::with_capacity(done.len());
     for c in &done {
@@ -495,7 +496,7 @@ fn prefilter(ctx: &Ctx, s: &GrpoStage, f: &Prefilter, model: &Model, rewards: &r
     let mut kept = vec![];
     let (mut easy, mut hard, mut uneven) = (0, 0, 0);
     for (round, chunk) in all.chunks(64).enumerate() {
-        let (groups, _) = rollout(ctx, s, model, rewards, problems, chunk, f.samples, s.temperature, round_seed(ctx.recipe.run.seed, index, usize::MAX, round))?;
+        let (groups, _) = rollout(ctx, s, model, rewards, problems, chunk, f.samples, s.temperature, round_seed(ctx.recipe.run.seed, index, usize::MAX, round), 0)?;
         for g in groups {
             let rate = g.done.iter().filter(|x| x.correct).count() as f64 / g.done.len() as f64;
             let lens: Vec<f64> = g.done.iter().map(|x| x.ids.len() as f64).collect();
@@ -630,6 +631,7 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
         None
     };
     eprintln!("[{name}] {} problems; {total} steps: {}", pool.len(), s.plan());
+    crate::data_parallel::grpo_supported(ctx, s, &name)?;
 
     let progress = |st: &GrpoState| -> Result<Progress> {
         Ok(Progress { index, name: name.clone(), total, sampler: None, tokens: 0, extra: serde_json::to_value(st)? })
@@ -657,9 +659,11 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
             if which.is_empty() {
                 break;
             }
+            // data parallel: this rank's prompts (whole groups), at their index in the step's draw
+            let (which, first) = crate::data_parallel::shard_at(ctx, which);
             let tg = Instant::now();
             let n = s.oversample_generations.unwrap_or(g);
-            let (mut got, ts) = rollout(ctx, s, model, &rewards, &problems, &which, n, temperature, round_seed(ctx.recipe.run.seed, index, step, rounds))?;
+            let (mut got, ts) = rollout(ctx, s, model, &rewards, &problems, &which, n, temperature, round_seed(ctx.recipe.run.seed, index, step, rounds), first)?;
             t_gen += tg.elapsed().as_secs_f64() - ts;
             t_score += ts;
             rounds += 1;
@@ -716,6 +720,8 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
         if s.dynamic_sampling.is_some() && s.tokens_per_step.is_none() {
             groups.truncate(s.prompts_per_step);
         }
+        // data parallel: every rank's samples for the metrics
+        let (all_groups_stats, zero_var_groups, generated_groups) = crate::data_parallel::gather_groups(ctx, all_groups_stats, zero_var_groups, generated_groups)?;
         st.groups_dropped_zero_variance += dropped_zero;
         st.groups_dropped_over_budget += dropped_budget;
         let ts = Instant::now();
@@ -744,16 +750,26 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
                     k += 1;
                 }
             }
-            kl_reward /= rows.len().max(1) as f64;
         }
+        let mut kl_rows = [kl_reward, rows.len() as f64];
+        crate::data_parallel::sum(ctx, &mut kl_rows)?;
+        kl_reward = kl_rows[0] / kl_rows[1].max(1.0);
+        // advantages over the whole step's rewards (every rank's, in rank order); this rank keeps its own
+        let (rewards_flat, mine) = crate::data_parallel::gather_f64(ctx, &rewards_flat)?;
         // every group holds exactly G completions (balance() keeps G of an oversampled group)
-        let advs = if groups.is_empty() { vec![] } else { rl::advantages(&rewards_flat, g, s.adv_estimator, s.scale_rewards, 1e-4) };
+        let advs = if rewards_flat.is_empty() { vec![] } else { rl::advantages(&rewards_flat, g, s.adv_estimator, s.scale_rewards, 1e-4) };
+        let advs = advs.get(mine).map(<[f64]>::to_vec).unwrap_or_default();
         t_score += ts.elapsed().as_secs_f64();
 
         // ---- policy update: μ passes, one optimizer step each
         let tt = Instant::now();
-        let n_tok: f64 = rows.iter().map(|r| r.labels.iter().filter(|&&x| x != crate::loss::IGNORE).count() as f64).sum();
-        let n_seq = rows.iter().filter(|r| r.labels.iter().any(|&x| x != crate::loss::IGNORE)).count() as f64;
+        let mut counts = [
+            rows.iter().map(|r| r.labels.iter().filter(|&&x| x != crate::loss::IGNORE).count() as f64).sum(),
+            rows.iter().filter(|r| r.labels.iter().any(|&x| x != crate::loss::IGNORE)).count() as f64,
+            groups.len() as f64,
+        ];
+        crate::data_parallel::sum(ctx, &mut counts)?; // the global denominators of the loss aggregation
+        let [n_tok, n_seq, n_groups] = counts;
         let denoms = AggDenoms { tokens: n_tok, seqs: n_seq, norm: s.max_completion_length as f64 };
         let old_lp = cur_lp.filter(|_| s.num_iterations > 1);
         let (mut loss_sum, mut clip_sum, mut kl_sum, mut ent_sum, mut grad_norm) = (0.0, 0.0, 0.0, 0.0, 0.0);
@@ -770,7 +786,9 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
         };
         if n_tok > 0.0 {
             for it in 0..s.num_iterations {
+                let mut acc = crate::data_parallel::Accum::new(model);
                 for (mi, m) in rows.chunks(s.micro_batch_size).enumerate() {
+                    acc.next();
                     let a0 = mi * s.micro_batch_size;
                     let old = old_lp.as_ref().map(|o| &o[mi]);
                     let rf = ref_lp.as_ref().map(|r| &r[mi]);
@@ -784,6 +802,8 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
                         ent_sum += st.entropy;
                     }
                 }
+                acc.finish();
+                crate::data_parallel::sync_grads(ctx, model)?;
                 grad_norm = opt.clip_grad_norm(optim.max_grad_norm);
                 opt.step(lr);
                 opt.zero_grad();
@@ -793,6 +813,9 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
             bar.println(&format!("[{name}] step {}: no trainable completions (all groups dropped); step skipped", step + 1));
         }
         let t_train = tt.elapsed().as_secs_f64();
+        let mut sums = [loss_sum, clip_sum, kl_sum, ent_sum];
+        crate::data_parallel::sum(ctx, &mut sums)?;
+        let [loss_sum, clip_sum, kl_sum, ent_sum] = sums;
         if !loss_sum.is_finite() {
             bail!("[{name}] loss became {loss_sum} at step {}: lower the learning rate", step + 1);
         }
@@ -813,7 +836,7 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
             "frac_zero_std_groups": zero_var_groups as f64 / generated_groups.max(1) as f64,
             "kl": kl_sum / n_tok.max(1.0), "kl_in_reward": kl_reward, "clip_frac": clip_sum / n_tok.max(1.0), "entropy": ent_sum / n_tok.max(1.0),
             "response_length_mean": len_mean, "response_length_max": len_max, "truncated_frac": trunc,
-            "grad_norm": grad_norm, "lr": lr, "temperature": temperature, "groups": groups.len(), "gen_rounds": rounds,
+            "grad_norm": grad_norm, "lr": lr, "temperature": temperature, "groups": n_groups as usize, "gen_rounds": rounds,
             "groups_dropped_zero_std": dropped_zero, "groups_dropped_over_budget": dropped_budget, "train_tokens": n_tok, "forward_tokens": forward_tokens,
             "time_generate_s": t_gen, "time_score_s": t_score, "time_train_s": t_train, "step_s": dt,
             "tokens_per_s": total_tokens as f64 / t_gen.max(1e-9)});
