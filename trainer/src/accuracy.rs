@@ -57,7 +57,7 @@ pub fn evaluate(
     tok: &Tokenizer,
     template: Option<&ChatTemplate>,
     records: &[Record],
-    max_new: usize,
+    spec: &crate::recipe::EvalSpec,
 ) -> Result<(f64, Vec<(String, String, bool)>)> {
     let mut prompts = vec![];
     let mut golds = vec![];
@@ -71,17 +71,20 @@ pub fn evaluate(
         anyhow::bail!("held-out evaluation needs prompt-with-answer records");
     }
     let stop = stop_ids(tok);
-    let outs = generate(net, tok, &prompts, 1, &SamplingParams::greedy(max_new), 0)?;
+    let n = if spec.temperature == 0.0 { 1 } else { spec.samples.max(1) };
+    let params = SamplingParams { temperature: spec.temperature as f32, max_new_tokens: spec.max_new_tokens, ..Default::default() };
+    let outs = generate(net, tok, &prompts, n, &params, spec.seed)?;
     let cfg = rewards::math::VerifyConfig::default();
     let mut correct = 0;
     let mut samples = vec![];
-    for ((q, gold), c) in golds.iter().zip(outs) {
+    for c in outs {
+        let (q, gold) = &golds[c.request_index];
         let text = completion_text(tok, &c.token_ids, &stop)?;
         let ok = rewards::math::verify(gold, &text, &cfg).equivalent;
         correct += ok as usize;
-        if samples.len() < 3 {
+        if samples.len() < 3 && c.sample_index == 0 {
             samples.push((q.clone(), text, ok));
         }
     }
-    Ok((correct as f64 / golds.len() as f64, samples))
+    Ok((correct as f64 / (golds.len() * n) as f64, samples))
 }

@@ -160,6 +160,31 @@ pub struct EvalSpec {
     /// Generation length for accuracy.
     #[serde(default = "default_eval_tokens")]
     pub max_new_tokens: usize,
+    /// Sampling temperature (0: greedy decoding). With `samples` > 1 the accuracy is pass@1 averaged over the
+    /// samples, as DeepSeek-R1 and Phi-4-mini-reasoning report it (temperature 0.6).
+    #[serde(default)]
+    pub temperature: f64,
+    /// Samples per problem (at `temperature` > 0).
+    #[serde(default = "one_usize")]
+    pub samples: usize,
+    /// Sampling seed: every evaluation of a run draws the same random numbers.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn one_usize() -> usize {
+    1
+}
+
+impl EvalSpec {
+    /// What the accuracy means, for messages: "greedy" or "pass@1 of 4 samples at T 0.6".
+    pub fn describe(&self) -> String {
+        if self.temperature == 0.0 {
+            "greedy".into()
+        } else {
+            format!("pass@1 of {} sample{} at T {}", self.samples, if self.samples == 1 { "" } else { "s" }, self.temperature)
+        }
+    }
 }
 
 fn default_eval_tokens() -> usize {

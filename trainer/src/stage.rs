@@ -185,7 +185,7 @@ impl<'a> HeldOut<'a> {
 
     /// Accuracy and a few (question, answer, correct) samples.
     pub fn accuracy(&self, ctx: &Ctx, model: &Model) -> Result<(f64, Vec<(String, String, bool)>)> {
-        crate::accuracy::evaluate(&model.net, &ctx.tok, ctx.template.as_ref(), &self.records, self.spec.max_new_tokens)
+        crate::accuracy::evaluate(&model.net, &ctx.tok, ctx.template.as_ref(), &self.records, self.spec)
     }
 
     fn log(ctx: &Ctx, index: usize, name: &str, step: usize, acc: f64, extra: Map<String, Value>) -> Result<()> {
@@ -201,7 +201,7 @@ impl<'a> HeldOut<'a> {
         }
         let (acc, _) = self.accuracy(ctx, model)?;
         let more: Vec<String> = extra.iter().filter_map(|(k, v)| v.as_f64().map(|x| format!(", held-out {} {x:.4}", k.trim_start_matches("eval_")))).collect();
-        eprintln!("[{name}] held-out accuracy before: {:.1}% ({} problems){}", 100.0 * acc, self.records.len(), more.join(""));
+        eprintln!("[{name}] held-out accuracy before: {:.1}% ({} problems, {}){}", 100.0 * acc, self.records.len(), self.spec.describe(), more.join(""));
         Self::log(ctx, index, name, 0, acc, extra)?;
         Ok(acc)
     }
