@@ -78,6 +78,29 @@ pub struct RunSpec {
     /// Keep the newest K mid-stage checkpoints (stage-final models are always kept).
     #[serde(default = "default_keep")]
     pub keep_last: usize,
+    /// Where metrics go besides `metrics.jsonl` (TRL's `report_to`): "tensorboard", "wandb", "all" or "none",
+    /// a string or a list. Default: TensorBoard, plus Weights & Biases when `WANDB_API_KEY` is set.
+    #[serde(default, deserialize_with = "crate::wandb::string_or_list")]
+    #[schemars(with = "Option<Vec<String>>")]
+    pub report_to: Option<Vec<String>>,
+    /// W&B project (default: `WANDB_PROJECT`, else "uncategorized").
+    #[serde(default)]
+    pub wandb_project: Option<String>,
+    /// W&B entity, a user or team (default: `WANDB_ENTITY`, else the API key's default entity).
+    #[serde(default)]
+    pub wandb_entity: Option<String>,
+    /// W&B display name of the run (TRL's `run_name`; default: `WANDB_NAME`, else the output directory's name).
+    #[serde(default, alias = "run_name")]
+    pub wandb_name: Option<String>,
+    /// W&B run id (default: `WANDB_RUN_ID`, else a new random id; a resumed run keeps its id).
+    #[serde(default)]
+    pub wandb_run_id: Option<String>,
+    /// W&B run group (default: `WANDB_RUN_GROUP`).
+    #[serde(default)]
+    pub wandb_group: Option<String>,
+    /// W&B tags (default: `WANDB_TAGS`, comma-separated).
+    #[serde(default)]
+    pub wandb_tags: Option<Vec<String>>,
 }
 
 fn default_output() -> PathBuf {
@@ -92,7 +115,21 @@ fn default_keep() -> usize {
 
 impl Default for RunSpec {
     fn default() -> Self {
-        RunSpec { output_dir: default_output(), seed: 0, threads: None, log_every: 10, save_every: 0, keep_last: 2 }
+        RunSpec {
+            output_dir: default_output(),
+            seed: 0,
+            threads: None,
+            log_every: 10,
+            save_every: 0,
+            keep_last: 2,
+            report_to: None,
+            wandb_project: None,
+            wandb_entity: None,
+            wandb_name: None,
+            wandb_run_id: None,
+            wandb_group: None,
+            wandb_tags: None,
+        }
     }
 }
 
@@ -210,7 +247,20 @@ fn default_lr() -> f64 {
 }
 
 /// Keys whose change does not affect results: allowed when resuming.
-pub const HARMLESS_KEYS: &[&str] = &["run.log_every", "run.threads", "run.save_every", "run.keep_last", "model.device"];
+pub const HARMLESS_KEYS: &[&str] = &[
+    "run.log_every",
+    "run.threads",
+    "run.save_every",
+    "run.keep_last",
+    "run.report_to",
+    "run.wandb_project",
+    "run.wandb_entity",
+    "run.wandb_name",
+    "run.wandb_run_id",
+    "run.wandb_group",
+    "run.wandb_tags",
+    "model.device",
+];
 
 /// Line (1-based) of a byte offset.
 fn line_of(text: &str, offset: usize) -> usize {
@@ -433,6 +483,7 @@ pub fn validate(r: &Recipe, origin: &str) -> Vec<String> {
             p.push(e.to_string());
         }
     }
+    crate::wandb::validate(&r.run, origin, &mut p);
     if r.stage.is_empty() {
         p.push(format!("{origin}: no [[stage]]: nothing to train"));
     }

@@ -186,7 +186,7 @@ pub fn run(recipe_path: &Path, overrides: &[String], output: Option<PathBuf>, op
     let resume_at = ckpt.as_ref().map(|c| (c.state.stage, c.state.step));
     let tok_dir = tokenizer_dir(&r, &output)?;
     let (tok, template) = Tokenizer::from_dir(&tok_dir).with_context(|| format!("loading the tokenizer from {}", tok_dir.display()))?;
-    let metrics = Metrics::open(&output, resume_at)?;
+    let metrics = Metrics::open(&output, resume_at, &r)?;
     let ctx = Ctx { recipe: r.clone(), output: output.clone(), tok, template, tok_dir, metrics, fingerprint };
 
     let (first, mut model, mid) = match &ckpt {
@@ -210,6 +210,7 @@ pub fn run(recipe_path: &Path, overrides: &[String], output: Option<PathBuf>, op
         // the next stage starts from this stage's saved result (identical bits; fresh autograd state)
         model = stage_start_model(&ctx, i + 1, kind, device)?;
     }
+    ctx.metrics.finish();
     if !summary.is_empty() {
         println!("\n| stage | kind | held-out accuracy after |\n|---|---|---:|");
         for (n, k, a) in &summary {
