@@ -18,7 +18,7 @@ pub use config::{Family, ModelConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use kv_cache::KvCache;
 pub use params::{Fill, ParamStore};
-pub use transformer::{AttnMask, Batch, Transformer};
+pub use transformer::{AttnMask, Batch, Checkpoints, Transformer};
 
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
