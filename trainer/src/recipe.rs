@@ -157,6 +157,15 @@ impl Stage {
         }
         .unwrap_or_else(|| format!("{}{index}", self.kind()))
     }
+    /// The stage's `gradient_checkpointing` key.
+    pub fn gradient_checkpointing(&self) -> bool {
+        match self {
+            Stage::Sft(s) => s.gradient_checkpointing,
+            Stage::Dpo(s) => s.gradient_checkpointing,
+            Stage::RolloutDpo(s) => s.gradient_checkpointing,
+            Stage::Grpo(s) => s.gradient_checkpointing,
+        }
+    }
     pub fn kind(&self) -> &'static str {
         match self {
             Stage::Sft(_) => "sft",

@@ -200,6 +200,7 @@ pub fn run(recipe_path: &Path, overrides: &[String], output: Option<PathBuf>, op
     let mut summary = vec![];
     for i in first..r.stage.len() {
         let resume = if i == first { mid } else { None };
+        model.net.set_gradient_checkpointing(r.stage[i].gradient_checkpointing());
         let acc = match &r.stage[i] {
             Stage::Sft(s) => crate::sft::run(&ctx, i, s, &model, resume)?,
             Stage::Dpo(s) => crate::dpo::run(&ctx, i, s, &model, resume)?,
