@@ -4,6 +4,7 @@
 //! about training: it gives forward passes (logits or hidden states), an incremental-decoding KV cache,
 //! weight I/O (safetensors, GGUF import) and the tokenizer.
 
+pub mod autocast;
 pub mod config;
 pub mod error;
 pub mod gguf;

@@ -123,6 +123,8 @@ pub struct Transformer {
     rope: Rope,
     /// Activation checkpointing in [`Transformer::hidden_states_checkpointed`] users (the trainer's losses).
     checkpointing: std::sync::atomic::AtomicBool,
+    /// The autocast dtype of forward passes ([`crate::autocast`]), encoded; 0: none.
+    autocast: std::sync::atomic::AtomicI8,
 }
 
 /// What [`Transformer::hidden_states_checkpointed`] keeps for the backward: each decoder layer's input,
@@ -201,7 +203,23 @@ impl Transformer {
         };
         let rope = Rope::new(cfg, device);
         let checkpointing = Default::default();
-        Transformer { cfg: cfg.clone(), params: ps, embed, blocks, norm, lm_head, rope, checkpointing }
+        let autocast = crate::autocast::encode(crate::autocast::default_kind()).into();
+        Transformer { cfg: cfg.clone(), params: ps, embed, blocks, norm, lm_head, rope, checkpointing, autocast }
+    }
+
+    /// Mixed precision: forward passes run in an autocast region computing in `kind` (e.g. bfloat16 over
+    /// fp32 weights); `None` computes in the weights' dtype. New networks take [`crate::autocast::default_kind`].
+    pub fn set_autocast(&self, kind: Option<Kind>) {
+        self.autocast.store(crate::autocast::encode(kind), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn autocast_kind(&self) -> Option<Kind> {
+        crate::autocast::decode(self.autocast.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Runs `f` (a forward computation with this network's weights) under the network's autocast setting.
+    pub fn autocast<T>(&self, f: impl FnOnce() -> T) -> T {
+        crate::autocast::autocast(self.device(), self.autocast_kind(), f)
     }
 
     /// Switches activation checkpointing on or off for the training losses that ask
@@ -230,11 +248,13 @@ impl Transformer {
     /// Final hidden states `[B, T, hidden]` (after the last norm).
     pub fn hidden_states(&self, batch: &Batch) -> Tensor {
         let (cos, sin, mask) = self.attention_inputs(batch);
-        let mut x = self.embed.embedding_fwd(batch.input_ids);
-        for blk in &self.blocks {
-            x = blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), None);
-        }
-        self.norm.forward(&x)
+        self.autocast(|| {
+            let mut x = self.embed.embedding_fwd(batch.input_ids);
+            for blk in &self.blocks {
+                x = blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), None);
+            }
+            self.norm.forward(&x)
+        })
     }
 
     /// Activation checkpointing, forward half: the final hidden states computed without an autograd graph,
@@ -245,7 +265,7 @@ impl Transformer {
     /// layer's intermediates.
     pub fn hidden_states_checkpointed(&self, batch: &Batch) -> (Tensor, Checkpoints) {
         let (cos, sin, mask) = self.attention_inputs(batch);
-        let (hidden, saved) = tch::no_grad(|| {
+        let (hidden, saved) = self.autocast(|| tch::no_grad(|| {
             let mut saved = Vec::with_capacity(self.blocks.len() + 1);
             let mut x = self.embed.embedding_fwd(batch.input_ids);
             for blk in &self.blocks {
@@ -256,7 +276,7 @@ impl Transformer {
             let hidden = self.norm.forward(&x);
             saved.push(x);
             (hidden, saved)
-        });
+        }));
         let ck = Checkpoints { input_ids: batch.input_ids.shallow_clone(), cos, sin, mask, saved };
         (hidden.set_requires_grad(true), ck)
     }
@@ -269,15 +289,16 @@ impl Transformer {
     pub fn backward_checkpointed(&self, ck: Checkpoints, grad: &Tensor) {
         let Checkpoints { input_ids, cos, sin, mask, mut saved } = ck;
         let leaf = |t: Tensor| t.detach().set_requires_grad(true);
+        // recomputed under the same autocast setting as the forward; back-propagated outside it
         let x = leaf(saved.pop().expect("checkpoints"));
-        backward_with(&self.norm.forward(&x), grad);
+        backward_with(&self.autocast(|| self.norm.forward(&x)), grad);
         let mut g = x.grad();
         for blk in self.blocks.iter().rev() {
             let x = leaf(saved.pop().expect("one checkpoint per layer"));
-            backward_with(&blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), None), &g);
+            backward_with(&self.autocast(|| blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), None)), &g);
             g = x.grad();
         }
-        backward_with(&self.embed.embedding_fwd(&input_ids), &g);
+        backward_with(&self.autocast(|| self.embed.embedding_fwd(&input_ids)), &g);
     }
 
     /// RoPE tables and the attention mask of a batch (none for plain causal attention).
@@ -307,7 +328,7 @@ impl Transformer {
 
     /// Logits `[B, T, vocab]` in the model's dtype.
     pub fn forward(&self, batch: &Batch) -> Tensor {
-        self.hidden_states(batch).linear(&self.lm_head, None::<Tensor>)
+        self.autocast(|| self.hidden_states(batch).linear(&self.lm_head, None::<Tensor>))
     }
 
     /// Whether a context of `len` positions uses LongRoPE's long factors (false for other scalings).
@@ -335,13 +356,16 @@ impl Transformer {
         };
         let (cos, sin) = self.rope.cos_sin(position_ids, long, self.kind());
         let mask = build_mask(&AttnMask::Padding(key_mask), b, t, past, self.cfg.sliding_window, self.device());
-        let mut x = self.embed.embedding_fwd(input_ids);
-        for (i, blk) in self.blocks.iter().enumerate() {
-            let (k, v) = cache.layer_mut(i);
-            x = blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), Some((k, v, past)));
-        }
+        let logits = self.autocast(|| {
+            let mut x = self.embed.embedding_fwd(input_ids);
+            for (i, blk) in self.blocks.iter().enumerate() {
+                let (k, v) = cache.layer_mut(i);
+                x = blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), Some((k, v, past)));
+            }
+            self.norm.forward(&x).linear(&self.lm_head, None::<Tensor>)
+        });
         cache.advance(t);
-        self.norm.forward(&x).linear(&self.lm_head, None::<Tensor>)
+        logits
     }
 }
 

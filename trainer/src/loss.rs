@@ -39,7 +39,7 @@ pub fn causal_lm_backward(net: &Transformer, batch: &Batch, labels: &Tensor, sca
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
-        let logits = scaled_logits(&detached.narrow(0, start, len), &w, 1.0);
+        let logits = scaled_logits(net, &detached.narrow(0, start, len), &w, 1.0);
         let loss = logits.cross_entropy_loss::<Tensor>(&ysel.narrow(0, start, len), None, Reduction::Sum, IGNORE, 0.0);
         total += loss.double_value(&[]);
         (loss * scale).backward();
@@ -102,13 +102,13 @@ fn gather(hidden: &Tensor, labels: &Tensor) -> Gathered {
 
 /// Log-probabilities of `ys` under `h @ wᵀ` in row chunks (and the entropies of the distributions when
 /// asked): `[n]` each.
-fn chunked_logprobs(h: &Tensor, w: &Tensor, ys: &Tensor, chunk: i64, temperature: f64, entropy: bool) -> (Tensor, Option<Tensor>) {
+fn chunked_logprobs(net: &Transformer, h: &Tensor, w: &Tensor, ys: &Tensor, chunk: i64, temperature: f64, entropy: bool) -> (Tensor, Option<Tensor>) {
     let n = h.size()[0];
     let (mut lps, mut ents) = (vec![], vec![]);
     let mut start = 0;
     while start < n {
         let len = chunk.max(1).min(n - start);
-        let logits = scaled_logits(&h.narrow(0, start, len), w, temperature);
+        let logits = scaled_logits(net, &h.narrow(0, start, len), w, temperature);
         let logp = logits.log_softmax(-1, logits.kind());
         lps.push(logp.gather(1, &ys.narrow(0, start, len).unsqueeze(1), false).squeeze_dim(1));
         if entropy {
@@ -120,9 +120,9 @@ fn chunked_logprobs(h: &Tensor, w: &Tensor, ys: &Tensor, chunk: i64, temperature
     (cat(lps), entropy.then(|| cat(ents)))
 }
 
-/// `h @ wᵀ / temperature` in at least fp32.
-fn scaled_logits(h: &Tensor, w: &Tensor, temperature: f64) -> Tensor {
-    let logits = upcast(h.linear(w, None::<Tensor>));
+/// `h @ wᵀ / temperature` in at least fp32 (the projection itself under the network's autocast setting).
+fn scaled_logits(net: &Transformer, h: &Tensor, w: &Tensor, temperature: f64) -> Tensor {
+    let logits = upcast(net.autocast(|| h.linear(w, None::<Tensor>)));
     if temperature == 1.0 {
         logits
     } else {
@@ -141,7 +141,7 @@ fn grid(v: &Tensor, idx: &Tensor, b: i64, t1: i64) -> Tensor {
 pub fn token_logprobs(net: &Transformer, batch: &Batch, labels: &Tensor, chunk_rows: i64, temperature: f64, entropy: bool) -> (Tensor, Tensor, Option<Tensor>) {
     tch::no_grad(|| {
         let g = gather(&net.hidden_states(batch), labels);
-        let (lp, ent) = chunked_logprobs(&g.sel, &net.lm_head_weight(), &g.ys, chunk_rows, temperature, entropy);
+        let (lp, ent) = chunked_logprobs(net, &g.sel, &net.lm_head_weight(), &g.ys, chunk_rows, temperature, entropy);
         let mask = grid(&Tensor::ones_like(&lp), &g.idx, g.b, g.t1).gt(0.5);
         (grid(&lp, &g.idx, g.b, g.t1), mask, ent.map(|e| grid(&e, &g.idx, g.b, g.t1)))
     })
@@ -183,7 +183,7 @@ where
     let g = gather(&trunk.hidden, labels);
     let w = net.lm_head_weight();
     let detached = g.sel.detach().set_requires_grad(true);
-    let (lp, ent) = tch::no_grad(|| chunked_logprobs(&detached, &w, &g.ys, chunk_rows, temperature, entropy));
+    let (lp, ent) = tch::no_grad(|| chunked_logprobs(net, &detached, &w, &g.ys, chunk_rows, temperature, entropy));
     let lp_leaf = grid(&lp, &g.idx, g.b, g.t1).set_requires_grad(true);
     let ent_leaf = ent.map(|e| grid(&e, &g.idx, g.b, g.t1).set_requires_grad(true));
     let loss = loss_fn(&lp_leaf, ent_leaf.as_ref());
@@ -206,7 +206,7 @@ where
     let mut start = 0;
     while start < n {
         let len = chunk_rows.max(1).min(n - start);
-        let logits = scaled_logits(&detached.narrow(0, start, len), &w, temperature);
+        let logits = scaled_logits(net, &detached.narrow(0, start, len), &w, temperature);
         let logp = logits.log_softmax(-1, logits.kind());
         let tok = logp.gather(1, &g.ys.narrow(0, start, len).unsqueeze(1), false).squeeze_dim(1);
         let mut surrogate = (tok * g_lp.narrow(0, start, len)).sum(logp.kind());

@@ -47,6 +47,23 @@ pub struct ModelSpec {
     /// Device: cpu, cuda, cuda:N or auto.
     #[serde(default = "default_device")]
     pub device: String,
+    /// Mixed precision (accelerate's `mixed_precision`, TRL's `bf16 = true`): "bf16" keeps fp32 weights and
+    /// AdamW state and runs forward passes (training, sampling, evaluation) under bfloat16 autocast; "no"
+    /// computes in `dtype`. Default: "bf16" when `dtype` is bfloat16 on a GPU, else "no".
+    #[serde(default)]
+    pub mixed_precision: Option<String>,
+}
+
+impl ModelSpec {
+    /// The dtype weights are held in and the autocast dtype of forward passes on `device`.
+    pub fn precision(&self, device: tch::Device) -> Result<(tch::Kind, Option<tch::Kind>)> {
+        let kind = model::parse_kind(&self.dtype).map_err(anyhow::Error::msg)?;
+        match self.mixed_precision.as_deref() {
+            Some("bf16") => Ok((tch::Kind::Float, Some(tch::Kind::BFloat16))),
+            None if kind == tch::Kind::BFloat16 && device.is_cuda() => Ok((tch::Kind::Float, Some(tch::Kind::BFloat16))),
+            _ => Ok((kind, None)),
+        }
+    }
 }
 
 fn default_dtype() -> String {
@@ -487,6 +504,14 @@ pub fn validate(r: &Recipe, origin: &str) -> Vec<String> {
     if let Err(e) = model::runtime::parse_device(&r.model.device) {
         p.push(format!("{origin}: [model] device: {e}"));
     }
+    match (r.model.mixed_precision.as_deref(), r.model.dtype.as_str()) {
+        (None | Some("no"), _) => {}
+        (Some("bf16"), "float16" | "fp16" | "f16" | "half") => {
+            p.push(format!("{origin}: [model] mixed_precision = \"bf16\" keeps fp32 weights; dtype = \"{}\" contradicts it (leave dtype out)", r.model.dtype))
+        }
+        (Some("bf16"), _) => {}
+        (Some(m), _) => p.push(format!("{origin}: [model] mixed_precision: unknown value \"{m}\" (expected \"bf16\" or \"no\")")),
+    }
     if let Some(cfg) = &r.model.config {
         if let Err(e) = model::ModelConfig::from_json(cfg.clone(), &format!("{origin} [model.config]")) {
             p.push(e.to_string());
@@ -548,10 +573,9 @@ pub fn differences(a: &serde_json::Value, b: &serde_json::Value, prefix: &str, o
             keys.dedup();
             for k in keys {
                 let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
-                match (x.get(k), y.get(k)) {
-                    (Some(u), Some(w)) => differences(u, w, &p, out),
-                    _ => out.push(p),
-                }
+                // a key absent on one side equals null (a checkpoint written before an optional key existed)
+                let null = Null;
+                differences(x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null), &p, out);
             }
         }
         (Array(x), Array(y)) if x.len() == y.len() => {

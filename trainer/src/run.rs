@@ -159,8 +159,12 @@ pub fn run(recipe_path: &Path, overrides: &[String], output: Option<PathBuf>, op
         tch::set_num_threads(t);
     }
     let device = model::runtime::parse_device(&r.model.device).map_err(anyhow::Error::msg)?;
-    let kind = model::parse_kind(&r.model.dtype).map_err(anyhow::Error::msg)?;
+    let (kind, autocast) = r.model.precision(device)?;
+    model::autocast::set_default(autocast);
     eprintln!("whet {}: {}", env!("CARGO_PKG_VERSION"), model::runtime::describe(device));
+    if let Some(a) = autocast {
+        eprintln!("mixed precision: fp32 weights and optimizer state, {a:?} autocast in forward passes");
+    }
     let output = r.run.output_dir.clone();
     std::fs::create_dir_all(&output).with_context(|| format!("creating {}", output.display()))?;
     let fingerprint = recipe::fingerprint(&r);
