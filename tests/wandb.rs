@@ -15,12 +15,8 @@ use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const RECIPE: &str = r#"
-[model]
-config = { model_type = "qwen2", vocab_size = 260, hidden_size = 32, intermediate_size = 64, num_hidden_layers = 2, num_attention_heads = 4, num_key_value_heads = 2, max_position_embeddings = 256, tie_word_embeddings = true }
-init_seed = 7
-tokenizer = "builtin:bytes"
-device = "cpu"
+/// The `[run]` and `[[stage]]` tables after [`common::TINY_MODEL`].
+const REST: &str = r#"
 
 [run]
 seed = 3
@@ -37,6 +33,10 @@ max_steps = 6
 batch_size = 2
 lr = 2e-3
 "#;
+
+fn recipe() -> String {
+    common::tiny_recipe(REST)
+}
 
 /// `api:test-key-123` in base64.
 const AUTH: &str = "Basic YXBpOnRlc3Qta2V5LTEyMw==";
@@ -172,7 +172,7 @@ fn history(reqs: &[Req]) -> Vec<Value> {
 fn runs_stream_config_history_and_completion_to_the_server() {
     let root = tempfile::tempdir().unwrap();
     let s = stub(Behaviour::Ok);
-    let d = common::setup(root.path(), "online", RECIPE);
+    let d = common::setup(root.path(), "online", &recipe());
     let out = train(&d, &online(&s), &["--set", "stage.0.lr=0.003"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -219,7 +219,7 @@ fn runs_stream_config_history_and_completion_to_the_server() {
 
     // a killed and resumed run continues the same W&B run where its history left off
     let before = s.reqs.lock().unwrap().len();
-    let d3 = common::setup(root.path(), "killed", RECIPE);
+    let d3 = common::setup(root.path(), "killed", &recipe());
     let mut vars = online(&s);
     vars.push(("WHET_TEST_KILL", "after-ckpt:0:3"));
     assert!(!train(&d3, &vars, &[]).status.success());
@@ -249,11 +249,11 @@ fn a_failing_hanging_or_absent_server_costs_one_warning() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         format!("http://{}", l.local_addr().unwrap())
     };
-    let reference = common::setup(root.path(), "reference", RECIPE);
+    let reference = common::setup(root.path(), "reference", &recipe());
     assert!(train(&reference, &[], &[]).status.success());
     let want = common::metrics(&reference);
     for (name, url) in [("failing", failing.url.as_str()), ("hanging", hanging.url.as_str()), ("absent", absent.as_str())] {
-        let d = common::setup(root.path(), name, RECIPE);
+        let d = common::setup(root.path(), name, &recipe());
         let t = Instant::now();
         let out = train(&d, &[("WANDB_API_KEY", "test-key-123"), ("WANDB_BASE_URL", url), ("WANDB_HTTP_TIMEOUT", "1")], &[]);
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -277,10 +277,10 @@ fn nothing_is_sent_without_a_key_or_with_wandb_off() {
     let root = tempfile::tempdir().unwrap();
     let s = stub(Behaviour::Ok);
     let url = s.url.as_str();
-    let tb_only = RECIPE.replace("save_every = 3", "save_every = 3\nreport_to = \"tensorboard\"");
+    let tb_only = recipe().replace("save_every = 3", "save_every = 3\nreport_to = \"tensorboard\"");
     let cases: [(&str, String, Vec<(&str, &str)>); 3] = [
-        ("no-key", RECIPE.to_string(), vec![("WANDB_BASE_URL", url)]),
-        ("disabled", RECIPE.to_string(), vec![("WANDB_API_KEY", "k"), ("WANDB_BASE_URL", url), ("WANDB_MODE", "disabled")]),
+        ("no-key", recipe(), vec![("WANDB_BASE_URL", url)]),
+        ("disabled", recipe(), vec![("WANDB_API_KEY", "k"), ("WANDB_BASE_URL", url), ("WANDB_MODE", "disabled")]),
         ("tensorboard-only", tb_only, vec![("WANDB_API_KEY", "k"), ("WANDB_BASE_URL", url)]),
     ];
     for (name, recipe, vars) in &cases {
@@ -292,7 +292,7 @@ fn nothing_is_sent_without_a_key_or_with_wandb_off() {
     assert_eq!(s.reqs.lock().unwrap().len(), 0, "requests were sent");
 
     // offline: the rows are kept on disk, nothing sent
-    let d = common::setup(root.path(), "offline", RECIPE);
+    let d = common::setup(root.path(), "offline", &recipe());
     let out = train(&d, &[("WANDB_BASE_URL", url), ("WANDB_MODE", "offline")], &["--set", "run.report_to=[\"wandb\",\"tensorboard\"]"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let id = std::fs::read_to_string(d.join("out/wandb/run-id")).unwrap();
@@ -303,7 +303,7 @@ fn nothing_is_sent_without_a_key_or_with_wandb_off() {
     assert_eq!(s.reqs.lock().unwrap().len(), 0, "offline sent requests");
 
     // a bad destination is a recipe error naming the key
-    let d = common::setup(root.path(), "bad", &RECIPE.replace("save_every = 3", "save_every = 3\nreport_to = [\"wandbb\"]"));
+    let d = common::setup(root.path(), "bad", &recipe().replace("save_every = 3", "save_every = 3\nreport_to = [\"wandbb\"]"));
     let out = train(&d, &[], &["--dry-run"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("report_to: unknown destination \"wandbb\""), "{stderr}");
