@@ -106,7 +106,9 @@ fn plan(r: &Recipe) -> String {
     let params = r.model.config.as_ref().and_then(|c| model::ModelConfig::from_json(c.clone(), "").ok()).map(|c| c.num_parameters());
     let params = params.or_else(|| r.model.path.as_ref().filter(|p| p.is_dir()).and_then(|p| model::ModelConfig::from_path(p).ok()).map(|c| c.num_parameters()));
     if let Some(n) = params {
-        let kind = model::parse_kind(&r.model.dtype).unwrap_or(Kind::Float);
+        // the dtype weights are held in (fp32 under bf16 mixed precision)
+        let device = model::runtime::parse_device(&r.model.device).unwrap_or(Device::Cpu);
+        let kind = r.model.precision(device).map(|(k, _)| k).unwrap_or(Kind::Float);
         let w = n as f64 * kind.elt_size_in_bytes() as f64;
         // weights + grads (model dtype) + AdamW moments (fp32)
         let train = w * 2.0 + n as f64 * 8.0;
