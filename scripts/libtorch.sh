@@ -6,7 +6,8 @@
 #   scripts/libtorch.sh [auto|cpu|cuda|env]
 #
 #   cpu   torch + cudart + cupti (needed by libtorch_cpu.so even on CPU), CUDA-only libraries pruned (~550 MB)
-#   cuda  torch + the full NVIDIA wheel set (~2.5 GB): libtorch_cuda.so can be loaded at run time
+#   cuda  torch + the full NVIDIA wheel set (~2.5 GB): libtorch_cuda.so can be loaded at run time, and the
+#         CUDA/NCCL headers `cargo build --features nccl` (data parallelism on GPUs) compiles against
 #   auto  cuda when an NVIDIA driver is visible, else cpu (default)
 #   env   print `export LIBTORCH=... LD_LIBRARY_PATH=...` for the installed flavour
 #
@@ -23,7 +24,9 @@ CPU_WHEELS=(torch==$TORCH_VERSION nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti
 CUDA_EXTRA=(nvidia-cublas==13.1.0.3 nvidia-cuda-nvrtc==13.0.88 nvidia-cufft==12.0.0.61 nvidia-cufile==1.15.1.6
   nvidia-curand==10.4.0.35 nvidia-cusolver==12.0.4.66 nvidia-cusparse==12.6.3.3 nvidia-nvjitlink==13.0.88
   nvidia-nvtx==13.0.85 nvidia-cudnn-cu13==9.19.0.56 nvidia-cusparselt-cu13==0.8.0 nvidia-nccl-cu13==2.28.9
-  nvidia-nvshmem-cu13==3.4.5)
+  nvidia-nvshmem-cu13==3.4.5
+  # headers ProcessGroupNCCL.hpp includes (the dist crate's `nccl` feature); the pins of cuda-toolkit 13.0.2
+  nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85)
 
 detect() {
   if [ -e /dev/nvidiactl ] || command -v nvidia-smi >/dev/null 2>&1; then echo cuda; else echo cpu; fi
@@ -73,6 +76,31 @@ if [ ! -e "$target/.complete" ]; then
   echo "whet: libtorch ready in $(( $(date +%s) - start )) s ($(du -sh "$target" | cut -f1) on disk)" >&2
 fi
 
+# The gloo headers c10d's ProcessGroupGloo.hpp includes (the torch wheel ships none; the dist crate's shim
+# needs them): Debian's libgloo-dev unpacked into the cache, no system install; else a system install.
+gloo_include() {
+  local dir="$cache/gloo-headers"
+  if [ -e "$dir/.complete" ]; then echo "$dir/usr/include"; return; fi
+  local tmp; tmp=$(mktemp -d "$cache/.tmp-gloo.XXXXXX")
+  if (cd "$tmp" && { apt-get download libgloo-dev >/dev/null 2>&1 \
+        || { apt-get update -qq >/dev/null 2>&1 && apt-get download libgloo-dev >/dev/null 2>&1; }; } \
+      && dpkg -x libgloo-dev_*.deb x) \
+      && [ -e "$tmp/x/usr/include/gloo/algorithm.h" ]; then
+    rm -rf "$dir"; mv "$tmp/x" "$dir"; rm -rf "$tmp"; touch "$dir/.complete"; echo "$dir/usr/include"; return
+  fi
+  rm -rf "$tmp"
+  if [ ! -e /usr/include/gloo/algorithm.h ] && command -v apt-get >/dev/null 2>&1; then
+    echo "whet: apt-get download libgloo-dev failed; installing it" >&2
+    apt-get install -y --no-install-recommends libgloo-dev >/dev/null 2>&1 || true
+  fi
+  if [ -e /usr/include/gloo/algorithm.h ]; then echo /usr/include; return; fi
+  echo "whet: warning: no gloo headers (Debian's libgloo-dev); the dist crate will not build" >&2
+}
+exec 8>"$cache/.gloo.lock"
+flock 8
+gloo=$(gloo_include)
+flock -u 8
+
 real=$(readlink -f "$target")
 ln -sfn "$real" "$repo/.libtorch.tmp" && mv -T "$repo/.libtorch.tmp" "$repo/.libtorch"
 mkdir -p "$repo/.cargo"
@@ -82,6 +110,7 @@ new=$(mktemp "$repo/.cargo/.config.XXXXXX")
   echo "# written by scripts/libtorch.sh; not tracked by git"
   echo "[env]"
   echo "LIBTORCH = \"$real/torch\""
+  [ -n "$gloo" ] && echo "WHET_GLOO_INCLUDE = \"$gloo\""
   if command -v ccache >/dev/null 2>&1; then echo 'CXX = "ccache g++"'; echo 'CC = "ccache gcc"'; fi
 } > "$new"
 if cmp -s "$new" "$cfg" 2>/dev/null; then rm -f "$new"; else mv "$new" "$cfg"; fi

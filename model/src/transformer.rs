@@ -82,6 +82,10 @@ pub enum AttnMask<'a> {
     Padding(&'a Tensor),
     /// `[B, T]` document index per token: packed rows, no attention across documents.
     Documents(&'a Tensor),
+    /// `[B, T]` segment per token for a shared prefix followed by branches: 0 = the prefix (seen by every
+    /// later token), k ≥ 1 = branch k (sees the prefix and, causally, its own branch), -1 = padding. A group
+    /// of G completions of one prompt then costs one prompt plus G completions instead of G prompts.
+    Branches(&'a Tensor),
 }
 
 /// Inputs of one forward pass.
@@ -110,6 +114,11 @@ impl<'a> Batch<'a> {
     /// Packed rows: `doc_ids` [B, T] names each token's document; no attention across documents.
     pub fn packed(input_ids: &'a Tensor, position_ids: &'a Tensor, doc_ids: &'a Tensor) -> Batch<'a> {
         Batch { input_ids, position_ids: Some(position_ids), mask: AttnMask::Documents(doc_ids), rope_long: None }
+    }
+    /// A shared prefix and its branches in one row (see [`AttnMask::Branches`]); positions of each branch
+    /// continue from the prefix's end.
+    pub fn branches(input_ids: &'a Tensor, position_ids: &'a Tensor, segments: &'a Tensor) -> Batch<'a> {
+        Batch { input_ids, position_ids: Some(position_ids), mask: AttnMask::Branches(segments), rope_long: None }
     }
 }
 
@@ -404,6 +413,12 @@ fn build_mask(mask: &AttnMask, b: i64, t: i64, past: i64, window: Option<i64>, d
             let d = docs.to_device(device);
             let same = d.view([b, 1, t, 1]).eq_tensor(&d.view([b, 1, 1, t]));
             allowed = allowed.logical_and(&same);
+        }
+        AttnMask::Branches(segs) => {
+            let s = segs.to_device(device);
+            let (sq, sk) = (s.view([b, 1, t, 1]), s.view([b, 1, 1, t]));
+            let visible = sk.eq(0).logical_or(&sq.eq_tensor(&sk)).logical_and(&sk.ge(0));
+            allowed = allowed.logical_and(&visible);
         }
     }
     // A query with nothing to attend to (a padding position) would give NaN through softmax; let it see

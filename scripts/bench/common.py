@@ -15,15 +15,18 @@ def ensure_assets(assets):
         subprocess.run([VENV_PY, os.path.join(TRL, "assets.py"), "--out", assets], check=True)
 
 
-def run_whet(recipe, key):
-    """Runs target/release/train on `recipe` (a format string with an `{out}` field) and returns the
-    metrics.jsonl records that have `key`."""
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+
+
+def run_whet(recipe, key, args=()):
+    """Runs target/release/train (under $CARGO_TARGET_DIR when set) on `recipe` (a format string with an
+    `{out}` field) with extra command-line `args` and returns the metrics.jsonl records that have `key`."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "r.toml")
         out = os.path.join(d, "out")
         with open(path, "w") as f:
             f.write(recipe.replace("{out}", out))
-        subprocess.run([os.path.join(ROOT, "target", "release", "train"), "--recipe", path, "--resume", "never"],
+        subprocess.run([os.path.join(TARGET, "release", "train"), "--recipe", path, "--resume", "never", *args],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         return [r for r in (json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))) if key in r]
 

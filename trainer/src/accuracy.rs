@@ -9,9 +9,23 @@ use rollout::{Completion, Engine, EngineConfig, Request, SamplingParams};
 /// `n` completions of every prompt, drawn with `params` by the rollout engine (the tokenizer's stop ids end a
 /// sequence; `seed` seeds requests that set none), sorted by prompt, then sample.
 pub fn generate(net: &Transformer, tok: &Tokenizer, prompts: &[Vec<i64>], n: usize, params: &SamplingParams, seed: u64) -> Result<Vec<Completion>> {
+    generate_at(net, tok, prompts, n, params, seed, 0)
+}
+
+/// [`generate`] for `prompts` that sit at index `first` of a larger call (a data-parallel rank's share):
+/// each request is seeded as it would be in the whole call, so its samples do not depend on the sharding.
+pub fn generate_at(net: &Transformer, tok: &Tokenizer, prompts: &[Vec<i64>], n: usize, params: &SamplingParams, seed: u64, first: usize) -> Result<Vec<Completion>> {
     let cfg = EngineConfig { eos_token_ids: stop_ids(tok), pad_token_id: tok.pad_id as i64, seed, ..Default::default() };
     let engine = Engine::new(net, cfg)?;
-    let requests: Vec<Request> = prompts.iter().map(|p| Request { prompt_ids: p.clone(), n, params: params.clone() }).collect();
+    let requests: Vec<Request> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut params = params.clone();
+            params.seed = params.seed.or(Some(rollout::rng::default_request_seed(seed, first + i)));
+            Request { prompt_ids: p.clone(), n, params }
+        })
+        .collect();
     let mut done = engine.generate(&requests)?;
     done.sort_by_key(|c| (c.request_index, c.sample_index));
     Ok(done)

@@ -28,6 +28,13 @@ pub struct TrainState {
     /// Stage-specific state to resume exactly (e.g. GRPO's sampling cursor and filters).
     #[serde(default)]
     pub extra: serde_json::Value,
+    /// The number of data-parallel ranks whose global batch the stage trains with (1: one process).
+    #[serde(default = "one_rank")]
+    pub world_size: usize,
+}
+
+fn one_rank() -> usize {
+    1
 }
 
 pub struct Checkpoint {

@@ -616,9 +616,12 @@ fn train(ctx: &Ctx, index: usize, name: &str, records: &[Record], tokenize: &Tok
     if pairs.is_empty() {
         bail!("[{name}] no preference pairs left after tokenization ({dropped} dropped: too long or no reply tokens; check tokenize.max_length)");
     }
-    let per_step = a.batch_size * a.grad_accum;
+    // data parallel: each step draws world × accum micro-batches; this rank trains on its `accum` of them
+    let accum = crate::data_parallel::local_accum(ctx, name, a.grad_accum, resume)?;
+    let world_micro = accum * ctx.comm.world();
+    let per_step = a.batch_size * world_micro;
     let total = a.max_steps.unwrap_or_else(|| ((a.epochs * pairs.len() as f64) / per_step as f64).ceil().max(1.0) as usize);
-    eprintln!("[{name}] {} pairs ({dropped} dropped); {total} optimizer steps of {} × {} pairs", pairs.len(), a.grad_accum, a.batch_size);
+    eprintln!("[{name}] {} pairs ({dropped} dropped); {total} optimizer steps of {} × {} pairs", pairs.len(), world_micro, a.batch_size);
 
     let reference = reference(ctx, name, model, &pairs, a, resume)?;
     let ref_key = reference.key.clone();
@@ -656,12 +659,18 @@ fn train(ctx: &Ctx, index: usize, name: &str, records: &[Record], tokenize: &Tok
     let progress = |sampler: &Sampler, tokens: u64| Progress { index, name: name.to_string(), total, sampler: Some(sampler.state()), tokens, extra: extra.clone() };
     for step in start..total {
         let t0 = Instant::now();
-        let micro: Vec<Vec<usize>> = (0..a.grad_accum).map(|_| sampler.next_batch(a.batch_size)).collect();
-        let n_pairs = micro.iter().map(|m| m.len()).sum::<usize>().max(1);
-        let n_chosen_tok: i64 = micro.iter().flatten().map(|&i| pairs[i].c.n).sum::<i64>().max(1);
+        let micro: Vec<Vec<usize>> = (0..world_micro).map(|_| sampler.next_batch(a.batch_size)).collect();
+        let micro = crate::data_parallel::shard(ctx, micro);
+        // the global denominators: this rank's counts summed over the ranks
+        let mut counts = [micro.iter().map(|m| m.len()).sum::<usize>() as f64, micro.iter().flatten().map(|&i| pairs[i].c.n).sum::<i64>() as f64];
+        crate::data_parallel::sum(ctx, &mut counts)?;
+        let n_pairs = (counts[0] as usize).max(1);
+        let n_chosen_tok = (counts[1] as i64).max(1);
         let mut st = StepStats::default();
         let mut step_tokens = 0usize;
+        let mut acc = crate::data_parallel::Accum::new(model);
         for m in micro.iter().filter(|m| !m.is_empty()) {
+            acc.next();
             let k = m.len() as i64;
             let rows: Vec<&Seq> = m.iter().map(|&i| &pairs[i].c).chain(m.iter().map(|&i| &pairs[i].r)).collect();
             step_tokens += rows.iter().map(|r| r.ids.len()).sum::<usize>();
@@ -700,6 +709,12 @@ fn train(ctx: &Ctx, index: usize, name: &str, records: &[Record], tokenize: &Tok
             st.pairs += m.len();
             let _ = l;
         }
+        acc.finish();
+        crate::data_parallel::sync_grads(ctx, model)?;
+        let mut sums = [st.loss, st.nll, st.chosen, st.rejected, st.acc, st.pairs as f64, step_tokens as f64];
+        crate::data_parallel::sum(ctx, &mut sums)?;
+        let [loss, nll, chosen, rejected, accuracy, n, stepped] = sums;
+        (st.loss, st.nll, st.chosen, st.rejected, st.acc, st.pairs, step_tokens) = (loss, nll, chosen, rejected, accuracy, n as usize, stepped as usize);
         tokens += step_tokens as u64;
         let grad_norm = opt.clip_grad_norm(optim.max_grad_norm);
         let lr = optim.lr_at(step, total);

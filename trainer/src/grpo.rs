@@ -10,7 +10,7 @@
 
 use anyhow::{bail, Context, Result};
 use data::{DataConfig, Record};
-use model::{Batch, Model};
+use model::Model;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::path::PathBuf;
@@ -21,7 +21,7 @@ use crate::checkpoint::Checkpoint;
 use crate::recipe::SyntheticSpec;
 use crate::rl::{self, AdvEstimator, AggDenoms, ClipCfg, KlEstimator, LossAgg, RatioLevel, ScaleRewards};
 use crate::run::Ctx;
-use crate::sft::{collate, Row};
+use crate::sft::Row;
 use crate::stage::{obj, HeldOut, Progress};
 
 /// Dynamic sampling (DAPO, Yu et al. 2025, arXiv 2503.14476 §3.2): groups whose rewards are all equal carry
@@ -173,6 +173,11 @@ crate::stage::training_stage! {
         /// reached (capped by `dynamic_sampling.max_gen_batches`, default 3); groups past the budget are dropped.
         #[serde(default)]
         pub tokens_per_step: Option<usize>,
+        /// Encode each prompt once for its G completions in the policy update and log-probability passes
+        /// ("auto": when that costs fewer FLOPs than G padded rows, i.e. short completions of long prompts;
+        /// "always"; "never"). The result is the same up to float rounding.
+        #[serde(default)]
+        pub prompt_sharing: crate::loss::PromptSharing,
         /// Domain-aware dynamic sampling over the rows' `domain` column (see the data crate's DomainSampler).
         #[serde(default)]
         #[schemars(with = "Option<serde_json::Value>")]
@@ -410,6 +415,7 @@ fn rollout(
     n: usize,
     temperature: f64,
     seed: u64,
+    first: usize,
 ) -> Result<(Vec<Group>, f64)> {
     let params = rollout::SamplingParams {
         temperature: temperature as f32,
@@ -421,7 +427,7 @@ fn rollout(
         ..Default::default()
     };
     let prompts: Vec<Vec<i64>> = which.iter().map(|&i| problems[i].ids.clone()).collect();
-    let done = crate::accuracy::generate(&model.net, &ctx.tok, &prompts, n, &params, seed)?;
+    let done = crate::accuracy::generate_at(&model.net, &ctx.tok, &prompts, n, &params, seed, first)?;
     let stop = crate::accuracy::stop_ids(&ctx.tok);
     let mut samples = Vec::with_capacity(done.len());
     for c in &done {
@@ -490,7 +496,7 @@ fn prefilter(ctx: &Ctx, s: &GrpoStage, f: &Prefilter, model: &Model, rewards: &r
     let mut kept = vec![];
     let (mut easy, mut hard, mut uneven) = (0, 0, 0);
     for (round, chunk) in all.chunks(64).enumerate() {
-        let (groups, _) = rollout(ctx, s, model, rewards, problems, chunk, f.samples, s.temperature, round_seed(ctx.recipe.run.seed, index, usize::MAX, round))?;
+        let (groups, _) = rollout(ctx, s, model, rewards, problems, chunk, f.samples, s.temperature, round_seed(ctx.recipe.run.seed, index, usize::MAX, round), 0)?;
         for g in groups {
             let rate = g.done.iter().filter(|x| x.correct).count() as f64 / g.done.len() as f64;
             let lens: Vec<f64> = g.done.iter().map(|x| x.ids.len() as f64).collect();
@@ -522,9 +528,9 @@ fn prefilter(ctx: &Ctx, s: &GrpoStage, f: &Prefilter, model: &Model, rewards: &r
 
 /// Training rows of the groups, in the order of their rewards: prompt + completion, labels on the completion
 /// only (none for masked truncated completions).
-fn rows_of(groups: &[Group], problems: &[Problem], mask_truncated: bool) -> Vec<Row> {
-    let mut rows = vec![];
-    for g in groups {
+fn rows_of(groups: &[Group], problems: &[Problem], mask_truncated: bool) -> (Vec<Row>, Vec<usize>) {
+    let (mut rows, mut group_of) = (vec![], vec![]);
+    for (gi, g) in groups.iter().enumerate() {
         let p = &problems[g.problem].ids;
         for c in &g.done {
             let mut ids = p.clone();
@@ -536,20 +542,24 @@ fn rows_of(groups: &[Group], problems: &[Problem], mask_truncated: bool) -> Vec<
                 labels.extend(&c.ids);
             }
             rows.push(Row { ids, labels, pos: None });
+            group_of.push(gi);
         }
     }
-    rows
+    (rows, group_of)
+}
+
+/// A micro-batch of training rows in the layout `sharing` picks (`group`: each row's group).
+fn micro_rows(net: &model::Transformer, m: &[Row], group: &[usize], pad: i64, sharing: crate::loss::PromptSharing) -> crate::loss::MicroRows {
+    let refs: Vec<(&[i64], &[i64])> = m.iter().map(|r| (r.ids.as_slice(), r.labels.as_slice())).collect();
+    crate::loss::MicroRows::new(net, &refs, group, pad, sharing)
 }
 
 /// Per-token log-probabilities of rows (no gradients), micro-batch by micro-batch.
-fn logprobs_of(model: &Model, rows: &[Row], mb: usize, pad: i64, chunk: i64, temperature: f64) -> Vec<Tensor> {
-    let dev = model.net.device();
-    rows.chunks(mb)
-        .map(|m| {
-            let refs: Vec<&Row> = m.iter().collect();
-            let (ids, labels, pos, aux, _) = collate(&refs, pad, dev);
-            crate::loss::token_logprobs(&model.net, &Batch::padded(&ids, &pos, &aux), &labels, chunk, temperature, false).0
-        })
+fn logprobs_of(model: &Model, rows: &[Row], group: &[usize], s: &GrpoStage, pad: i64, chunk: i64, temperature: f64) -> Vec<Tensor> {
+    rows.chunks(s.micro_batch_size)
+        .zip(group.chunks(s.micro_batch_size))
+        .map(|(m, gr)| micro_rows(&model.net, m, gr, pad, s.prompt_sharing))
+        .map(|mr| mr.with(|x| crate::loss::token_logprobs_of(&model.net, x, chunk, temperature, false).0))
         .collect()
 }
 
@@ -621,6 +631,7 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
         None
     };
     eprintln!("[{name}] {} problems; {total} steps: {}", pool.len(), s.plan());
+    crate::data_parallel::grpo_supported(ctx, s, &name)?;
 
     let progress = |st: &GrpoState| -> Result<Progress> {
         Ok(Progress { index, name: name.clone(), total, sampler: None, tokens: 0, extra: serde_json::to_value(st)? })
@@ -648,9 +659,11 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
             if which.is_empty() {
                 break;
             }
+            // data parallel: this rank's prompts (whole groups), at their index in the step's draw
+            let (which, first) = crate::data_parallel::shard_at(ctx, which);
             let tg = Instant::now();
             let n = s.oversample_generations.unwrap_or(g);
-            let (mut got, ts) = rollout(ctx, s, model, &rewards, &problems, &which, n, temperature, round_seed(ctx.recipe.run.seed, index, step, rounds))?;
+            let (mut got, ts) = rollout(ctx, s, model, &rewards, &problems, &which, n, temperature, round_seed(ctx.recipe.run.seed, index, step, rounds), first)?;
             t_gen += tg.elapsed().as_secs_f64() - ts;
             t_score += ts;
             rounds += 1;
@@ -707,20 +720,22 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
         if s.dynamic_sampling.is_some() && s.tokens_per_step.is_none() {
             groups.truncate(s.prompts_per_step);
         }
+        // data parallel: every rank's samples for the metrics
+        let (all_groups_stats, zero_var_groups, generated_groups) = crate::data_parallel::gather_groups(ctx, all_groups_stats, zero_var_groups, generated_groups)?;
         st.groups_dropped_zero_variance += dropped_zero;
         st.groups_dropped_over_budget += dropped_budget;
         let ts = Instant::now();
 
         // ---- advantages (KL in the reward first, when asked)
         let mut rewards_flat: Vec<f64> = groups.iter().flat_map(|gr| gr.done.iter().map(|x| x.reward)).collect();
-        let rows = rows_of(&groups, &problems, s.mask_truncated_completions);
+        let (rows, group_of) = rows_of(&groups, &problems, s.mask_truncated_completions);
         let ref_lp = match &reference {
-            Some(r) if !rows.is_empty() => Some(logprobs_of(r, &rows, s.micro_batch_size, pad, chunk, temperature)),
+            Some(r) if !rows.is_empty() => Some(logprobs_of(r, &rows, &group_of, s, pad, chunk, temperature)),
             _ => None,
         };
         // the sampling policy's log-probabilities: for KL in the reward and as π_old when μ > 1
         let cur_lp = if !rows.is_empty() && ((s.kl_in_reward && ref_lp.is_some()) || s.num_iterations > 1) {
-            Some(logprobs_of(model, &rows, s.micro_batch_size, pad, chunk, temperature))
+            Some(logprobs_of(model, &rows, &group_of, s, pad, chunk, temperature))
         } else {
             None
         };
@@ -735,19 +750,30 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
                     k += 1;
                 }
             }
-            kl_reward /= rows.len().max(1) as f64;
         }
+        let mut kl_rows = [kl_reward, rows.len() as f64];
+        crate::data_parallel::sum(ctx, &mut kl_rows)?;
+        kl_reward = kl_rows[0] / kl_rows[1].max(1.0);
+        // advantages over the whole step's rewards (every rank's, in rank order); this rank keeps its own
+        let (rewards_flat, mine) = crate::data_parallel::gather_f64(ctx, &rewards_flat)?;
         // every group holds exactly G completions (balance() keeps G of an oversampled group)
-        let advs = if groups.is_empty() { vec![] } else { rl::advantages(&rewards_flat, g, s.adv_estimator, s.scale_rewards, 1e-4) };
+        let advs = if rewards_flat.is_empty() { vec![] } else { rl::advantages(&rewards_flat, g, s.adv_estimator, s.scale_rewards, 1e-4) };
+        let advs = advs.get(mine).map(<[f64]>::to_vec).unwrap_or_default();
         t_score += ts.elapsed().as_secs_f64();
 
         // ---- policy update: μ passes, one optimizer step each
         let tt = Instant::now();
-        let n_tok: f64 = rows.iter().map(|r| r.labels.iter().filter(|&&x| x != crate::loss::IGNORE).count() as f64).sum();
-        let n_seq = rows.iter().filter(|r| r.labels.iter().any(|&x| x != crate::loss::IGNORE)).count() as f64;
+        let mut counts = [
+            rows.iter().map(|r| r.labels.iter().filter(|&&x| x != crate::loss::IGNORE).count() as f64).sum(),
+            rows.iter().filter(|r| r.labels.iter().any(|&x| x != crate::loss::IGNORE)).count() as f64,
+            groups.len() as f64,
+        ];
+        crate::data_parallel::sum(ctx, &mut counts)?; // the global denominators of the loss aggregation
+        let [n_tok, n_seq, n_groups] = counts;
         let denoms = AggDenoms { tokens: n_tok, seqs: n_seq, norm: s.max_completion_length as f64 };
         let old_lp = cur_lp.filter(|_| s.num_iterations > 1);
         let (mut loss_sum, mut clip_sum, mut kl_sum, mut ent_sum, mut grad_norm) = (0.0, 0.0, 0.0, 0.0, 0.0);
+        let mut forward_tokens = 0usize; // tokens through the network per update (prompt sharing lowers it)
         let lr = optim.lr_at(step, total);
         let lcfg = LossCfg {
             clip,
@@ -760,18 +786,24 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
         };
         if n_tok > 0.0 {
             for it in 0..s.num_iterations {
+                let mut acc = crate::data_parallel::Accum::new(model);
                 for (mi, m) in rows.chunks(s.micro_batch_size).enumerate() {
+                    acc.next();
                     let a0 = mi * s.micro_batch_size;
                     let old = old_lp.as_ref().map(|o| &o[mi]);
                     let rf = ref_lp.as_ref().map(|r| &r[mi]);
-                    let st = micro_step(&model.net, m, &advs[a0..a0 + m.len()], old, rf, pad, &lcfg);
+                    let mr = micro_rows(&model.net, m, &group_of[a0..a0 + m.len()], pad, s.prompt_sharing);
+                    let st = micro_step(&model.net, &mr, &advs[a0..a0 + m.len()], old, rf, &lcfg);
                     if it == 0 {
+                        forward_tokens += mr.tokens();
                         loss_sum += st.loss;
                         clip_sum += st.clipped;
                         kl_sum += st.kl;
                         ent_sum += st.entropy;
                     }
                 }
+                acc.finish();
+                crate::data_parallel::sync_grads(ctx, model)?;
                 grad_norm = opt.clip_grad_norm(optim.max_grad_norm);
                 opt.step(lr);
                 opt.zero_grad();
@@ -781,6 +813,9 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
             bar.println(&format!("[{name}] step {}: no trainable completions (all groups dropped); step skipped", step + 1));
         }
         let t_train = tt.elapsed().as_secs_f64();
+        let mut sums = [loss_sum, clip_sum, kl_sum, ent_sum];
+        crate::data_parallel::sum(ctx, &mut sums)?;
+        let [loss_sum, clip_sum, kl_sum, ent_sum] = sums;
         if !loss_sum.is_finite() {
             bail!("[{name}] loss became {loss_sum} at step {}: lower the learning rate", step + 1);
         }
@@ -801,8 +836,8 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
             "frac_zero_std_groups": zero_var_groups as f64 / generated_groups.max(1) as f64,
             "kl": kl_sum / n_tok.max(1.0), "kl_in_reward": kl_reward, "clip_frac": clip_sum / n_tok.max(1.0), "entropy": ent_sum / n_tok.max(1.0),
             "response_length_mean": len_mean, "response_length_max": len_max, "truncated_frac": trunc,
-            "grad_norm": grad_norm, "lr": lr, "temperature": temperature, "groups": groups.len(), "gen_rounds": rounds,
-            "groups_dropped_zero_std": dropped_zero, "groups_dropped_over_budget": dropped_budget, "train_tokens": n_tok,
+            "grad_norm": grad_norm, "lr": lr, "temperature": temperature, "groups": n_groups as usize, "gen_rounds": rounds,
+            "groups_dropped_zero_std": dropped_zero, "groups_dropped_over_budget": dropped_budget, "train_tokens": n_tok, "forward_tokens": forward_tokens,
             "time_generate_s": t_gen, "time_score_s": t_score, "time_train_s": t_train, "step_s": dt,
             "tokens_per_s": total_tokens as f64 / t_gen.max(1e-9)});
         if done % ctx.recipe.run.log_every.max(1) == 0 || done == total || done == 1 {
@@ -859,15 +894,13 @@ struct MicroStats {
 /// Forward and backward of one micro-batch of the clipped policy-gradient loss (gradients accumulate in the
 /// parameters). `old`: log-probabilities of the sampling policy (None: the current ones, detached, i.e. μ = 1);
 /// `rf`: the reference's, when there is a KL term.
-fn micro_step(net: &model::Transformer, m: &[Row], advs: &[f64], old: Option<&Tensor>, rf: Option<&Tensor>, pad: i64, c: &LossCfg) -> MicroStats {
+fn micro_step(net: &model::Transformer, m: &crate::loss::MicroRows, advs: &[f64], old: Option<&Tensor>, rf: Option<&Tensor>, c: &LossCfg) -> MicroStats {
     let dev = net.device();
-    let refs: Vec<&Row> = m.iter().collect();
-    let (ids, labels, pos, aux, _) = collate(&refs, pad, dev);
-    let batch = Batch::padded(&ids, &pos, &aux);
+    let labels = &m.labels;
     let adv_t = Tensor::from_slice(advs).to_device(dev);
     let mut st = MicroStats::default();
     let sum = |t: &Tensor| f64::try_from(t.sum(Kind::Double)).unwrap_or(0.0);
-    let (l, _, _) = crate::loss::logprob_backward(net, &batch, &labels, c.chunk, c.temperature, true, |lp, ent| {
+    let (l, _, _) = m.with(|rows| crate::loss::logprob_backward_of(net, rows, c.chunk, c.temperature, true, |lp, ent| {
         let mask = labels.narrow(1, 1, labels.size()[1] - 1).ne(crate::loss::IGNORE).to_device(dev).to_kind(lp.kind());
         let old = old.map(|o| o.shallow_clone()).unwrap_or_else(|| lp.detach());
         let ratio = rl::ratios(lp, &old, &mask, c.clip.level);
@@ -888,7 +921,7 @@ fn micro_step(net: &model::Transformer, m: &[Row], advs: &[f64], old: Option<&Te
             }
         }
         rl::aggregate(&per_tok, &mask, c.agg, c.denoms)
-    });
+    }));
     st.loss = l;
     st
 }
@@ -966,7 +999,8 @@ mod tests {
         let rows = vec![mk(&[7, 8, 9]), mk(&[10, 11])];
         let advs = [1.0, -1.0];
         let seq_lp = |m: &Model| -> Vec<f64> {
-            let lp = logprobs_of(m, &rows, 8, 0, 64, 1.0);
+            let st: GrpoStage = toml::from_str("synthetic = { count = 1 }").unwrap();
+            let lp = logprobs_of(m, &rows, &[0, 0], &st, 0, 64, 1.0);
             Vec::<f64>::try_from(lp[0].sum_dim_intlist(1, false, Kind::Double)).unwrap()
         };
         let before = seq_lp(&model);
@@ -980,7 +1014,8 @@ mod tests {
                 temperature: 1.0,
                 chunk: 64,
             };
-            let st = micro_step(&model.net, &rows, &advs, None, None, 0, &c);
+            let mr = micro_rows(&model.net, &rows, &[0, 0], 0, crate::loss::PromptSharing::Always);
+            let st = micro_step(&model.net, &mr, &advs, None, None, &c);
             assert!(st.loss.is_finite() && st.entropy > 0.0);
             opt.step(args.lr);
             opt.zero_grad();

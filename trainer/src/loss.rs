@@ -100,6 +100,202 @@ fn gather(hidden: &Tensor, labels: &Tensor) -> Gathered {
     Gathered { sel: hs.index_select(0, &idx), ys: ys.index_select(0, &idx), idx, b, t1: t - 1 }
 }
 
+/// What to score: rows with labels aligned to their inputs (shifted here), or rows that share prefixes,
+/// laid out by [`SharedPrefix`].
+pub enum Scored<'a> {
+    Rows(&'a Batch<'a>, &'a Tensor),
+    Shared(&'a SharedPrefix),
+}
+
+impl Scored<'_> {
+    /// `f` of the network input: the rows, or the packed prefixes with their branches.
+    fn run<R>(&self, f: impl FnOnce(&Batch) -> R) -> R {
+        match self {
+            Scored::Rows(batch, _) => f(batch),
+            Scored::Shared(sp) => f(&Batch::branches(&sp.ids, &sp.pos, &sp.segs)),
+        }
+    }
+
+    /// The labelled positions of the final hidden states of that input.
+    fn gather(&self, hidden: &Tensor) -> Gathered {
+        match self {
+            Scored::Rows(_, labels) => gather(hidden, labels),
+            Scored::Shared(sp) => sp.gather(hidden),
+        }
+    }
+}
+
+/// Whether rows that share a prompt run through the network as one prefix plus branches ([`SharedPrefix`]):
+/// "auto" when that costs fewer FLOPs (short answers to long prompts), "always", or "never".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptSharing {
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+/// A micro-batch of rows ready for the network, in the layout `sharing` picks: `labels` `[rows, longest]`
+/// always (for masks), plus either the padded batch or the shared-prefix packing.
+pub struct MicroRows {
+    pub labels: Tensor,
+    ids: Tensor,
+    pos: Tensor,
+    aux: Tensor,
+    shared: Option<SharedPrefix>,
+}
+
+impl MicroRows {
+    /// `rows`: (ids, labels) right-padded with `pad`; `group`: rows with equal values (consecutive) share
+    /// their prompt.
+    pub fn new(net: &Transformer, rows: &[(&[i64], &[i64])], group: &[usize], pad: i64, sharing: PromptSharing) -> MicroRows {
+        let dev = net.device();
+        let t = rows.iter().map(|r| r.0.len()).max().unwrap_or(1);
+        let b = rows.len();
+        let (mut ids, mut labels, mut pos, mut aux) = (vec![pad; b * t], vec![IGNORE; b * t], vec![0i64; b * t], vec![0i64; b * t]);
+        for (i, (a, l)) in rows.iter().enumerate() {
+            ids[i * t..i * t + a.len()].copy_from_slice(a);
+            labels[i * t..i * t + l.len()].copy_from_slice(l);
+            for j in 0..a.len() {
+                pos[i * t + j] = j as i64;
+                aux[i * t + j] = 1;
+            }
+        }
+        let mk = |v: Vec<i64>| Tensor::from_slice(&v).view([b as i64, t as i64]).to(dev);
+        let shared = match sharing {
+            PromptSharing::Never => None,
+            PromptSharing::Always => Some(SharedPrefix::new(rows, group, pad, dev)),
+            PromptSharing::Auto => Some(SharedPrefix::new(rows, group, pad, dev)).filter(|sp| sp.cheaper(net)),
+        };
+        MicroRows { labels: mk(labels), ids: mk(ids), pos: mk(pos), aux: mk(aux), shared }
+    }
+
+    /// Tokens the network runs over (padding included).
+    pub fn tokens(&self) -> usize {
+        self.shared.as_ref().map(|s| s.packed_tokens).unwrap_or(self.ids.numel())
+    }
+
+    pub fn with<R>(&self, f: impl FnOnce(&Scored) -> R) -> R {
+        match &self.shared {
+            Some(sp) => f(&Scored::Shared(sp)),
+            None => f(&Scored::Rows(&Batch::padded(&self.ids, &self.pos, &self.aux), &self.labels)),
+        }
+    }
+}
+
+/// Rows that share a prefix (a prompt's G completions; a DPO pair's chosen and rejected answers), each group
+/// packed into one row: the common prefix once, then every row's remainder as a branch that attends to the
+/// prefix and to itself ([`model::AttnMask::Branches`]), at the positions it has in its own row. Every hidden
+/// state is the one the row would get alone (the same keys are visible at the same positions), so scores
+/// and gradients equal those of the plain rows up to float rounding, at the cost of one prefix per group.
+/// Results come back on the grid of the plain rows (`[rows, longest row - 1]`).
+pub struct SharedPrefix {
+    ids: Tensor,
+    pos: Tensor,
+    segs: Tensor,
+    /// `[n]` flat index into `[groups * packed length]` of the position that predicts each labelled token.
+    at: Tensor,
+    ys: Tensor,
+    idx: Tensor,
+    b: i64,
+    t1: i64,
+    /// Tokens run through the network (padding included).
+    pub packed_tokens: usize,
+}
+
+impl SharedPrefix {
+    /// `rows`: (ids, labels aligned with ids) per row; `group`: the group of each row (rows of a group are
+    /// consecutive). The shared prefix of a group is its rows' longest common prefix, less the last token of
+    /// the shortest row so that every branch keeps at least one token.
+    pub fn new(rows: &[(&[i64], &[i64])], group: &[usize], pad: i64, device: tch::Device) -> SharedPrefix {
+        assert_eq!(rows.len(), group.len());
+        let t = rows.iter().map(|r| r.0.len()).max().unwrap_or(1).max(1);
+        let t1 = t as i64 - 1;
+        let mut packed: Vec<(Vec<i64>, Vec<i64>, Vec<i64>)> = vec![];
+        let (mut at, mut ys, mut idx) = (vec![], vec![], vec![]);
+        let mut r0 = 0;
+        while r0 < rows.len() {
+            let mut r1 = r0 + 1;
+            while r1 < rows.len() && group[r1] == group[r0] {
+                r1 += 1;
+            }
+            let members = &rows[r0..r1];
+            let shortest = members.iter().map(|r| r.0.len()).min().unwrap();
+            let mut p = 0;
+            while p + 1 < shortest && members.iter().all(|r| r.0[p] == members[0].0[p]) {
+                p += 1;
+            }
+            let row_no = packed.len();
+            let (mut ids, mut pos, mut seg) = (members[0].0[..p].to_vec(), (0..p as i64).collect::<Vec<_>>(), vec![0i64; p]);
+            for (k, (rids, rlabels)) in members.iter().enumerate() {
+                let start = ids.len();
+                ids.extend_from_slice(&rids[p..]);
+                pos.extend(p as i64..rids.len() as i64);
+                seg.extend(std::iter::repeat_n(k as i64 + 1, rids.len() - p));
+                // label j+1 is predicted at position j: in the prefix (j < p) or in this branch
+                for j in 0..rids.len().saturating_sub(1) {
+                    let y = rlabels[j + 1];
+                    if y == IGNORE {
+                        continue;
+                    }
+                    let local = if j < p { j } else { start + (j - p) };
+                    at.push((row_no, local));
+                    ys.push(y);
+                    idx.push(((r0 + k) * t1 as usize + j) as i64);
+                }
+            }
+            packed.push((ids, pos, seg));
+            r0 = r1;
+        }
+        let l = packed.iter().map(|r| r.0.len()).max().unwrap_or(1).max(1);
+        let g = packed.len();
+        let (mut fids, mut fpos, mut fseg) = (vec![pad; g * l], vec![0i64; g * l], vec![-1i64; g * l]);
+        for (i, (a, b, c)) in packed.iter().enumerate() {
+            fids[i * l..i * l + a.len()].copy_from_slice(a);
+            fpos[i * l..i * l + b.len()].copy_from_slice(b);
+            fseg[i * l..i * l + c.len()].copy_from_slice(c);
+        }
+        let at: Vec<i64> = at.into_iter().map(|(r, j)| (r * l + j) as i64).collect();
+        let mk = |v: &[i64], shape: &[i64]| Tensor::from_slice(v).view(shape).to(device);
+        SharedPrefix {
+            ids: mk(&fids, &[g as i64, l as i64]),
+            pos: mk(&fpos, &[g as i64, l as i64]),
+            segs: mk(&fseg, &[g as i64, l as i64]),
+            at: mk(&at, &[at.len() as i64]),
+            ys: mk(&ys, &[ys.len() as i64]),
+            idx: mk(&idx, &[idx.len() as i64]),
+            b: rows.len() as i64,
+            t1,
+            packed_tokens: g * l,
+        }
+    }
+
+    /// Whether the packed layout costs fewer FLOPs than plain padded rows for this network: per token the
+    /// linear layers (≈ 2 × parameters per layer), per query-key pair the attention (≈ 4 × hidden size, masked
+    /// pairs included, as the CPU kernels compute them).
+    pub fn cheaper(&self, net: &Transformer) -> bool {
+        let c = &net.cfg;
+        let h = c.hidden_size as f64;
+        let q = (c.num_attention_heads * c.head_dim) as f64;
+        let kv = (c.num_key_value_heads * c.head_dim) as f64;
+        let per_token = 2.0 * (h * (q + 2.0 * kv) + q * h + 3.0 * h * c.intermediate_size as f64);
+        let per_pair = 4.0 * q;
+        let cost = |rows: f64, len: f64| rows * len * per_token + rows * len * len * per_pair;
+        let (g, l) = self.ids.size2().unwrap();
+        if c.sliding_window.is_some_and(|w| l > w) {
+            return false; // the window is measured along the packed row, not along positions
+        }
+        cost(g as f64, l as f64) < cost(self.b as f64, self.t1 as f64 + 1.0)
+    }
+
+    fn gather(&self, hidden: &Tensor) -> Gathered {
+        let (g, l, h) = hidden.size3().unwrap();
+        let flat = hidden.reshape([g * l, h]);
+        Gathered { sel: flat.index_select(0, &self.at), ys: self.ys.shallow_clone(), idx: self.idx.shallow_clone(), b: self.b, t1: self.t1 }
+    }
+}
+
 /// Log-probabilities of `ys` under `h @ wᵀ` in row chunks (and the entropies of the distributions when
 /// asked): `[n]` each.
 fn chunked_logprobs(net: &Transformer, h: &Tensor, w: &Tensor, ys: &Tensor, chunk: i64, temperature: f64, entropy: bool) -> (Tensor, Option<Tensor>) {
@@ -139,8 +335,13 @@ fn grid(v: &Tensor, idx: &Tensor, b: i64, t1: i64) -> Tensor {
 /// 0 where the label is IGNORE, plus the mask of labelled positions and, when asked, per-token entropies.
 /// The distribution is softmax(logits / `temperature`), as the sampler's (TRL and verl score rollouts so).
 pub fn token_logprobs(net: &Transformer, batch: &Batch, labels: &Tensor, chunk_rows: i64, temperature: f64, entropy: bool) -> (Tensor, Tensor, Option<Tensor>) {
+    token_logprobs_of(net, &Scored::Rows(batch, labels), chunk_rows, temperature, entropy)
+}
+
+/// [`token_logprobs`] of rows given either way.
+pub fn token_logprobs_of(net: &Transformer, rows: &Scored, chunk_rows: i64, temperature: f64, entropy: bool) -> (Tensor, Tensor, Option<Tensor>) {
     tch::no_grad(|| {
-        let g = gather(&net.hidden_states(batch), labels);
+        let g = rows.gather(&rows.run(|b| net.hidden_states(b)));
         let (lp, ent) = chunked_logprobs(net, &g.sel, &net.lm_head_weight(), &g.ys, chunk_rows, temperature, entropy);
         let mask = grid(&Tensor::ones_like(&lp), &g.idx, g.b, g.t1).gt(0.5);
         (grid(&lp, &g.idx, g.b, g.t1), mask, ent.map(|e| grid(&e, &g.idx, g.b, g.t1)))
@@ -179,8 +380,16 @@ pub fn logprob_backward<F>(
 where
     F: FnOnce(&Tensor, Option<&Tensor>) -> Tensor,
 {
-    let trunk = Trunk::forward(net, batch);
-    let g = gather(&trunk.hidden, labels);
+    logprob_backward_of(net, &Scored::Rows(batch, labels), chunk_rows, temperature, entropy, loss_fn)
+}
+
+/// [`logprob_backward`] of rows given either way.
+pub fn logprob_backward_of<F>(net: &Transformer, rows: &Scored, chunk_rows: i64, temperature: f64, entropy: bool, loss_fn: F) -> (f64, Tensor, Option<Tensor>)
+where
+    F: FnOnce(&Tensor, Option<&Tensor>) -> Tensor,
+{
+    let trunk = rows.run(|b| Trunk::forward(net, b));
+    let g = rows.gather(&trunk.hidden);
     let w = net.lm_head_weight();
     let detached = g.sel.detach().set_requires_grad(true);
     let (lp, ent) = tch::no_grad(|| chunked_logprobs(net, &detached, &w, &g.ys, chunk_rows, temperature, entropy));
@@ -378,6 +587,60 @@ mod tests {
         reference.backward();
         for (a, p) in g1.iter().zip(net.params.tensors()) {
             let d = (a - p.grad()).abs().max().double_value(&[]);
+            assert!(d < 1e-10, "gradient differs by {d}");
+        }
+    }
+
+    #[test]
+    fn shared_prefix_layout_scores_and_differentiates_like_plain_rows() {
+        let net = tiny();
+        // two groups: three rows sharing [5, 7, 9] (one also shares its next token), two sharing [4, 8]
+        let rows: Vec<(Vec<i64>, Vec<i64>)> = vec![
+            (vec![5, 7, 9, 11, 3], vec![-100, -100, -100, 11, 3]),
+            (vec![5, 7, 9, 11, 6, 2], vec![-100, -100, -100, 11, 6, 2]),
+            (vec![5, 7, 9, 1], vec![-100, -100, -100, 1]),
+            (vec![4, 8, 2, 6, 1, 10, 12], vec![-100, -100, 2, 6, 1, 10, 12]),
+            (vec![4, 8, 13], vec![-100, 8, 13]),
+        ];
+        let group = [0, 0, 0, 1, 1];
+        let refs: Vec<(&[i64], &[i64])> = rows.iter().map(|(a, b)| (a.as_slice(), b.as_slice())).collect();
+        let sp = SharedPrefix::new(&refs, &group, 0, tch::Device::Cpu);
+        assert_eq!(sp.packed_tokens, 2 * 9, "prefixes [5,7,9,11] and [4] packed once per group");
+        // the plain padded batch
+        let t = 7;
+        let (mut ids, mut labels, mut pos, mut mask) = (vec![0i64; 5 * t], vec![IGNORE; 5 * t], vec![0i64; 5 * t], vec![0i64; 5 * t]);
+        for (i, (a, b)) in rows.iter().enumerate() {
+            for j in 0..a.len() {
+                ids[i * t + j] = a[j];
+                labels[i * t + j] = b[j];
+                pos[i * t + j] = j as i64;
+                mask[i * t + j] = 1;
+            }
+        }
+        let v = |x: Vec<i64>| Tensor::from_slice(&x).view([5, t as i64]);
+        let (ids, labels, pos, mask) = (v(ids), v(labels), v(pos), v(mask));
+        let batch = Batch::padded(&ids, &pos, &mask);
+        let (lp_a, m_a, e_a) = token_logprobs_of(&net, &Scored::Rows(&batch, &labels), 4, 0.8, true);
+        let (lp_b, m_b, e_b) = token_logprobs_of(&net, &Scored::Shared(&sp), 4, 0.8, true);
+        assert!(m_a.equal(&m_b));
+        assert!((&lp_a - &lp_b).abs().max().double_value(&[]) < 1e-12);
+        assert!((e_a.unwrap() - e_b.unwrap()).abs().max().double_value(&[]) < 1e-12);
+        let weights = Tensor::randn([5, t as i64 - 1], (Kind::Double, tch::Device::Cpu));
+        let f = |lp: &Tensor, _: Option<&Tensor>| (lp * &weights).sum(Kind::Double).exp();
+        let grads = |rows: &Scored| {
+            for p in net.params.tensors() {
+                if p.grad().defined() {
+                    let _ = p.grad().zero_();
+                }
+            }
+            let (v, _, _) = logprob_backward_of(&net, rows, 3, 0.8, false, f);
+            (v, net.params.tensors().iter().map(|p| p.grad().copy()).collect::<Vec<_>>())
+        };
+        let (va, ga) = grads(&Scored::Rows(&batch, &labels));
+        let (vb, gb) = grads(&Scored::Shared(&sp));
+        assert!((va - vb).abs() < 1e-10 * va.abs().max(1.0));
+        for (a, b) in ga.iter().zip(&gb) {
+            let d = (a - b).abs().max().double_value(&[]);
             assert!(d < 1e-10, "gradient differs by {d}");
         }
     }

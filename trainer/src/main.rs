@@ -20,6 +20,8 @@ mod sft;
 mod stage;
 mod dpo;
 mod grpo;
+mod launch;
+mod data_parallel;
 mod rl;
 mod eval_cmd;
 mod smoke;
@@ -56,6 +58,8 @@ struct Cli {
     /// Intra-op CPU threads for libtorch (default: libtorch's choice).
     #[arg(long, global = true)]
     threads: Option<i32>,
+    #[command(flatten)]
+    launch: launch::LaunchArgs,
 }
 
 #[derive(Subcommand)]
@@ -112,6 +116,12 @@ fn run() -> Result<()> {
             bail!("--threads must be at least 1, got {t}");
         }
         tch::set_num_threads(t);
+    }
+    if let Some(n) = cli.launch.nproc_per_node {
+        if dist::WorkerEnv::read()?.is_none() {
+            return launch::agent(&cli.launch, n);
+        }
+        // RANK / WORLD_SIZE are set: torchrun or a cluster wrapper started us; we are one of its workers
     }
     if matches!(cli.command, Some(Command::RecipeKeys)) {
         print!("{}", recipe_keys::table());

@@ -6,7 +6,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub struct Metrics {
-    path: PathBuf,
+    /// None: this process does not log (a data-parallel rank other than 0).
+    path: Option<PathBuf>,
     tensorboard: Option<std::sync::Mutex<crate::tensorboard::EventWriter>>,
     wandb: Option<crate::wandb::Wandb>,
 }
@@ -55,7 +56,12 @@ impl Metrics {
             Some(s) => Some(crate::wandb::Wandb::start(s, serde_json::to_value(recipe)?, output)?),
             None => None,
         };
-        Ok(Metrics { path, tensorboard, wandb })
+        Ok(Metrics { path: Some(path), tensorboard, wandb })
+    }
+
+    /// Metrics that go nowhere (data-parallel ranks other than 0: rank 0 logs the reduced values).
+    pub fn disabled() -> Metrics {
+        Metrics { path: None, tensorboard: None, wandb: None }
     }
 
     /// Marks the W&B run (if any) finished; without this call it is marked failed when dropped.
@@ -66,7 +72,8 @@ impl Metrics {
     }
 
     pub fn log(&self, record: Map<String, Value>) -> Result<()> {
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+        let Some(path) = &self.path else { return Ok(()) };
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
         writeln!(f, "{}", Value::Object(record.clone()))?;
         if let Some(tb) = &self.tensorboard {
             // scalars as `<stage name>/<key>` at the stage's step

@@ -21,6 +21,10 @@ pub struct Ctx {
     pub tok_dir: PathBuf,
     pub metrics: Metrics,
     pub fingerprint: serde_json::Value,
+    /// Data parallelism: this process's rank among the job's (a single process is rank 0 of 1).
+    pub comm: Box<dyn dist::Communicator>,
+    /// The world size whose global batch the running stage keeps (see data_parallel::local_accum).
+    pub batch_world: std::cell::Cell<usize>,
 }
 
 /// `--resume`.
@@ -161,11 +165,16 @@ pub fn run(recipe_path: &Path, overrides: &[String], output: Option<PathBuf>, op
         tch::set_num_threads(t);
     }
     let device = model::runtime::parse_device(&r.model.device).map_err(anyhow::Error::msg)?;
+    let (comm, device) = crate::launch::join(device)?;
     let (kind, autocast) = r.model.precision(device)?;
     model::autocast::set_default(autocast);
     eprintln!("whet {}: {}", env!("CARGO_PKG_VERSION"), model::runtime::describe(device));
     if let Some(a) = autocast {
         eprintln!("mixed precision: fp32 weights and optimizer state, {a:?} autocast in forward passes");
+    }
+    // data parallel: rank 0 prepares the shared files (tokenizer, converted GGUF, metrics) first
+    if !comm.is_main() {
+        comm.barrier()?;
     }
     let output = r.run.output_dir.clone();
     std::fs::create_dir_all(&output).with_context(|| format!("creating {}", output.display()))?;
@@ -192,14 +201,18 @@ pub fn run(recipe_path: &Path, overrides: &[String], output: Option<PathBuf>, op
     let resume_at = ckpt.as_ref().map(|c| (c.state.stage, c.state.step));
     let tok_dir = tokenizer_dir(&r, &output)?;
     let (tok, template) = Tokenizer::from_dir(&tok_dir).with_context(|| format!("loading the tokenizer from {}", tok_dir.display()))?;
-    let metrics = Metrics::open(&output, resume_at, &r)?;
-    let ctx = Ctx { recipe: r.clone(), output: output.clone(), tok, template, tok_dir, metrics, fingerprint };
+    let metrics = if comm.is_main() { Metrics::open(&output, resume_at, &r)? } else { Metrics::disabled() };
+    let batch_world = std::cell::Cell::new(comm.world());
+    let ctx = Ctx { recipe: r.clone(), output: output.clone(), tok, template, tok_dir, metrics, fingerprint, comm, batch_world };
 
     let (first, mut model, mid) = match &ckpt {
         None => (0, base_model(&r, &output, kind, device)?, None),
         Some(c) if c.state.stage_complete => (c.state.stage + 1, Model::load(&c.model_dir(), Some(kind), device)?, None),
         Some(c) => (c.state.stage, Model::load(&c.model_dir(), Some(kind), device)?, Some(c)),
     };
+    if ctx.comm.is_main() {
+        ctx.comm.barrier()?;
+    }
     if first >= r.stage.len() {
         eprintln!("all {} stage(s) already done in {}", r.stage.len(), output.display());
     }
@@ -207,18 +220,21 @@ pub fn run(recipe_path: &Path, overrides: &[String], output: Option<PathBuf>, op
     for i in first..r.stage.len() {
         let resume = if i == first { mid } else { None };
         model.net.set_gradient_checkpointing(r.stage[i].gradient_checkpointing());
+        ctx.batch_world.set(ctx.comm.world());
+        ctx.comm.broadcast_params(model.net.params.tensors())?;
         let acc = match &r.stage[i] {
             Stage::Sft(s) => crate::sft::run(&ctx, i, s, &model, resume)?,
             Stage::Dpo(s) => crate::dpo::run(&ctx, i, s, &model, resume)?,
             Stage::RolloutDpo(s) => crate::dpo::run_rollout(&ctx, i, s, &model, resume)?,
             Stage::Grpo(s) => crate::grpo::run(&ctx, i, s, &model, resume)?,
         };
+        crate::data_parallel::check_replicas(&ctx, &model, &r.stage[i].name(i))?;
         summary.push((r.stage[i].name(i), r.stage[i].kind(), acc));
         // the next stage starts from this stage's saved result (identical bits; fresh autograd state)
         model = stage_start_model(&ctx, i + 1, kind, device)?;
     }
     ctx.metrics.finish();
-    if !summary.is_empty() {
+    if !summary.is_empty() && ctx.comm.is_main() {
         println!("\n| stage | kind | held-out accuracy after |\n|---|---|---:|");
         for (n, k, a) in &summary {
             let a = if a.is_nan() { "–".to_string() } else { format!("{:.1}%", 100.0 * a) };

@@ -135,9 +135,12 @@ fn eval_rows(ctx: &Ctx, s: &SftStage, records: &[Record]) -> Result<Vec<Row>> {
 pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<&Checkpoint>) -> Result<f64> {
     let name = ctx.recipe.stage[index].name(index);
     let (rows, info) = rows(ctx, s)?;
-    let per_step = s.batch_size * s.grad_accum;
+    // data parallel: each step draws world × accum micro-batches; this rank trains on its `accum` of them
+    let accum = crate::data_parallel::local_accum(ctx, &name, s.grad_accum, resume)?;
+    let world_micro = accum * ctx.comm.world();
+    let per_step = s.batch_size * world_micro;
     let total = s.max_steps.unwrap_or_else(|| ((s.epochs * rows.len() as f64) / per_step as f64).ceil().max(1.0) as usize);
-    eprintln!("[{name}] {info}; {total} optimizer steps of {} × {} rows", s.grad_accum, s.batch_size);
+    eprintln!("[{name}] {info}; {total} optimizer steps of {} × {} rows", world_micro, s.batch_size);
     let progress = |name: &'_ str, sampler: &Sampler, tokens: u64| Progress { index, name: name.to_string(), total, sampler: Some(sampler.state()), tokens, extra: serde_json::Value::Null };
 
     let mut sampler = Sampler::single(rows.len(), SamplerConfig { seed: ctx.recipe.run.seed.wrapping_add(index as u64), shuffle: true, num_epochs: None, drop_last: false })?;
@@ -163,10 +166,16 @@ pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<
     let bar = crate::progress::Bar::new(&name, start, total);
     for step in start..total {
         let t0 = Instant::now();
-        let micro: Vec<Vec<&Row>> = (0..s.grad_accum).map(|_| sampler.next_batch(s.batch_size).into_iter().map(|i| &rows[i]).collect()).collect();
-        let n_tok: i64 = micro.iter().map(|m| loss_tokens(m)).sum::<i64>().max(1);
+        let micro: Vec<Vec<&Row>> = (0..world_micro).map(|_| sampler.next_batch(s.batch_size).into_iter().map(|i| &rows[i]).collect()).collect();
+        let micro = crate::data_parallel::shard(ctx, micro);
+        // the global token count: this rank's, summed over the ranks
+        let mut counts = [micro.iter().map(|m| loss_tokens(m)).sum::<i64>() as f64, micro.iter().flatten().map(|r| r.ids.len()).sum::<usize>() as f64];
+        crate::data_parallel::sum(ctx, &mut counts)?;
+        let (n_tok, step_rows_tokens) = ((counts[0] as i64).max(1), counts[1]);
         let mut loss_sum = 0.0;
+        let mut acc = crate::data_parallel::Accum::new(model);
         for m in micro.iter().filter(|m| !m.is_empty()) {
+            acc.next();
             let (ids, labels, pos, aux, packed) = collate(m, pad, dev);
             let full = !packed && m.iter().all(|r| r.ids.len() == m[0].ids.len());
             let batch = if packed {
@@ -179,13 +188,17 @@ pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<
             };
             let (l, _) = crate::loss::causal_lm_backward(&model.net, &batch, &labels, 1.0 / n_tok as f64, chunk);
             loss_sum += l;
-            tokens += m.iter().map(|r| r.ids.len() as u64).sum::<u64>();
         }
+        acc.finish();
+        tokens += step_rows_tokens as u64;
+        crate::data_parallel::sync_grads(ctx, model)?;
         let grad_norm = opt.clip_grad_norm(optim.max_grad_norm);
         let lr = optim.lr_at(step, total);
         opt.step(lr);
         opt.zero_grad();
-        let loss = loss_sum / n_tok as f64;
+        let mut loss_sum = [loss_sum];
+        crate::data_parallel::sum(ctx, &mut loss_sum)?;
+        let loss = loss_sum[0] / n_tok as f64;
         if !loss.is_finite() {
             bail!("[{name}] loss became {loss} at step {}: lower the learning rate", step + 1);
         }
@@ -194,10 +207,10 @@ pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<
         if done % ctx.recipe.run.log_every.max(1) == 0 || done == total {
             ctx.metrics.log(obj(json!({"stage": index, "stage_name": name, "step": done, "loss": loss, "lr": lr,
                 "grad_norm": grad_norm, "loss_tokens": n_tok, "step_s": dt, "epoch": sampler.epoch(),
-                "tokens_per_s": micro.iter().flatten().map(|r| r.ids.len()).sum::<usize>() as f64 / dt})))?;
+                "tokens_per_s": step_rows_tokens / dt})))?;
             bar.println(&format!("[{name}] step {done}/{total} loss {loss:.4} lr {lr:.2e} grad_norm {grad_norm:.3} ({:.2} s/step)", dt));
         }
-        bar.step(done, loss, micro.iter().flatten().map(|r| r.ids.len()).sum::<usize>() as f64 / dt);
+        bar.step(done, loss, step_rows_tokens / dt);
         if let Some(h) = &held {
             h.periodic(ctx, model, index, &name, done, total, eval_loss)?;
         }

@@ -202,6 +202,9 @@ impl<'a> HeldOut<'a> {
 
     /// The evaluation before the stage's first step (returns the accuracy); `extra` metrics go on the same line.
     pub fn at_start(&self, ctx: &Ctx, model: &Model, index: usize, name: &str, extra: Map<String, Value>) -> Result<f64> {
+        if !ctx.comm.is_main() {
+            return Ok(f64::NAN);
+        }
         let (acc, _) = self.accuracy(ctx, model)?;
         let more: Vec<String> = extra.iter().filter_map(|(k, v)| v.as_f64().map(|x| format!(", held-out {} {x:.4}", k.trim_start_matches("eval_")))).collect();
         eprintln!("[{name}] held-out accuracy before: {:.1}% ({} problems){}", 100.0 * acc, self.records.len(), more.join(""));
@@ -211,7 +214,7 @@ impl<'a> HeldOut<'a> {
 
     /// The evaluation every `eval.every` steps (not at the last one): `extra` is computed only when due.
     pub fn periodic(&self, ctx: &Ctx, model: &Model, index: usize, name: &str, done: usize, total: usize, extra: impl FnOnce() -> Map<String, Value>) -> Result<()> {
-        if !(self.spec.every > 0 && done % self.spec.every == 0 && done < total) {
+        if !(self.spec.every > 0 && done % self.spec.every == 0 && done < total) || !ctx.comm.is_main() {
             return Ok(());
         }
         let (acc, _) = self.accuracy(ctx, model)?;
@@ -221,6 +224,9 @@ impl<'a> HeldOut<'a> {
 
     /// The evaluation after the last step: prints a few samples and before → after; returns the accuracy.
     pub fn at_end(&self, ctx: &Ctx, model: &Model, index: usize, name: &str, total: usize, before: f64, extra: Map<String, Value>) -> Result<f64> {
+        if !ctx.comm.is_main() {
+            return Ok(f64::NAN);
+        }
         let (acc, samples) = self.accuracy(ctx, model)?;
         for (q, a, ok) in samples {
             eprintln!("[{name}]   {q:?} -> {a:?} {}", if ok { "✓" } else { "✗" });
@@ -258,6 +264,7 @@ impl Progress {
             tokens: self.tokens,
             recipe: ctx.fingerprint.clone(),
             extra: self.extra.clone(),
+            world_size: ctx.batch_world.get(),
         }
     }
 
@@ -274,8 +281,10 @@ impl Progress {
 
     /// The end of the stage: its curves and the stage-final checkpoint.
     pub fn finish(&self, ctx: &Ctx, model: &Model, started: std::time::Instant, note: &str) -> Result<()> {
-        let plot = crate::plot::stage_plot(&ctx.output, self.index, &self.name)?;
-        eprintln!("[{}] done in {:.1} s{note}; curves in {}", self.name, started.elapsed().as_secs_f64(), plot.display());
+        if ctx.comm.is_main() {
+            let plot = crate::plot::stage_plot(&ctx.output, self.index, &self.name)?;
+            eprintln!("[{}] done in {:.1} s{note}; curves in {}", self.name, started.elapsed().as_secs_f64(), plot.display());
+        }
         save_checkpoint(ctx, &self.state(ctx, self.total, true), model, None)?;
         Ok(())
     }
@@ -303,7 +312,16 @@ pub fn obj(v: Value) -> Map<String, Value> {
 
 /// Writes a checkpoint of the stage (model, optimizer when mid-stage, state), prunes old ones and passes the
 /// fault-injection points the resume tests use.
-fn save_checkpoint(ctx: &Ctx, state: &TrainState, model: &Model, opt: Option<&AdamW>) -> Result<PathBuf> {
+/// Data parallel: rank 0 writes (the replicas are identical) and every rank waits at a barrier after.
+fn save_checkpoint(ctx: &Ctx, state: &TrainState, model: &Model, opt: Option<&AdamW>) -> Result<()> {
+    if ctx.comm.is_main() {
+        write_checkpoint(ctx, state, model, opt)?;
+    }
+    ctx.comm.barrier()?;
+    Ok(())
+}
+
+fn write_checkpoint(ctx: &Ctx, state: &TrainState, model: &Model, opt: Option<&AdamW>) -> Result<PathBuf> {
     let (index, done) = (state.stage, state.step);
     let dir = checkpoint::write(&ctx.output, state, |d| {
         model.save(&d.join("model"), &model::weights::SaveOptions { source_dir: Some(&ctx.tok_dir), ..Default::default() })?;

@@ -1,0 +1,297 @@
+//! Data parallelism end to end on CPU: `train --nproc-per-node N` over c10d Gloo on 127.0.0.1 (the launcher
+//! hosts the store on port 0, so tests run in parallel; `WHET_DIST_TIMEOUT_S` bounds every collective, so
+//! nothing hangs). Two ranks give weights bit-identical to one process with the same global batch (SFT,
+//! DPO, GRPO); three ranks keep identical replicas within a few ulp of one process; a killed rank stops the
+//! job within seconds with a one-line error, and `--max-restarts` resumes it from the latest checkpoint.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// The tiny random Qwen2 of the SFT and DPO recipes.
+const QWEN2: &str = r#"
+[model]
+config = { model_type = "qwen2", vocab_size = 260, hidden_size = 32, intermediate_size = 64, num_hidden_layers = 2, num_attention_heads = 4, num_key_value_heads = 2, max_position_embeddings = 256, tie_word_embeddings = true }
+init_seed = 7
+tokenizer = "builtin:bytes"
+device = "cpu"
+"#;
+
+const SFT: &str = r#"
+
+[run]
+seed = 3
+threads = 1
+log_every = 1
+save_every = 3
+keep_last = 10
+
+[[stage]]
+kind = "sft"
+name = "sft"
+synthetic = { count = 24, arithmetic = { seed = 5 } }
+tokenize = { max_length = 96 }
+max_steps = 6
+batch_size = 2
+grad_accum = 1
+lr = 2e-3
+warmup_steps = 2
+weight_decay = 0.1
+"#;
+
+const GRPO: &str = r#"
+[model]
+config = { model_type = "llama", vocab_size = 260, hidden_size = 32, intermediate_size = 64, num_hidden_layers = 2, num_attention_heads = 4, num_key_value_heads = 2, max_position_embeddings = 128, tie_word_embeddings = true }
+init_seed = 3
+tokenizer = "builtin:bytes"
+device = "cpu"
+
+[run]
+seed = 5
+threads = 1
+log_every = 1
+save_every = 2
+
+[[stage]]
+kind = "grpo"
+name = "rl"
+synthetic = { count = 40, arithmetic = { seed = 2, max_digits = 1 } }
+max_steps = 4
+prompts_per_step = 4
+num_generations = 4
+oversample_generations = 6
+max_completion_length = 6
+temperature = 1.2
+num_iterations = 2
+micro_batch_size = 8
+lr = 1e-3
+kl_coef = 0.05
+kl_estimator = "k3"
+entropy_coeff = 0.01
+scale_rewards = "batch"
+reward = [{ kind = "accuracy", correct = 1.0, incorrect = 0.0, no_answer = 0.0 }, { kind = "overlong", overlong_buffer_len = 2, overlong_penalty_factor = 0.5 }]
+"#;
+
+const DPO: &str = r#"
+
+[run]
+seed = 3
+threads = 1
+
+[[stage]]
+kind = "dpo"
+name = "dpo"
+synthetic = { count = 32, arithmetic = { seed = 5, max_digits = 1, ops = ["add"] } }
+tokenize = { max_length = 64 }
+max_steps = 4
+batch_size = 4
+grad_accum = 1
+lr = 1e-2
+rpo_alpha = 0.2
+"#;
+
+/// `train [--nproc-per-node N] --recipe DIR/recipe.toml --output DIR/out EXTRA...` with bounded collectives.
+/// A recipe directory holding `body`, after the Qwen2 model table unless `body` has its own.
+fn setup(root: &Path, name: &str, body: &str) -> std::path::PathBuf {
+    let text = if body.contains("[model]") { body.to_string() } else { format!("{QWEN2}{body}") };
+    common::setup(root, name, &text)
+}
+
+fn train(dir: &Path, nproc: Option<usize>, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_train"));
+    if let Some(n) = nproc {
+        c.args(["--nproc-per-node", &n.to_string()]);
+    }
+    c.arg("--recipe").arg(dir.join("recipe.toml")).arg("--output").arg(dir.join("out")).args(extra);
+    c.env("WHET_DIST_TIMEOUT_S", "20").env("OMP_NUM_THREADS", "1");
+    for k in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT"] {
+        c.env_remove(k);
+    }
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "train failed:\n{err}");
+    err
+}
+
+fn weights(dir: &Path, stage: usize) -> Vec<u8> {
+    std::fs::read(dir.join(format!("out/checkpoints/s{stage:02}-final/model/model.safetensors"))).unwrap()
+}
+
+/// The logged losses (rank 0 logs the values reduced over the ranks).
+fn losses(dir: &Path) -> Vec<f64> {
+    common::metrics(dir).iter().filter_map(|m| m["loss"].as_f64()).collect()
+}
+
+#[test]
+fn two_rank_sft_is_bitwise_one_process_with_the_same_global_batch() {
+    let root = tempfile::tempdir().unwrap();
+    let one = setup(root.path(), "one", SFT);
+    let two = setup(root.path(), "two", SFT);
+    ok(&train(&one, None, &["--set", "stage.0.grad_accum=2"], &[]));
+    let log = ok(&train(&two, Some(2), &[], &[]));
+    assert!(log.contains("rank 1 of 2 (local rank 1), gloo backend"), "{log}");
+    assert!(log.contains("[sft] replicas identical on 2 ranks"), "{log}");
+    assert_eq!(weights(&one, 0), weights(&two, 0), "2-rank SFT differs from 1 process");
+    assert_eq!(losses(&one), losses(&two));
+    assert_eq!(losses(&two).len(), 6);
+}
+
+#[test]
+fn two_rank_grpo_is_bitwise_one_process_with_the_same_prompts_per_step() {
+    let root = tempfile::tempdir().unwrap();
+    let one = setup(root.path(), "one", GRPO);
+    let two = setup(root.path(), "two", GRPO);
+    ok(&train(&one, None, &[], &[]));
+    let log = ok(&train(&two, Some(2), &[], &[]));
+    assert!(log.contains("[rl] replicas identical on 2 ranks"), "{log}");
+    assert_eq!(weights(&one, 0), weights(&two, 0), "2-rank GRPO differs from 1 process");
+    // rewards, lengths and losses gathered from both ranks are the one-process step's
+    let keys = ["reward_mean", "reward_std", "response_length_mean", "loss", "kl", "entropy", "groups", "train_tokens"];
+    let pick = |d: &Path| -> Vec<Vec<f64>> { common::metrics(d).iter().map(|m| keys.iter().map(|k| m[*k].as_f64().unwrap()).collect()).collect() };
+    assert_eq!(pick(&one), pick(&two));
+}
+
+#[test]
+fn two_rank_dpo_is_bitwise_one_process_with_the_same_global_batch() {
+    let root = tempfile::tempdir().unwrap();
+    let one = setup(root.path(), "one", DPO);
+    let two = setup(root.path(), "two", DPO);
+    ok(&train(&one, None, &["--set", "stage.0.grad_accum=2"], &[]));
+    ok(&train(&two, Some(2), &[], &[]));
+    assert_eq!(weights(&one, 0), weights(&two, 0), "2-rank DPO differs from 1 process");
+}
+
+/// Three ranks: the ring sums in another order than one process does, so the weights may differ from it
+/// by a few ulp, but every replica is the same (checked by the run itself) and reruns are reproducible.
+#[test]
+fn three_ranks_keep_identical_replicas_close_to_one_process() {
+    let root = tempfile::tempdir().unwrap();
+    let one = setup(root.path(), "one", SFT);
+    let three = setup(root.path(), "three", SFT);
+    ok(&train(&one, None, &["--set", "stage.0.grad_accum=3"], &[]));
+    let log = ok(&train(&three, Some(3), &[], &[]));
+    assert!(log.contains("[sft] replicas identical on 3 ranks"), "{log}");
+    let read = |d: &Path| {
+        let mut ts = tch::Tensor::read_safetensors(d.join("out/checkpoints/s00-final/model/model.safetensors")).unwrap();
+        ts.sort_by(|a, b| a.0.cmp(&b.0));
+        ts
+    };
+    let (a, b) = (read(&one), read(&three));
+    assert_eq!(a.len(), b.len());
+    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        let d = (ta - tb).abs().max().double_value(&[]);
+        assert!(d < 1e-5, "{na}: 3 ranks differ from 1 process by {d}");
+    }
+    // a 3-rank run killed after its step-3 checkpoint resumes to the same bits
+    let again = setup(root.path(), "again", SFT);
+    let o = train(&again, Some(3), &[], &[("WHET_TEST_KILL", "step:0:4"), ("WHET_TEST_KILL_RANK", "2")]);
+    assert!(!o.status.success());
+    let log = ok(&train(&again, Some(3), &[], &[]));
+    assert!(log.contains("resumed at step 3/6"), "{log}");
+    assert_eq!(weights(&three, 0), weights(&again, 0), "3-rank resume is not bit-identical");
+}
+
+#[test]
+fn a_killed_rank_stops_the_job_within_seconds_and_max_restarts_resumes_it() {
+    let root = tempfile::tempdir().unwrap();
+    let reference = setup(root.path(), "reference", SFT);
+    ok(&train(&reference, Some(2), &[], &[]));
+
+    // rank 1 dies (SIGKILL) at step 4, after the step-3 checkpoint: the job stops, naming it
+    let killed = setup(root.path(), "killed", SFT);
+    let t0 = Instant::now();
+    let o = train(&killed, Some(2), &[], &[("WHET_TEST_KILL", "step:0:4"), ("WHET_TEST_KILL_RANK", "1")]);
+    let dt = t0.elapsed();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    let last = err.lines().last().unwrap_or("");
+    assert!(last.starts_with("error: rank 1 (pid ") && last.contains("was killed by signal 9 (SIGKILL); stopped the other 1 rank(s)"), "{err}");
+    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{err}");
+    assert!(dt < Duration::from_secs(30), "the job took {dt:?} to stop");
+
+    // resuming that job (same world size) continues bit-identically
+    ok(&train(&killed, Some(2), &[], &[]));
+    assert_eq!(weights(&reference, 0), weights(&killed, 0), "resumed 2-rank run differs from the uninterrupted one");
+
+    // --max-restarts: the launcher restarts both ranks from the latest checkpoint by itself
+    let restarted = setup(root.path(), "restarted", SFT);
+    let o = train(&restarted, Some(2), &["--max-restarts", "1"], &[("WHET_TEST_KILL", "step:0:4"), ("WHET_TEST_KILL_RANK", "1")]);
+    let err = ok(&o);
+    assert!(err.contains("restarting from the latest checkpoint (restart 1 of 1)"), "{err}");
+    assert!(err.contains("resumed at step 3/6"), "{err}");
+    assert_eq!(weights(&reference, 0), weights(&restarted, 0), "restarted run differs from the uninterrupted one");
+}
+
+/// A stage started on two ranks resumes on one process, keeping the global batch, with a warning.
+#[test]
+fn resuming_on_another_world_size_keeps_the_global_batch() {
+    let root = tempfile::tempdir().unwrap();
+    let d = setup(root.path(), "d", SFT);
+    let o = train(&d, Some(2), &[], &[("WHET_TEST_KILL", "step:0:4"), ("WHET_TEST_KILL_RANK", "0")]);
+    assert!(!o.status.success());
+    let err = ok(&train(&d, None, &[], &[]));
+    assert!(err.contains("warning: resuming on 1 rank(s) a stage started on 2: keeping its global batch of 2 micro-batches"), "{err}");
+    assert_eq!(losses(&d).len(), 6);
+    // a world size that cannot share the global batch is refused in one line
+    let e = setup(root.path(), "e", SFT);
+    let o = train(&e, Some(2), &[], &[("WHET_TEST_KILL", "step:0:4"), ("WHET_TEST_KILL_RANK", "0")]);
+    assert!(!o.status.success());
+    let o = train(&e, Some(3), &[], &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("cannot share evenly"), "{err}");
+}
+
+/// Workers started by someone else (torchrun --no-python, a SLURM wrapper): RANK, WORLD_SIZE, MASTER_ADDR
+/// and MASTER_PORT set and no agent store, so rank 0 hosts the store.
+#[test]
+fn workers_started_with_torchrun_variables_join_the_job() {
+    let root = tempfile::tempdir().unwrap();
+    let one = setup(root.path(), "one", SFT);
+    ok(&train(&one, None, &["--set", "stage.0.grad_accum=2"], &[]));
+    let two = setup(root.path(), "two", SFT);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let ranks: Vec<_> = (0..2)
+        .map(|r| {
+            let (two, port) = (two.clone(), port.clone());
+            std::thread::spawn(move || {
+                let r = r.to_string();
+                train(&two, None, &[], &[("RANK", &r), ("LOCAL_RANK", &r), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", &port)])
+            })
+        })
+        .collect();
+    for h in ranks {
+        ok(&h.join().unwrap());
+    }
+    assert_eq!(weights(&one, 0), weights(&two, 0));
+}
+
+#[test]
+fn launcher_flags_are_checked_in_one_line() {
+    let root = tempfile::tempdir().unwrap();
+    let d = setup(root.path(), "d", SFT);
+    for (args, want) in [
+        (vec!["--nproc-per-node", "0"], "--nproc-per-node and --nnodes must be at least 1"),
+        (vec!["--nproc-per-node", "2", "--nnodes", "2"], "every node needs --master-addr and --master-port"),
+        (vec!["--nproc-per-node", "2", "--node-rank", "1"], "--node-rank 1 must be below --nnodes 1"),
+    ] {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_train"));
+        c.args(&args).arg("--recipe").arg(d.join("recipe.toml"));
+        let o = c.output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.trim().lines().count() == 1 && err.contains(want), "{args:?}: {err}");
+    }
+    // a GRPO step's prompts must split evenly into whole groups
+    let g = setup(root.path(), "g", GRPO);
+    let o = train(&g, Some(3), &[], &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("prompts_per_step = 4 cannot be shared evenly by 3 ranks"), "{err}");
+}

@@ -1,0 +1,204 @@
+//! Data parallelism inside the stages (the communicator is `ctx.comm`, see the dist crate):
+//!
+//! - every rank draws the *global* batch from the same seeded sampler (so the data cursor in a checkpoint
+//!   does not depend on the world size) and trains on its contiguous share: SFT and DPO micro-batches
+//!   (rank r takes micro-batches r·a … r·a + a − 1 of the step's world·a), GRPO prompts (a group stays
+//!   on one rank);
+//! - token-mean losses divide by the *global* count (the local counts all-reduced first), and gradients are
+//!   summed over the ranks (flat buckets, fixed parameter order) before clipping and the optimizer step, so
+//!   a step computes the one-process gradient: two ranks with one micro-batch each add the same two partial
+//!   gradients a one-process run with two accumulated micro-batches adds (bitwise, since a + b = b + a);
+//!   with three or more ranks the ring's summation order differs by a few ulp, identically on every rank;
+//! - rank 0 writes checkpoints and metrics; every rank waits at a barrier after a checkpoint.
+
+use anyhow::{bail, Result};
+use model::Model;
+use sha2::{Digest, Sha256};
+
+use crate::checkpoint::Checkpoint;
+use crate::run::Ctx;
+
+/// This rank's contiguous share of `items` (whose length is a multiple of the world size).
+pub fn shard<T>(ctx: &Ctx, items: Vec<T>) -> Vec<T> {
+    let (r, w) = (ctx.comm.rank(), ctx.comm.world());
+    let per = items.len() / w;
+    items.into_iter().skip(r * per).take(per).collect()
+}
+
+/// Sums the model's gradients over the ranks (no-op on one process).
+pub fn sync_grads(ctx: &Ctx, model: &Model) -> Result<()> {
+    Ok(ctx.comm.all_reduce_grads(model.net.params.tensors())?)
+}
+
+/// Gradient accumulation as a sum of whole micro-batch gradients: A_k = A_(k−1) + G_k, where G_k is the
+/// gradient micro-batch k's backward leaves in gradients set to zero. (Letting the backward passes of
+/// several micro-batches accumulate into one buffer adds each pass's pieces — loss chunks, trunk — one by
+/// one, and float addition is not associative.) Two ranks with one micro-batch each then sum exactly what
+/// one process with two accumulated micro-batches sums: G_1 + G_2.
+pub struct Accum {
+    params: Vec<tch::Tensor>,
+    saved: Vec<tch::Tensor>,
+    started: usize,
+}
+
+impl Accum {
+    /// Starts a step: every gradient is defined and zero (call after `zero_grad`).
+    pub fn new(model: &Model) -> Accum {
+        let params: Vec<tch::Tensor> = model.net.params.tensors().iter().map(|p| p.shallow_clone()).collect();
+        for p in &params {
+            if p.requires_grad() && !p.grad().defined() {
+                (p * 0.0).sum(p.kind()).backward();
+            }
+        }
+        Accum { params, saved: vec![], started: 0 }
+    }
+
+    /// Before each micro-batch's backward: sets the previous micro-batches' sum aside.
+    pub fn next(&mut self) {
+        if self.started > 0 {
+            tch::no_grad(|| {
+                for (i, p) in self.params.iter().enumerate() {
+                    let mut g = p.grad();
+                    if !g.defined() {
+                        continue;
+                    }
+                    if self.started == 1 {
+                        self.saved.push(g.copy());
+                    } else {
+                        let _ = self.saved[i].g_add_(&g);
+                    }
+                    let _ = g.zero_();
+                }
+            });
+        }
+        self.started += 1;
+    }
+
+    /// After the last micro-batch: the gradients hold the sum of all of them.
+    pub fn finish(self) {
+        tch::no_grad(|| {
+            for (p, s) in self.params.iter().zip(&self.saved) {
+                let _ = p.grad().g_add_(s);
+            }
+        });
+    }
+}
+
+/// Sums `xs` over the ranks (counts and logged metrics).
+pub fn sum(ctx: &Ctx, xs: &mut [f64]) -> Result<()> {
+    Ok(ctx.comm.all_reduce_f64(xs)?)
+}
+
+/// Micro-batches of `batch_size` rows this rank runs per optimizer step. The recipe's `grad_accum` is per
+/// rank (TRL's `gradient_accumulation_steps`), so the global batch is `batch_size · grad_accum · world`
+/// for the world size the stage started with; a stage resumed on another world size keeps that global
+/// batch (each rank then accumulates `grad_accum · old_world / world` micro-batches) and says so.
+pub fn local_accum(ctx: &Ctx, name: &str, grad_accum: usize, resume: Option<&Checkpoint>) -> Result<usize> {
+    let world = ctx.comm.world();
+    let started = resume.map(|c| c.state.world_size).unwrap_or(world);
+    ctx.batch_world.set(started);
+    if started == world {
+        return Ok(grad_accum);
+    }
+    let global = grad_accum * started;
+    if global % world != 0 {
+        bail!(
+            "[{name}] the checkpoint's global batch is {global} micro-batches (grad_accum {grad_accum} × {started} ranks), which {world} ranks cannot share evenly; resume on a world size dividing {global}"
+        );
+    }
+    if ctx.comm.is_main() {
+        eprintln!(
+            "[{name}] warning: resuming on {world} rank(s) a stage started on {started}: keeping its global batch of {global} micro-batches ({} per rank); the run continues correctly but not bit-identically to an uninterrupted one",
+            global / world
+        );
+    }
+    Ok(global / world)
+}
+
+/// SHA-256 of the model's parameters (names and bytes, in order).
+pub fn fingerprint(model: &Model) -> String {
+    let mut h = Sha256::new();
+    for (n, t) in model.net.params.iter() {
+        let t = t.detach().to_device(tch::Device::Cpu).contiguous();
+        let mut bytes = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
+        t.copy_data_u8(&mut bytes, t.numel());
+        h.update(n.as_bytes());
+        h.update(&bytes);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// After a stage: the replicas must be identical on every rank (they are when the all-reduces did their
+/// job); an error names the ranks that differ.
+pub fn check_replicas(ctx: &Ctx, model: &Model, name: &str) -> Result<()> {
+    if ctx.comm.world() == 1 {
+        return Ok(());
+    }
+    let mine = fingerprint(model);
+    let all = ctx.comm.all_gather_bytes(mine.as_bytes())?;
+    let differ: Vec<usize> = all.iter().enumerate().filter(|(_, h)| h.as_slice() != mine.as_bytes()).map(|(r, _)| r).collect();
+    if !differ.is_empty() {
+        bail!("[{name}] the model replicas diverged: rank {} holds different weights from rank(s) {differ:?}", ctx.comm.rank());
+    }
+    if ctx.comm.is_main() {
+        eprintln!("[{name}] replicas identical on {} ranks (weights sha256 {})", ctx.comm.world(), &mine[..16]);
+    }
+    Ok(())
+}
+
+/// This rank's contiguous share of a step's prompts and the index of its first one in the step's draw.
+pub fn shard_at<T>(ctx: &Ctx, items: Vec<T>) -> (Vec<T>, usize) {
+    let first = ctx.comm.rank() * (items.len() / ctx.comm.world());
+    (shard(ctx, items), first)
+}
+
+/// Every rank's values, in rank order, and the range holding this rank's (exact: their bytes travel).
+pub fn gather_f64(ctx: &Ctx, mine: &[f64]) -> Result<(Vec<f64>, std::ops::Range<usize>)> {
+    let bytes: Vec<u8> = mine.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let all = ctx.comm.all_gather_bytes(&bytes)?;
+    let start: usize = all[..ctx.comm.rank()].iter().map(|b| b.len() / 8).sum();
+    let values = all.concat().chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+    Ok((values, start..start + mine.len()))
+}
+
+/// Every rank's `mine`, in rank order.
+pub fn gather<T: serde::Serialize + serde::de::DeserializeOwned>(ctx: &Ctx, mine: &T) -> Result<Vec<T>> {
+    if ctx.comm.world() == 1 {
+        return Ok(vec![serde_json::from_value(serde_json::to_value(mine)?)?]);
+    }
+    let bytes = serde_json::to_vec(mine)?;
+    ctx.comm.all_gather_bytes(&bytes)?.iter().map(|b| Ok(serde_json::from_slice(b)?)).collect()
+}
+
+/// GRPO's per-sample statistics (reward, correct, length, truncated) and group counts of every rank.
+pub fn gather_groups(ctx: &Ctx, stats: Vec<(f64, bool, usize, bool)>, zero_var: usize, generated: usize) -> Result<(Vec<(f64, bool, usize, bool)>, usize, usize)> {
+    if ctx.comm.world() == 1 {
+        return Ok((stats, zero_var, generated));
+    }
+    let all = gather(ctx, &(stats, zero_var, generated))?;
+    let (mut s, mut z, mut g) = (vec![], 0, 0);
+    for (a, b, c) in all {
+        s.extend(a);
+        z += b;
+        g += c;
+    }
+    Ok((s, z, g))
+}
+
+/// What a data-parallel GRPO stage supports: prompts shared evenly; no sampling-side method whose
+/// decisions need the other ranks' groups while generating (not built yet).
+pub fn grpo_supported(ctx: &Ctx, s: &crate::grpo::GrpoStage, name: &str) -> Result<()> {
+    let w = ctx.comm.world();
+    if w == 1 {
+        return Ok(());
+    }
+    if s.prompts_per_step % w != 0 {
+        bail!("[{name}] prompts_per_step = {} cannot be shared evenly by {w} ranks (a group stays on one rank); use a multiple of {w}", s.prompts_per_step);
+    }
+    for (on, key) in [(s.dynamic_sampling.is_some(), "dynamic_sampling"), (s.tokens_per_step.is_some(), "tokens_per_step"), (s.domain_sampling.is_some(), "domain_sampling")] {
+        if on {
+            bail!("[{name}] {key} is not supported with data parallelism yet ({w} ranks); run it on one process or remove {key}");
+        }
+    }
+    Ok(())
+}
