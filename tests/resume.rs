@@ -7,12 +7,8 @@ mod common;
 use common::train;
 use std::path::{Path, PathBuf};
 
-const RECIPE: &str = r#"
-[model]
-config = { model_type = "qwen2", vocab_size = 260, hidden_size = 32, intermediate_size = 64, num_hidden_layers = 2, num_attention_heads = 4, num_key_value_heads = 2, max_position_embeddings = 256, tie_word_embeddings = true }
-init_seed = 7
-tokenizer = "builtin:bytes"
-device = "cpu"
+/// The `[run]` and `[[stage]]` tables after [`common::TINY_MODEL`].
+const REST: &str = r#"
 
 [run]
 seed = 3
@@ -45,12 +41,16 @@ batch_size = 2
 lr = 1e-3
 "#;
 
+fn recipe() -> String {
+    common::tiny_recipe(REST)
+}
+
 fn final_weights(dir: &Path) -> Vec<u8> {
     std::fs::read(dir.join("out/checkpoints/s01-final/model/model.safetensors")).unwrap()
 }
 
 fn setup(root: &Path, name: &str) -> PathBuf {
-    common::setup(root, name, RECIPE)
+    common::setup(root, name, &recipe())
 }
 
 #[test]
@@ -98,12 +98,12 @@ fn resuming_a_changed_recipe_is_refused_unless_forced() {
     let out = train(&d, Some("after-ckpt:0:3"));
     assert!(!out.status.success());
     // a harmless change (logging) is fine; a learning-rate change is not
-    std::fs::write(d.join("recipe.toml"), RECIPE.replace("lr = 2e-3", "lr = 5e-3")).unwrap();
+    std::fs::write(d.join("recipe.toml"), recipe().replace("lr = 2e-3", "lr = 5e-3")).unwrap();
     let out = train(&d, None);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("different recipe") && stderr.contains("stage.0.lr"), "{stderr}");
-    std::fs::write(d.join("recipe.toml"), RECIPE.replace("log_every = 1", "log_every = 5")).unwrap();
+    std::fs::write(d.join("recipe.toml"), recipe().replace("log_every = 1", "log_every = 5")).unwrap();
     let out = train(&d, Some("step:0:5"));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("resumed at step 3") && stderr.contains("killing at step:0:5"), "{stderr}");

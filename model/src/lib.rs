@@ -4,6 +4,7 @@
 //! about training: it gives forward passes (logits or hidden states), an incremental-decoding KV cache,
 //! weight I/O (safetensors, GGUF import) and the tokenizer.
 
+pub mod autocast;
 pub mod config;
 pub mod error;
 pub mod gguf;
@@ -18,7 +19,7 @@ pub use config::{Family, ModelConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use kv_cache::KvCache;
 pub use params::{Fill, ParamStore};
-pub use transformer::{AttnMask, Batch, Transformer};
+pub use transformer::{AttnMask, Batch, Checkpoints, Transformer};
 
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};

@@ -130,6 +130,28 @@ pub struct Transformer {
     norm: RmsNorm,
     lm_head: Tensor,
     rope: Rope,
+    /// Activation checkpointing in [`Transformer::hidden_states_checkpointed`] users (the trainer's losses).
+    checkpointing: std::sync::atomic::AtomicBool,
+    /// The autocast dtype of forward passes ([`crate::autocast`]), encoded; 0: none.
+    autocast: std::sync::atomic::AtomicI8,
+}
+
+/// What [`Transformer::hidden_states_checkpointed`] keeps for the backward: each decoder layer's input,
+/// the last layer's output, and the attention inputs shared by all layers.
+pub struct Checkpoints {
+    input_ids: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Option<Tensor>,
+    /// `num_hidden_layers + 1` tensors `[B, T, hidden]`: the embeddings, each layer's output.
+    saved: Vec<Tensor>,
+}
+
+/// `Σ out ⊙ grad` back-propagated: accumulates `gradᵀ ∂out/∂θ` into the parameters (and leaves) that `out`
+/// depends on. The derivative of the sum with respect to `out` is `grad` exactly.
+fn backward_with(out: &Tensor, grad: &Tensor) {
+    let acc = if out.kind() == Kind::Double { Kind::Double } else { Kind::Float };
+    (out * grad).sum(acc).backward();
 }
 
 impl Transformer {
@@ -189,7 +211,34 @@ impl Transformer {
             ps.get_or_create("lm_head.weight", &[cfg.vocab_size, h], init)
         };
         let rope = Rope::new(cfg, device);
-        Transformer { cfg: cfg.clone(), params: ps, embed, blocks, norm, lm_head, rope }
+        let checkpointing = Default::default();
+        let autocast = crate::autocast::encode(crate::autocast::default_kind()).into();
+        Transformer { cfg: cfg.clone(), params: ps, embed, blocks, norm, lm_head, rope, checkpointing, autocast }
+    }
+
+    /// Mixed precision: forward passes run in an autocast region computing in `kind` (e.g. bfloat16 over
+    /// fp32 weights); `None` computes in the weights' dtype. New networks take [`crate::autocast::default_kind`].
+    pub fn set_autocast(&self, kind: Option<Kind>) {
+        self.autocast.store(crate::autocast::encode(kind), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn autocast_kind(&self) -> Option<Kind> {
+        crate::autocast::decode(self.autocast.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Runs `f` (a forward computation with this network's weights) under the network's autocast setting.
+    pub fn autocast<T>(&self, f: impl FnOnce() -> T) -> T {
+        crate::autocast::autocast(self.device(), self.autocast_kind(), f)
+    }
+
+    /// Switches activation checkpointing on or off for the training losses that ask
+    /// [`Transformer::gradient_checkpointing`].
+    pub fn set_gradient_checkpointing(&self, on: bool) {
+        self.checkpointing.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.checkpointing.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn device(&self) -> Device {
@@ -207,6 +256,62 @@ impl Transformer {
 
     /// Final hidden states `[B, T, hidden]` (after the last norm).
     pub fn hidden_states(&self, batch: &Batch) -> Tensor {
+        let (cos, sin, mask) = self.attention_inputs(batch);
+        self.autocast(|| {
+            let mut x = self.embed.embedding_fwd(batch.input_ids);
+            for blk in &self.blocks {
+                x = blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), None);
+            }
+            self.norm.forward(&x)
+        })
+    }
+
+    /// Activation checkpointing, forward half: the final hidden states computed without an autograd graph,
+    /// keeping only each decoder layer's input. Returns them as a leaf that requires grad (compute the
+    /// head and loss on it and back-propagate), and what [`Transformer::backward_checkpointed`] needs to
+    /// push that leaf's gradient through the network, recomputing one layer at a time. Peak activation
+    /// memory drops from every layer's intermediates to one `[B, T, hidden]` tensor per layer plus one
+    /// layer's intermediates.
+    pub fn hidden_states_checkpointed(&self, batch: &Batch) -> (Tensor, Checkpoints) {
+        let (cos, sin, mask) = self.attention_inputs(batch);
+        let (hidden, saved) = self.autocast(|| tch::no_grad(|| {
+            let mut saved = Vec::with_capacity(self.blocks.len() + 1);
+            let mut x = self.embed.embedding_fwd(batch.input_ids);
+            for blk in &self.blocks {
+                let next = blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), None);
+                saved.push(x);
+                x = next;
+            }
+            let hidden = self.norm.forward(&x);
+            saved.push(x);
+            (hidden, saved)
+        }));
+        let ck = Checkpoints { input_ids: batch.input_ids.shallow_clone(), cos, sin, mask, saved };
+        (hidden.set_requires_grad(true), ck)
+    }
+
+    /// Activation checkpointing, backward half: `grad` is the loss's gradient with respect to the hidden
+    /// states [`Transformer::hidden_states_checkpointed`] returned. The final norm and then each layer, last
+    /// first, are recomputed from a leaf copy of their saved input and back-propagated with
+    /// `Σ out ⊙ grad_out`, which accumulates the parameters' gradients and yields the input's gradient for
+    /// the layer below; the embedding gets the last one.
+    pub fn backward_checkpointed(&self, ck: Checkpoints, grad: &Tensor) {
+        let Checkpoints { input_ids, cos, sin, mask, mut saved } = ck;
+        let leaf = |t: Tensor| t.detach().set_requires_grad(true);
+        // recomputed under the same autocast setting as the forward; back-propagated outside it
+        let x = leaf(saved.pop().expect("checkpoints"));
+        backward_with(&self.autocast(|| self.norm.forward(&x)), grad);
+        let mut g = x.grad();
+        for blk in self.blocks.iter().rev() {
+            let x = leaf(saved.pop().expect("one checkpoint per layer"));
+            backward_with(&self.autocast(|| blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), None)), &g);
+            g = x.grad();
+        }
+        backward_with(&self.autocast(|| self.embed.embedding_fwd(&input_ids)), &g);
+    }
+
+    /// RoPE tables and the attention mask of a batch (none for plain causal attention).
+    fn attention_inputs(&self, batch: &Batch) -> (Tensor, Tensor, Option<Tensor>) {
         let (b, t) = batch.input_ids.size2().expect("input_ids must be [batch, seq]");
         let device = self.device();
         let default_pos;
@@ -227,16 +332,12 @@ impl Transformer {
         };
         let (cos, sin) = self.rope.cos_sin(pos, long, self.kind());
         let mask = build_mask(&batch.mask, b, t, 0, self.cfg.sliding_window, device);
-        let mut x = self.embed.embedding_fwd(batch.input_ids);
-        for blk in &self.blocks {
-            x = blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), None);
-        }
-        self.norm.forward(&x)
+        (cos, sin, mask)
     }
 
     /// Logits `[B, T, vocab]` in the model's dtype.
     pub fn forward(&self, batch: &Batch) -> Tensor {
-        self.hidden_states(batch).linear(&self.lm_head, None::<Tensor>)
+        self.autocast(|| self.hidden_states(batch).linear(&self.lm_head, None::<Tensor>))
     }
 
     /// Whether a context of `len` positions uses LongRoPE's long factors (false for other scalings).
@@ -264,13 +365,16 @@ impl Transformer {
         };
         let (cos, sin) = self.rope.cos_sin(position_ids, long, self.kind());
         let mask = build_mask(&AttnMask::Padding(key_mask), b, t, past, self.cfg.sliding_window, self.device());
-        let mut x = self.embed.embedding_fwd(input_ids);
-        for (i, blk) in self.blocks.iter().enumerate() {
-            let (k, v) = cache.layer_mut(i);
-            x = blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), Some((k, v, past)));
-        }
+        let logits = self.autocast(|| {
+            let mut x = self.embed.embedding_fwd(input_ids);
+            for (i, blk) in self.blocks.iter().enumerate() {
+                let (k, v) = cache.layer_mut(i);
+                x = blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), Some((k, v, past)));
+            }
+            self.norm.forward(&x).linear(&self.lm_head, None::<Tensor>)
+        });
         cache.advance(t);
-        self.norm.forward(&x).linear(&self.lm_head, None::<Tensor>)
+        logits
     }
 }
 

@@ -27,3 +27,17 @@ pub fn setup(root: &Path, name: &str, recipe: &str) -> PathBuf {
 pub fn metrics(dir: &Path) -> Vec<Value> {
     std::fs::read_to_string(dir.join("out/metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
+
+/// The `[model]` table of the tiny random Qwen2 (byte tokenizer, CPU) that end-to-end recipes train.
+pub const TINY_MODEL: &str = r#"
+[model]
+config = { model_type = "qwen2", vocab_size = 260, hidden_size = 32, intermediate_size = 64, num_hidden_layers = 2, num_attention_heads = 4, num_key_value_heads = 2, max_position_embeddings = 256, tie_word_embeddings = true }
+init_seed = 7
+tokenizer = "builtin:bytes"
+device = "cpu"
+"#;
+
+/// A recipe: [`TINY_MODEL`] followed by `rest` (`[run]` and `[[stage]]` tables).
+pub fn tiny_recipe(rest: &str) -> String {
+    format!("{TINY_MODEL}{rest}")
+}

@@ -3,7 +3,9 @@
 //! The hidden states of the positions that carry a loss are gathered ([N, hidden]) and detached; each chunk of
 //! rows is projected to logits, its cross-entropy back-propagated (accumulating into the detached hidden
 //! states' gradient and the output projection's gradient) and freed; finally the gathered gradient is pushed
-//! through the network with the identity ∂(Σ h·G)/∂θ = Gᵀ ∂h/∂θ.
+//! through the network with the identity ∂(Σ h·G)/∂θ = Gᵀ ∂h/∂θ. With activation checkpointing on
+//! ([`Transformer::set_gradient_checkpointing`]) that last push recomputes the network one layer at a time
+//! from the layer inputs saved by a graph-free forward.
 
 use model::{Batch, Transformer};
 use tch::{Kind, Reduction, Tensor};
@@ -24,7 +26,8 @@ fn upcast(x: Tensor) -> Tensor {
 /// `scale`, back-propagated into the model's parameters. Returns (sum of token losses, number of tokens),
 /// unscaled.
 pub fn causal_lm_backward(net: &Transformer, batch: &Batch, labels: &Tensor, scale: f64, chunk_rows: i64) -> (f64, i64) {
-    let Gathered { sel, ys: ysel, .. } = gather(net, batch, labels);
+    let trunk = Trunk::forward(net, batch);
+    let Gathered { sel, ys: ysel, .. } = gather(&trunk.hidden, labels);
     let n = sel.size()[0];
     if n == 0 {
         return (0.0, 0);
@@ -36,7 +39,7 @@ pub fn causal_lm_backward(net: &Transformer, batch: &Batch, labels: &Tensor, sca
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
-        let logits = scaled_logits(&detached.narrow(0, start, len), &w, 1.0);
+        let logits = scaled_logits(net, &detached.narrow(0, start, len), &w, 1.0);
         let loss = logits.cross_entropy_loss::<Tensor>(&ysel.narrow(0, start, len), None, Reduction::Sum, IGNORE, 0.0);
         total += loss.double_value(&[]);
         (loss * scale).backward();
@@ -44,7 +47,36 @@ pub fn causal_lm_backward(net: &Transformer, batch: &Batch, labels: &Tensor, sca
     }
     let g = detached.grad();
     (sel * g).sum(Kind::Float).backward();
+    trunk.backward(net);
     (total, n)
+}
+
+/// The network's final hidden states for a loss: in the autograd graph, or (activation checkpointing) a
+/// leaf whose gradient [`Trunk::backward`] pushes through the network layer by layer.
+struct Trunk {
+    hidden: Tensor,
+    checkpoints: Option<model::Checkpoints>,
+}
+
+impl Trunk {
+    fn forward(net: &Transformer, batch: &Batch) -> Trunk {
+        if net.gradient_checkpointing() {
+            let (hidden, ck) = net.hidden_states_checkpointed(batch);
+            Trunk { hidden, checkpoints: Some(ck) }
+        } else {
+            Trunk { hidden: net.hidden_states(batch), checkpoints: None }
+        }
+    }
+
+    /// After the loss's gradient reached the hidden states: the rest of the backward (checkpointing only).
+    fn backward(self, net: &Transformer) {
+        if let Some(ck) = self.checkpoints {
+            let g = self.hidden.grad();
+            if g.defined() {
+                net.backward_checkpointed(ck, &g);
+            }
+        }
+    }
 }
 
 /// Hidden states at the positions whose next token is labelled, the labels, and where they sit in the
@@ -60,8 +92,7 @@ struct Gathered {
     t1: i64,
 }
 
-fn gather(net: &Transformer, batch: &Batch, labels: &Tensor) -> Gathered {
-    let hidden = net.hidden_states(batch);
+fn gather(hidden: &Tensor, labels: &Tensor) -> Gathered {
     let (b, t, h) = hidden.size3().unwrap();
     let hs = hidden.narrow(1, 0, t - 1).reshape([b * (t - 1), h]);
     let ys = labels.narrow(1, 1, t - 1).reshape([b * (t - 1)]).to_device(hidden.device());
@@ -77,10 +108,19 @@ pub enum Scored<'a> {
 }
 
 impl Scored<'_> {
-    fn gather(&self, net: &Transformer) -> Gathered {
+    /// `f` of the network input: the rows, or the packed prefixes with their branches.
+    fn run<R>(&self, f: impl FnOnce(&Batch) -> R) -> R {
         match self {
-            Scored::Rows(batch, labels) => gather(net, batch, labels),
-            Scored::Shared(sp) => sp.gather(net),
+            Scored::Rows(batch, _) => f(batch),
+            Scored::Shared(sp) => f(&Batch::branches(&sp.ids, &sp.pos, &sp.segs)),
+        }
+    }
+
+    /// The labelled positions of the final hidden states of that input.
+    fn gather(&self, hidden: &Tensor) -> Gathered {
+        match self {
+            Scored::Rows(_, labels) => gather(hidden, labels),
+            Scored::Shared(sp) => sp.gather(hidden),
         }
     }
 }
@@ -249,8 +289,7 @@ impl SharedPrefix {
         cost(g as f64, l as f64) < cost(self.b as f64, self.t1 as f64 + 1.0)
     }
 
-    fn gather(&self, net: &Transformer) -> Gathered {
-        let hidden = net.hidden_states(&Batch::branches(&self.ids, &self.pos, &self.segs));
+    fn gather(&self, hidden: &Tensor) -> Gathered {
         let (g, l, h) = hidden.size3().unwrap();
         let flat = hidden.reshape([g * l, h]);
         Gathered { sel: flat.index_select(0, &self.at), ys: self.ys.shallow_clone(), idx: self.idx.shallow_clone(), b: self.b, t1: self.t1 }
@@ -259,13 +298,13 @@ impl SharedPrefix {
 
 /// Log-probabilities of `ys` under `h @ wᵀ` in row chunks (and the entropies of the distributions when
 /// asked): `[n]` each.
-fn chunked_logprobs(h: &Tensor, w: &Tensor, ys: &Tensor, chunk: i64, temperature: f64, entropy: bool) -> (Tensor, Option<Tensor>) {
+fn chunked_logprobs(net: &Transformer, h: &Tensor, w: &Tensor, ys: &Tensor, chunk: i64, temperature: f64, entropy: bool) -> (Tensor, Option<Tensor>) {
     let n = h.size()[0];
     let (mut lps, mut ents) = (vec![], vec![]);
     let mut start = 0;
     while start < n {
         let len = chunk.max(1).min(n - start);
-        let logits = scaled_logits(&h.narrow(0, start, len), w, temperature);
+        let logits = scaled_logits(net, &h.narrow(0, start, len), w, temperature);
         let logp = logits.log_softmax(-1, logits.kind());
         lps.push(logp.gather(1, &ys.narrow(0, start, len).unsqueeze(1), false).squeeze_dim(1));
         if entropy {
@@ -277,9 +316,9 @@ fn chunked_logprobs(h: &Tensor, w: &Tensor, ys: &Tensor, chunk: i64, temperature
     (cat(lps), entropy.then(|| cat(ents)))
 }
 
-/// `h @ wᵀ / temperature` in at least fp32.
-fn scaled_logits(h: &Tensor, w: &Tensor, temperature: f64) -> Tensor {
-    let logits = upcast(h.linear(w, None::<Tensor>));
+/// `h @ wᵀ / temperature` in at least fp32 (the projection itself under the network's autocast setting).
+fn scaled_logits(net: &Transformer, h: &Tensor, w: &Tensor, temperature: f64) -> Tensor {
+    let logits = upcast(net.autocast(|| h.linear(w, None::<Tensor>)));
     if temperature == 1.0 {
         logits
     } else {
@@ -302,8 +341,8 @@ pub fn token_logprobs(net: &Transformer, batch: &Batch, labels: &Tensor, chunk_r
 /// [`token_logprobs`] of rows given either way.
 pub fn token_logprobs_of(net: &Transformer, rows: &Scored, chunk_rows: i64, temperature: f64, entropy: bool) -> (Tensor, Tensor, Option<Tensor>) {
     tch::no_grad(|| {
-        let g = rows.gather(net);
-        let (lp, ent) = chunked_logprobs(&g.sel, &net.lm_head_weight(), &g.ys, chunk_rows, temperature, entropy);
+        let g = rows.gather(&rows.run(|b| net.hidden_states(b)));
+        let (lp, ent) = chunked_logprobs(net, &g.sel, &net.lm_head_weight(), &g.ys, chunk_rows, temperature, entropy);
         let mask = grid(&Tensor::ones_like(&lp), &g.idx, g.b, g.t1).gt(0.5);
         (grid(&lp, &g.idx, g.b, g.t1), mask, ent.map(|e| grid(&e, &g.idx, g.b, g.t1)))
     })
@@ -349,10 +388,11 @@ pub fn logprob_backward_of<F>(net: &Transformer, rows: &Scored, chunk_rows: i64,
 where
     F: FnOnce(&Tensor, Option<&Tensor>) -> Tensor,
 {
-    let g = rows.gather(net);
+    let trunk = rows.run(|b| Trunk::forward(net, b));
+    let g = rows.gather(&trunk.hidden);
     let w = net.lm_head_weight();
     let detached = g.sel.detach().set_requires_grad(true);
-    let (lp, ent) = tch::no_grad(|| chunked_logprobs(&detached, &w, &g.ys, chunk_rows, temperature, entropy));
+    let (lp, ent) = tch::no_grad(|| chunked_logprobs(net, &detached, &w, &g.ys, chunk_rows, temperature, entropy));
     let lp_leaf = grid(&lp, &g.idx, g.b, g.t1).set_requires_grad(true);
     let ent_leaf = ent.map(|e| grid(&e, &g.idx, g.b, g.t1).set_requires_grad(true));
     let loss = loss_fn(&lp_leaf, ent_leaf.as_ref());
@@ -375,7 +415,7 @@ where
     let mut start = 0;
     while start < n {
         let len = chunk_rows.max(1).min(n - start);
-        let logits = scaled_logits(&detached.narrow(0, start, len), &w, temperature);
+        let logits = scaled_logits(net, &detached.narrow(0, start, len), &w, temperature);
         let logp = logits.log_softmax(-1, logits.kind());
         let tok = logp.gather(1, &g.ys.narrow(0, start, len).unsqueeze(1), false).squeeze_dim(1);
         let mut surrogate = (tok * g_lp.narrow(0, start, len)).sum(logp.kind());
@@ -389,6 +429,7 @@ where
     if n > 0 {
         let gh = detached.grad();
         (g.sel * gh).sum(Kind::Float).backward();
+        trunk.backward(net);
     }
     (value, lp_leaf.detach(), ent_leaf.map(|e| e.detach()))
 }
@@ -441,6 +482,78 @@ mod tests {
         let (lp, cnt) = sequence_logprobs(&net, &batch, &labels, 4);
         assert!((lp.sum(Kind::Double).double_value(&[]) + sum).abs() < 1e-9);
         assert_eq!(Vec::<i64>::try_from(cnt).unwrap(), vec![3, 5]);
+    }
+
+    /// Gradients of every parameter, zeroed after reading.
+    fn take_grads(net: &Transformer) -> Vec<Tensor> {
+        net.params
+            .tensors()
+            .iter()
+            .map(|p| {
+                let g = p.grad().copy();
+                let _ = p.grad().zero_();
+                g
+            })
+            .collect()
+    }
+
+    fn checkpointing_net(model_type: &str, kind: Kind) -> Transformer {
+        model::runtime::preload_cuda();
+        let mut j = serde_json::json!({"model_type": model_type, "vocab_size": 50, "hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": model_type != "phi3",
+            "max_position_embeddings": 64});
+        if model_type == "qwen3" {
+            j["head_dim"] = serde_json::json!(8);
+        }
+        let cfg = ModelConfig::from_json(j, "test").unwrap();
+        tch::manual_seed(11);
+        let mut net = Transformer::build(&cfg, kind, Device::Cpu, Fill::Normal(0.3));
+        net.params.set_requires_grad(true);
+        net
+    }
+
+    #[test]
+    fn activation_checkpointing_gives_the_gradients_of_the_full_graph() {
+        // causal rows, a right-padded batch, and packed rows (positions restart, no cross-document attention)
+        let ids = Tensor::from_slice(&[5i64, 7, 9, 11, 3, 4, 8, 2, 6, 1, 10, 12, 13, 14]).view([2, 7]);
+        let labels = Tensor::from_slice(&[-100i64, -100, 9, 11, 3, 4, 8, -100, 6, 1, 10, 12, 13, 14]).view([2, 7]);
+        let pad_labels = Tensor::from_slice(&[-100i64, -100, 9, 11, 3, 4, 8, -100, 6, 1, 10, -100, -100, -100]).view([2, 7]);
+        let pos_pad = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 0, 0, 0]).view([2, 7]);
+        let keys = Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]).view([2, 7]);
+        let pos_packed = Tensor::from_slice(&[0i64, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 1]).view([2, 7]);
+        let docs = Tensor::from_slice(&[0i64, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1]).view([2, 7]);
+        let batches = [(Batch::causal(&ids), &labels), (Batch::padded(&ids, &pos_pad, &keys), &pad_labels), (Batch::packed(&ids, &pos_packed, &docs), &labels)];
+        let w = Tensor::from_slice(&[0.3f64, -1.2, 0.7, 2.0, -0.4, 1.1, 0.9, -0.8, 0.5, 1.5, 0.2, -0.3]).view([2, 6]);
+        for model_type in ["qwen2", "qwen3", "phi3", "llama"] {
+            for (kind, tol) in [(Kind::Double, 1e-12), (Kind::Float, 2e-6)] {
+                let net = checkpointing_net(model_type, kind);
+                let weights = w.to_kind(kind);
+                let dpo_like = |lp: &Tensor, ent: Option<&Tensor>| {
+                    let seq = (lp * &weights).sum_dim_intlist(1, false, kind);
+                    -(seq.get(0) - seq.get(1)).sigmoid().log() - ent.unwrap().sum(kind) * 0.1
+                };
+                for (bi, (batch, labels)) in batches.iter().enumerate() {
+                    let run = |on: bool| {
+                        net.set_gradient_checkpointing(on);
+                        let (l1, _) = causal_lm_backward(&net, batch, labels, 0.1, 3);
+                        let g1 = take_grads(&net);
+                        let (l2, lp, _) = logprob_backward(&net, batch, labels, 4, 0.8, true, dpo_like);
+                        (l1, l2, lp, g1, take_grads(&net))
+                    };
+                    let (a1, a2, alp, ag1, ag2) = run(false);
+                    let (b1, b2, blp, bg1, bg2) = run(true);
+                    let at = format!("{model_type} {kind:?} batch {bi}");
+                    assert!((a1 - b1).abs() <= tol * a1.abs() && (a2 - b2).abs() <= tol * a2.abs().max(1.0), "{at}: losses differ");
+                    assert!((&alp - &blp).abs().max().double_value(&[]) <= tol * 10.0, "{at}: log-probs differ");
+                    for (x, y) in ag1.iter().zip(&bg1).chain(ag2.iter().zip(&bg2)) {
+                        let scale = x.abs().max().double_value(&[]).max(1e-30);
+                        let d = (x - y).abs().max().double_value(&[]);
+                        assert!(d <= tol * scale, "{at}: a gradient differs by {d} (scale {scale})");
+                    }
+                    assert!(bg1.iter().any(|g| g.abs().max().double_value(&[]) > 0.0), "{at}: no gradient at all");
+                }
+            }
+        }
     }
 
     #[test]

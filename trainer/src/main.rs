@@ -26,6 +26,7 @@ mod rl;
 mod eval_cmd;
 mod smoke;
 mod tensorboard;
+mod wandb;
 
 #[derive(Parser)]
 #[command(name = "train", version, about = "whet: RL post-training for small language models")]

@@ -9,12 +9,15 @@ pub struct Metrics {
     /// None: this process does not log (a data-parallel rank other than 0).
     path: Option<PathBuf>,
     tensorboard: Option<std::sync::Mutex<crate::tensorboard::EventWriter>>,
+    wandb: Option<crate::wandb::Wandb>,
 }
 
 impl Metrics {
     /// Opens `OUTPUT/metrics.jsonl`. When resuming at (`stage`, `step`), lines logged after that point by
-    /// the interrupted run are dropped so the file reads as one uninterrupted run.
-    pub fn open(output: &Path, resume_at: Option<(usize, usize)>) -> Result<Metrics> {
+    /// the interrupted run are dropped so the file reads as one uninterrupted run. TensorBoard and W&B
+    /// follow the recipe's `report_to` (see `crate::wandb`).
+    pub fn open(output: &Path, resume_at: Option<(usize, usize)>, recipe: &crate::recipe::Recipe) -> Result<Metrics> {
+        let to = crate::wandb::destinations(&recipe.run, output, resume_at.is_some())?;
         std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
         let path = output.join("metrics.jsonl");
         match resume_at {
@@ -39,6 +42,7 @@ impl Metrics {
             _ => {}
         }
         let tensorboard = match crate::tensorboard::EventWriter::create(&output.join("tensorboard")) {
+            _ if !to.tensorboard => None,
             Ok(w) => {
                 eprintln!("TensorBoard events: {}", w.path.display());
                 Some(std::sync::Mutex::new(w))
@@ -48,12 +52,23 @@ impl Metrics {
                 None
             }
         };
-        Ok(Metrics { path: Some(path), tensorboard })
+        let wandb = match to.wandb {
+            Some(s) => Some(crate::wandb::Wandb::start(s, serde_json::to_value(recipe)?, output)?),
+            None => None,
+        };
+        Ok(Metrics { path: Some(path), tensorboard, wandb })
     }
 
     /// Metrics that go nowhere (data-parallel ranks other than 0: rank 0 logs the reduced values).
     pub fn disabled() -> Metrics {
-        Metrics { path: None, tensorboard: None }
+        Metrics { path: None, tensorboard: None, wandb: None }
+    }
+
+    /// Marks the W&B run (if any) finished; without this call it is marked failed when dropped.
+    pub fn finish(&self) {
+        if let Some(w) = &self.wandb {
+            w.finish(0);
+        }
     }
 
     pub fn log(&self, record: Map<String, Value>) -> Result<()> {
@@ -74,6 +89,9 @@ impl Metrics {
                     eprintln!("warning: writing TensorBoard events: {e}");
                 }
             }
+        }
+        if let Some(w) = &self.wandb {
+            w.log(&record);
         }
         Ok(())
     }

@@ -47,6 +47,23 @@ pub struct ModelSpec {
     /// Device: cpu, cuda, cuda:N or auto.
     #[serde(default = "default_device")]
     pub device: String,
+    /// Mixed precision (accelerate's `mixed_precision`, TRL's `bf16 = true`): "bf16" keeps fp32 weights and
+    /// AdamW state and runs forward passes (training, sampling, evaluation) under bfloat16 autocast; "no"
+    /// computes in `dtype`. Default: "bf16" when `dtype` is bfloat16 on a GPU, else "no".
+    #[serde(default)]
+    pub mixed_precision: Option<String>,
+}
+
+impl ModelSpec {
+    /// The dtype weights are held in and the autocast dtype of forward passes on `device`.
+    pub fn precision(&self, device: tch::Device) -> Result<(tch::Kind, Option<tch::Kind>)> {
+        let kind = model::parse_kind(&self.dtype).map_err(anyhow::Error::msg)?;
+        match self.mixed_precision.as_deref() {
+            Some("bf16") => Ok((tch::Kind::Float, Some(tch::Kind::BFloat16))),
+            None if kind == tch::Kind::BFloat16 && device.is_cuda() => Ok((tch::Kind::Float, Some(tch::Kind::BFloat16))),
+            _ => Ok((kind, None)),
+        }
+    }
 }
 
 fn default_dtype() -> String {
@@ -78,6 +95,29 @@ pub struct RunSpec {
     /// Keep the newest K mid-stage checkpoints (stage-final models are always kept).
     #[serde(default = "default_keep")]
     pub keep_last: usize,
+    /// Where metrics go besides `metrics.jsonl` (TRL's `report_to`): "tensorboard", "wandb", "all" or "none",
+    /// a string or a list. Default: TensorBoard, plus Weights & Biases when `WANDB_API_KEY` is set.
+    #[serde(default, deserialize_with = "crate::wandb::string_or_list")]
+    #[schemars(with = "Option<Vec<String>>")]
+    pub report_to: Option<Vec<String>>,
+    /// W&B project (default: `WANDB_PROJECT`, else "uncategorized").
+    #[serde(default)]
+    pub wandb_project: Option<String>,
+    /// W&B entity, a user or team (default: `WANDB_ENTITY`, else the API key's default entity).
+    #[serde(default)]
+    pub wandb_entity: Option<String>,
+    /// W&B display name of the run (TRL's `run_name`; default: `WANDB_NAME`, else the output directory's name).
+    #[serde(default, alias = "run_name")]
+    pub wandb_name: Option<String>,
+    /// W&B run id (default: `WANDB_RUN_ID`, else a new random id; a resumed run keeps its id).
+    #[serde(default)]
+    pub wandb_run_id: Option<String>,
+    /// W&B run group (default: `WANDB_RUN_GROUP`).
+    #[serde(default)]
+    pub wandb_group: Option<String>,
+    /// W&B tags (default: `WANDB_TAGS`, comma-separated).
+    #[serde(default)]
+    pub wandb_tags: Option<Vec<String>>,
 }
 
 fn default_output() -> PathBuf {
@@ -92,7 +132,21 @@ fn default_keep() -> usize {
 
 impl Default for RunSpec {
     fn default() -> Self {
-        RunSpec { output_dir: default_output(), seed: 0, threads: None, log_every: 10, save_every: 0, keep_last: 2 }
+        RunSpec {
+            output_dir: default_output(),
+            seed: 0,
+            threads: None,
+            log_every: 10,
+            save_every: 0,
+            keep_last: 2,
+            report_to: None,
+            wandb_project: None,
+            wandb_entity: None,
+            wandb_name: None,
+            wandb_run_id: None,
+            wandb_group: None,
+            wandb_tags: None,
+        }
     }
 }
 
@@ -119,6 +173,15 @@ impl Stage {
             Stage::Grpo(s) => s.name.clone(),
         }
         .unwrap_or_else(|| format!("{}{index}", self.kind()))
+    }
+    /// The stage's `gradient_checkpointing` key.
+    pub fn gradient_checkpointing(&self) -> bool {
+        match self {
+            Stage::Sft(s) => s.gradient_checkpointing,
+            Stage::Dpo(s) => s.gradient_checkpointing,
+            Stage::RolloutDpo(s) => s.gradient_checkpointing,
+            Stage::Grpo(s) => s.gradient_checkpointing,
+        }
     }
     pub fn kind(&self) -> &'static str {
         match self {
@@ -235,7 +298,20 @@ fn default_lr() -> f64 {
 }
 
 /// Keys whose change does not affect results: allowed when resuming.
-pub const HARMLESS_KEYS: &[&str] = &["run.log_every", "run.threads", "run.save_every", "run.keep_last", "model.device"];
+pub const HARMLESS_KEYS: &[&str] = &[
+    "run.log_every",
+    "run.threads",
+    "run.save_every",
+    "run.keep_last",
+    "run.report_to",
+    "run.wandb_project",
+    "run.wandb_entity",
+    "run.wandb_name",
+    "run.wandb_run_id",
+    "run.wandb_group",
+    "run.wandb_tags",
+    "model.device",
+];
 
 /// Line (1-based) of a byte offset.
 fn line_of(text: &str, offset: usize) -> usize {
@@ -453,11 +529,20 @@ pub fn validate(r: &Recipe, origin: &str) -> Vec<String> {
     if let Err(e) = model::runtime::parse_device(&r.model.device) {
         p.push(format!("{origin}: [model] device: {e}"));
     }
+    match (r.model.mixed_precision.as_deref(), r.model.dtype.as_str()) {
+        (None | Some("no"), _) => {}
+        (Some("bf16"), "float16" | "fp16" | "f16" | "half") => {
+            p.push(format!("{origin}: [model] mixed_precision = \"bf16\" keeps fp32 weights; dtype = \"{}\" contradicts it (leave dtype out)", r.model.dtype))
+        }
+        (Some("bf16"), _) => {}
+        (Some(m), _) => p.push(format!("{origin}: [model] mixed_precision: unknown value \"{m}\" (expected \"bf16\" or \"no\")")),
+    }
     if let Some(cfg) = &r.model.config {
         if let Err(e) = model::ModelConfig::from_json(cfg.clone(), &format!("{origin} [model.config]")) {
             p.push(e.to_string());
         }
     }
+    crate::wandb::validate(&r.run, origin, &mut p);
     if r.stage.is_empty() {
         p.push(format!("{origin}: no [[stage]]: nothing to train"));
     }
@@ -513,10 +598,9 @@ pub fn differences(a: &serde_json::Value, b: &serde_json::Value, prefix: &str, o
             keys.dedup();
             for k in keys {
                 let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
-                match (x.get(k), y.get(k)) {
-                    (Some(u), Some(w)) => differences(u, w, &p, out),
-                    _ => out.push(p),
-                }
+                // a key absent on one side equals null (a checkpoint written before an optional key existed)
+                let null = Null;
+                differences(x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null), &p, out);
             }
         }
         (Array(x), Array(y)) if x.len() == y.len() => {

@@ -110,7 +110,9 @@ fn plan(r: &Recipe) -> String {
     let params = r.model.config.as_ref().and_then(|c| model::ModelConfig::from_json(c.clone(), "").ok()).map(|c| c.num_parameters());
     let params = params.or_else(|| r.model.path.as_ref().filter(|p| p.is_dir()).and_then(|p| model::ModelConfig::from_path(p).ok()).map(|c| c.num_parameters()));
     if let Some(n) = params {
-        let kind = model::parse_kind(&r.model.dtype).unwrap_or(Kind::Float);
+        // the dtype weights are held in (fp32 under bf16 mixed precision)
+        let device = model::runtime::parse_device(&r.model.device).unwrap_or(Device::Cpu);
+        let kind = r.model.precision(device).map(|(k, _)| k).unwrap_or(Kind::Float);
         let w = n as f64 * kind.elt_size_in_bytes() as f64;
         // weights + grads (model dtype) + AdamW moments (fp32)
         let train = w * 2.0 + n as f64 * 8.0;
@@ -163,9 +165,13 @@ pub fn run(recipe_path: &Path, overrides: &[String], output: Option<PathBuf>, op
         tch::set_num_threads(t);
     }
     let device = model::runtime::parse_device(&r.model.device).map_err(anyhow::Error::msg)?;
-    let kind = model::parse_kind(&r.model.dtype).map_err(anyhow::Error::msg)?;
     let (comm, device) = crate::launch::join(device)?;
+    let (kind, autocast) = r.model.precision(device)?;
+    model::autocast::set_default(autocast);
     eprintln!("whet {}: {}", env!("CARGO_PKG_VERSION"), model::runtime::describe(device));
+    if let Some(a) = autocast {
+        eprintln!("mixed precision: fp32 weights and optimizer state, {a:?} autocast in forward passes");
+    }
     // data parallel: rank 0 prepares the shared files (tokenizer, converted GGUF, metrics) first
     if !comm.is_main() {
         comm.barrier()?;
@@ -195,7 +201,7 @@ pub fn run(recipe_path: &Path, overrides: &[String], output: Option<PathBuf>, op
     let resume_at = ckpt.as_ref().map(|c| (c.state.stage, c.state.step));
     let tok_dir = tokenizer_dir(&r, &output)?;
     let (tok, template) = Tokenizer::from_dir(&tok_dir).with_context(|| format!("loading the tokenizer from {}", tok_dir.display()))?;
-    let metrics = if comm.is_main() { Metrics::open(&output, resume_at)? } else { Metrics::disabled() };
+    let metrics = if comm.is_main() { Metrics::open(&output, resume_at, &r)? } else { Metrics::disabled() };
     let batch_world = std::cell::Cell::new(comm.world());
     let ctx = Ctx { recipe: r.clone(), output: output.clone(), tok, template, tok_dir, metrics, fingerprint, comm, batch_world };
 
@@ -213,6 +219,7 @@ pub fn run(recipe_path: &Path, overrides: &[String], output: Option<PathBuf>, op
     let mut summary = vec![];
     for i in first..r.stage.len() {
         let resume = if i == first { mid } else { None };
+        model.net.set_gradient_checkpointing(r.stage[i].gradient_checkpointing());
         ctx.batch_world.set(ctx.comm.world());
         ctx.comm.broadcast_params(model.net.params.tensors())?;
         let acc = match &r.stage[i] {
@@ -226,6 +233,7 @@ pub fn run(recipe_path: &Path, overrides: &[String], output: Option<PathBuf>, op
         // the next stage starts from this stage's saved result (identical bits; fresh autograd state)
         model = stage_start_model(&ctx, i + 1, kind, device)?;
     }
+    ctx.metrics.finish();
     if !summary.is_empty() && ctx.comm.is_main() {
         println!("\n| stage | kind | held-out accuracy after |\n|---|---|---:|");
         for (n, k, a) in &summary {

@@ -60,6 +60,12 @@ macro_rules! training_stage {
             /// Rows of hidden states projected to logits at once in the loss (bounds logits memory).
             #[serde(default = "crate::stage::default_chunk")]
             pub loss_chunk: usize,
+            /// Activation checkpointing (TRL's name): keep only each decoder layer's input in the forward and
+            /// recompute the layer in the backward; less memory for long sequences, about one more forward of time.
+            // not serialized when off, so that checkpoints written before this key existed still resume
+            #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+            #[schemars(extend("default" = false))]
+            pub gradient_checkpointing: bool,
             /// Held-out evaluation.
             #[serde(default)]
             pub eval: Option<crate::recipe::EvalSpec>,
