@@ -49,18 +49,18 @@ pub struct ModelSpec {
     pub device: String,
     /// Mixed precision (accelerate's `mixed_precision`, TRL's `bf16 = true`): "bf16" keeps fp32 weights and
     /// AdamW state and runs forward passes (training, sampling, evaluation) under bfloat16 autocast; "no"
-    /// computes in `dtype`. Default: "bf16" when `dtype` is bfloat16 on a GPU, else "no".
+    /// computes in `dtype` (the default: `dtype = "bfloat16"` alone holds bf16 weights, as transformers'
+    /// `torch_dtype=torch.bfloat16` does, which halves weight and optimizer memory).
     #[serde(default)]
     pub mixed_precision: Option<String>,
 }
 
 impl ModelSpec {
     /// The dtype weights are held in and the autocast dtype of forward passes on `device`.
-    pub fn precision(&self, device: tch::Device) -> Result<(tch::Kind, Option<tch::Kind>)> {
+    pub fn precision(&self, _device: tch::Device) -> Result<(tch::Kind, Option<tch::Kind>)> {
         let kind = model::parse_kind(&self.dtype).map_err(anyhow::Error::msg)?;
         match self.mixed_precision.as_deref() {
             Some("bf16") => Ok((tch::Kind::Float, Some(tch::Kind::BFloat16))),
-            None if kind == tch::Kind::BFloat16 && device.is_cuda() => Ok((tch::Kind::Float, Some(tch::Kind::BFloat16))),
             _ => Ok((kind, None)),
         }
     }
