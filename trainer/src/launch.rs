@@ -18,7 +18,8 @@
 
 use anyhow::{bail, Context, Result};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Child, Command, ExitStatus};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// The launcher's flags.
@@ -121,6 +122,7 @@ pub fn agent(l: &LaunchArgs, nproc: usize) -> Result<()> {
     eprintln!("whet launcher: {world} rank(s) ({nproc} per node × {} node(s)), rendezvous {addr}:{port}, {threads} thread(s) per rank", l.nnodes);
     for attempt in 0..=l.max_restarts {
         let mut children: Vec<(usize, Child)> = vec![];
+        let mut relays = vec![];
         for local in 0..nproc {
             let rank = l.node_rank * nproc + local;
             let mut c = Command::new(&exe);
@@ -147,10 +149,17 @@ pub fn agent(l: &LaunchArgs, nproc: usize) -> Result<()> {
                     Ok(())
                 });
             }
-            let child = c.spawn().with_context(|| format!("starting rank {rank} ({})", exe.display()))?;
+            c.stdout(Stdio::piped()).stderr(Stdio::piped());
+            let mut child = c.spawn().with_context(|| format!("starting rank {rank} ({})", exe.display()))?;
+            relays.push(relay(child.stdout.take(), rank, false));
+            relays.push(relay(child.stderr.take(), rank, true));
             children.push((rank, child));
         }
-        match supervise(&mut children)? {
+        let outcome = supervise(&mut children);
+        for r in relays.drain(..) {
+            let _ = r.join();
+        }
+        match outcome? {
             None => return Ok(()),
             Some(failure) if attempt < l.max_restarts => {
                 eprintln!("whet launcher: {failure}; restarting from the latest checkpoint (restart {} of {})", attempt + 1, l.max_restarts);
@@ -162,6 +171,23 @@ pub fn agent(l: &LaunchArgs, nproc: usize) -> Result<()> {
         }
     }
     unreachable!("the last attempt returns")
+}
+
+/// Copies a rank's output to ours line by line, each line in one write, so that the ranks' lines never
+/// interleave mid-line; lines of ranks other than 0 are prefixed with `[rank N] `.
+fn relay(from: Option<impl Read + Send + 'static>, rank: usize, to_stderr: bool) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let Some(from) = from else { return };
+        let prefix = if rank == 0 { String::new() } else { format!("[rank {rank}] ") };
+        for line in BufReader::new(from).split(b'\n') {
+            let Ok(line) = line else { break };
+            let mut buf = Vec::with_capacity(prefix.len() + line.len() + 1);
+            buf.extend_from_slice(prefix.as_bytes());
+            buf.extend_from_slice(&line);
+            buf.push(b'\n');
+            let _ = if to_stderr { std::io::stderr().lock().write_all(&buf) } else { std::io::stdout().lock().write_all(&buf) };
+        }
+    })
 }
 
 /// Waits for the ranks; on the first failure kills the rest. Returns what failed (None: all succeeded).
