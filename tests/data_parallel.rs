@@ -10,15 +10,6 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-/// The tiny random Qwen2 of the SFT and DPO recipes.
-const QWEN2: &str = r#"
-[model]
-config = { model_type = "qwen2", vocab_size = 260, hidden_size = 32, intermediate_size = 64, num_hidden_layers = 2, num_attention_heads = 4, num_key_value_heads = 2, max_position_embeddings = 256, tie_word_embeddings = true }
-init_seed = 7
-tokenizer = "builtin:bytes"
-device = "cpu"
-"#;
-
 const SFT: &str = r#"
 
 [run]
@@ -95,7 +86,7 @@ rpo_alpha = 0.2
 /// `train [--nproc-per-node N] --recipe DIR/recipe.toml --output DIR/out EXTRA...` with bounded collectives.
 /// A recipe directory holding `body`, after the Qwen2 model table unless `body` has its own.
 fn setup(root: &Path, name: &str, body: &str) -> std::path::PathBuf {
-    let text = if body.contains("[model]") { body.to_string() } else { format!("{QWEN2}{body}") };
+    let text = if body.contains("[model]") { body.to_string() } else { common::tiny_recipe(body) };
     common::setup(root, name, &text)
 }
 

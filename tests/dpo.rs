@@ -11,14 +11,6 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const MODEL: &str = r#"
-[model]
-config = { model_type = "qwen2", vocab_size = 260, hidden_size = 32, intermediate_size = 64, num_hidden_layers = 2, num_attention_heads = 4, num_key_value_heads = 2, max_position_embeddings = 256, tie_word_embeddings = true }
-init_seed = 7
-tokenizer = "builtin:bytes"
-device = "cpu"
-"#;
-
 const DPO: &str = r#"
 [run]
 seed = 3
@@ -41,7 +33,7 @@ rpo_alpha = 0.2
 "#;
 
 fn setup(root: &Path, name: &str, recipe: &str) -> PathBuf {
-    common::setup(root, name, &format!("{MODEL}{recipe}"))
+    common::setup(root, name, &common::tiny_recipe(recipe))
 }
 
 #[test]
@@ -176,7 +168,7 @@ pairs_path = "pairs/out.jsonl"
 max_steps = 2
 batch_size = 2
 "#;
-    std::fs::write(d.join("recipe.toml"), format!("{MODEL}{recipe}")).unwrap();
+    std::fs::write(d.join("recipe.toml"), common::tiny_recipe(recipe)).unwrap();
     let out = train(&d, None);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -190,7 +182,7 @@ batch_size = 2
     let k = root.path().join("k");
     std::fs::create_dir_all(&k).unwrap();
     std::fs::copy(d.join("teacher.jsonl"), k.join("teacher.jsonl")).unwrap();
-    std::fs::write(k.join("recipe.toml"), format!("{MODEL}{}", recipe.replace("log_every = 1", "log_every = 1\nsave_every = 1"))).unwrap();
+    std::fs::write(k.join("recipe.toml"), common::tiny_recipe(&recipe.replace("log_every = 1", "log_every = 1\nsave_every = 1"))).unwrap();
     let out = train(&k, Some("step:0:2"));
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("killing at step:0:2"));
     let out = train(&k, None);
