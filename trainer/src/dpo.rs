@@ -22,7 +22,7 @@
 
 use anyhow::{bail, Context, Result};
 use data::{DataConfig, Message, Record, Sampler, SamplerConfig, TokenizeConfig};
-use model::{Batch, Model};
+use model::Model;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -112,6 +112,10 @@ macro_rules! dpo_stage {
                 /// Passes over the pairs (used when `max_steps` is not set).
                 #[serde(default = "default_epochs", alias = "num_train_epochs")]
                 pub epochs: f64,
+                /// Run a pair's shared prompt once for both answers ("auto": when that costs fewer FLOPs,
+                /// "always", "never"); the result is the same up to float rounding.
+                #[serde(default)]
+                pub prompt_sharing: crate::loss::PromptSharing,
             }
         }
 
@@ -129,6 +133,7 @@ macro_rules! dpo_stage {
                     epochs: self.epochs,
                     max_steps: self.max_steps,
                     loss_chunk: self.loss_chunk,
+                    prompt_sharing: self.prompt_sharing,
                 }
             }
         }
@@ -234,6 +239,7 @@ pub struct DpoArgs {
     pub epochs: f64,
     pub max_steps: Option<usize>,
     pub loss_chunk: usize,
+    pub prompt_sharing: crate::loss::PromptSharing,
 }
 
 impl DpoArgs {
@@ -527,44 +533,29 @@ fn read_ref(path: &Path, key: &str, n: usize) -> Result<Option<RefLogps>> {
 }
 
 /// Right-padded rows: (ids, labels, positions, mask).
-fn collate(rows: &[&Seq], pad: i64, dev: Device) -> (Tensor, Tensor, Tensor, Tensor) {
-    let l = rows.iter().map(|r| r.ids.len()).max().unwrap_or(1);
-    let b = rows.len();
-    let (mut ids, mut labels, mut pos, mut mask) = (vec![pad; b * l], vec![crate::loss::IGNORE; b * l], vec![0i64; b * l], vec![0i64; b * l]);
-    for (i, r) in rows.iter().enumerate() {
-        let o = i * l;
-        ids[o..o + r.ids.len()].copy_from_slice(&r.ids);
-        labels[o..o + r.labels.len()].copy_from_slice(&r.labels);
-        for j in 0..r.ids.len() {
-            pos[o + j] = j as i64;
-            mask[o + j] = 1;
-        }
-    }
-    let t = |v: Vec<i64>| Tensor::from_slice(&v).view([b as i64, l as i64]).to(dev);
-    (t(ids), t(labels), t(pos), t(mask))
-}
-
-/// A right-padded batch under plain causal attention: a real token only sees earlier positions, which are all
-/// real, so the padding needs no mask (the pad positions carry no label) and SDPA can use its fused causal kernel.
-fn right_padded<'a>(ids: &'a Tensor, pos: &'a Tensor, mask: &'a Tensor) -> Batch<'a> {
-    Batch { mask: model::AttnMask::Causal, ..Batch::padded(ids, pos, mask) }
+/// The rows of some pairs for the network, interleaved (chosen₁, rejected₁, chosen₂, ...) so that each pair's
+/// answers can share one encoding of their prompt (`sharing`).
+fn pair_rows(net: &model::Transformer, pairs: &[&Pair], pad: i64, sharing: crate::loss::PromptSharing) -> crate::loss::MicroRows {
+    let rows: Vec<(&[i64], &[i64])> = pairs.iter().flat_map(|p| [(&p.c.ids[..], &p.c.labels[..]), (&p.r.ids[..], &p.r.labels[..])]).collect();
+    let group: Vec<usize> = (0..rows.len()).map(|i| i / 2).collect();
+    crate::loss::MicroRows::new(net, &rows, &group, pad, sharing)
 }
 
 /// Reference log-probabilities of every pair with `model` (no gradients), in batches of `bs` pairs.
-fn compute_ref(ctx: &Ctx, model: &Model, pairs: &[Pair], bs: usize, chunk: i64, key: String) -> RefLogps {
+fn compute_ref(ctx: &Ctx, model: &Model, pairs: &[Pair], bs: usize, chunk: i64, sharing: crate::loss::PromptSharing, key: String) -> RefLogps {
     let mut r = RefLogps { key, chosen: vec![], rejected: vec![], chosen_tokens: vec![], rejected_tokens: vec![] };
-    let dev = model.net.device();
     for group in pairs.chunks(bs.max(1)) {
-        let rows: Vec<&Seq> = group.iter().map(|p| &p.c).chain(group.iter().map(|p| &p.r)).collect();
-        let (ids, labels, pos, mask) = collate(&rows, ctx.tok.pad_id as i64, dev);
-        let (lp, cnt) = crate::loss::sequence_logprobs(&model.net, &right_padded(&ids, &pos, &mask), &labels, chunk);
-        let lp: Vec<f64> = Vec::try_from(lp.to_kind(Kind::Double).to_device(Device::Cpu)).unwrap();
-        let cnt: Vec<i64> = Vec::try_from(cnt.to_device(Device::Cpu)).unwrap();
-        let k = group.len();
-        r.chosen.extend_from_slice(&lp[..k]);
-        r.rejected.extend_from_slice(&lp[k..]);
-        r.chosen_tokens.extend_from_slice(&cnt[..k]);
-        r.rejected_tokens.extend_from_slice(&cnt[k..]);
+        let group: Vec<&Pair> = group.iter().collect();
+        let mr = pair_rows(&model.net, &group, ctx.tok.pad_id as i64, sharing);
+        let (lp, mask, _) = mr.with(|x| crate::loss::token_logprobs_of(&model.net, x, chunk, 1.0, false));
+        let lp: Vec<f64> = Vec::try_from(lp.sum_dim_intlist(1, false, lp.kind()).to_kind(Kind::Double).to_device(Device::Cpu)).unwrap();
+        let cnt: Vec<i64> = Vec::try_from(mask.sum_dim_intlist(1, false, Kind::Int64).to_device(Device::Cpu)).unwrap();
+        for i in 0..group.len() {
+            r.chosen.push(lp[2 * i]);
+            r.rejected.push(lp[2 * i + 1]);
+            r.chosen_tokens.push(cnt[2 * i]);
+            r.rejected_tokens.push(cnt[2 * i + 1]);
+        }
     }
     r
 }
@@ -587,7 +578,7 @@ fn reference(ctx: &Ctx, name: &str, model: &Model, pairs: &[Pair], a: &DpoArgs, 
         bail!("[{name}] reference log-prob cache {} is missing; the stage's starting model is gone, restart the stage with --resume never", path.display());
     }
     let t0 = Instant::now();
-    let r = compute_ref(ctx, model, pairs, a.batch_size, a.loss_chunk as i64, key);
+    let r = compute_ref(ctx, model, pairs, a.batch_size, a.loss_chunk as i64, a.prompt_sharing, key);
     std::fs::create_dir_all(path.parent().unwrap()).with_context(|| format!("creating {}", path.parent().unwrap().display()))?;
     model::weights::write_atomic(&path, serde_json::to_string(&r)?.as_bytes())?;
     eprintln!("[{name}] reference log-probs of {} pairs computed in {:.1} s, cached in {}", pairs.len(), t0.elapsed().as_secs_f64(), path.display());
@@ -645,7 +636,6 @@ fn train(ctx: &Ctx, index: usize, name: &str, records: &[Record], tokenize: &Tok
         before = h.at_start(ctx, model, index, name, Default::default())?;
     }
 
-    let dev = model.net.device();
     let pad = ctx.tok.pad_id as i64;
     let chunk = a.loss_chunk as i64;
     let t_stage = Instant::now();
@@ -672,11 +662,11 @@ fn train(ctx: &Ctx, index: usize, name: &str, records: &[Record], tokenize: &Tok
         for m in micro.iter().filter(|m| !m.is_empty()) {
             acc.next();
             let k = m.len() as i64;
-            let rows: Vec<&Seq> = m.iter().map(|&i| &pairs[i].c).chain(m.iter().map(|&i| &pairs[i].r)).collect();
-            step_tokens += rows.iter().map(|r| r.ids.len()).sum::<usize>();
-            let (ids, labels, pos, mask) = collate(&rows, pad, dev);
-            let batch = right_padded(&ids, &pos, &mask);
-            let counts = Tensor::from_slice(&rows.iter().map(|r| r.n.max(1) as f64).collect::<Vec<_>>());
+            let group: Vec<&Pair> = m.iter().map(|&i| &pairs[i]).collect();
+            step_tokens += group.iter().map(|p| p.c.ids.len() + p.r.ids.len()).sum::<usize>();
+            let mr = pair_rows(&model.net, &group, pad, a.prompt_sharing);
+            // rows are interleaved: chosen₁, rejected₁, chosen₂, ...
+            let counts = Tensor::from_slice(&group.iter().flat_map(|p| [p.c.n.max(1) as f64, p.r.n.max(1) as f64]).collect::<Vec<_>>());
             let rc = Tensor::from_slice(&m.iter().map(|&i| ref_value(i, true)).collect::<Vec<_>>());
             let rr = Tensor::from_slice(&m.iter().map(|&i| ref_value(i, false)).collect::<Vec<_>>());
             let mut out: Option<(Tensor, Tensor, Tensor, f64)> = None;
@@ -684,21 +674,22 @@ fn train(ctx: &Ctx, index: usize, name: &str, records: &[Record], tokenize: &Tok
                 let kind = lp.kind();
                 let seq = lp.sum_dim_intlist(1, false, kind);
                 let seq = if avg { seq / counts.to_kind(kind).to_device(lp.device()) } else { seq };
-                let (pc, pr) = (seq.narrow(0, 0, k), seq.narrow(0, k, k));
+                let seq = seq.view([k, 2]);
+                let (pc, pr) = (seq.select(1, 0), seq.select(1, 1));
                 let (rc, rr) = (rc.to_kind(kind).to_device(lp.device()), rr.to_kind(kind).to_device(lp.device()));
                 let (l, cr, rj) = pair_losses(&pc, &pr, &rc, &rr, a);
                 let mut loss = l.sum(kind) / n_pairs as f64;
                 let mut nll = 0.0;
                 if a.rpo_alpha > 0.0 {
                     // token-mean NLL of the step's chosen replies (RPO)
-                    let chosen_nll = -lp.narrow(0, 0, k).sum(kind) / n_chosen_tok as f64;
+                    let chosen_nll = -lp.view([k, 2, -1]).select(1, 0).sum(kind) / n_chosen_tok as f64;
                     nll = chosen_nll.double_value(&[]);
                     loss = loss + chosen_nll * a.rpo_alpha;
                 }
                 out = Some((l.detach(), cr, rj, nll));
                 loss
             };
-            let (v, _, _) = crate::loss::logprob_backward(&model.net, &batch, &labels, chunk, 1.0, false, loss_fn);
+            let (v, _, _) = mr.with(|x| crate::loss::logprob_backward(&model.net, x, chunk, 1.0, false, loss_fn));
             let (l, cr, rj, nll) = out.expect("loss computed");
             let f = |t: &Tensor| t.sum(Kind::Double).double_value(&[]);
             st.loss += v;
@@ -1027,7 +1018,7 @@ mod tests {
     use super::*;
 
     fn args(loss_type: LossType, beta: f64, eps: f64) -> DpoArgs {
-        DpoArgs { beta, loss_type, label_smoothing: eps, rpo_alpha: 0.0, length_normalize: false, batch_size: 1, grad_accum: 1, epochs: 1.0, max_steps: None, loss_chunk: 16 }
+        DpoArgs { beta, loss_type, label_smoothing: eps, rpo_alpha: 0.0, length_normalize: false, batch_size: 1, grad_accum: 1, epochs: 1.0, max_steps: None, loss_chunk: 16, prompt_sharing: Default::default() }
     }
 
     // fixed log-probabilities: (policy chosen, policy rejected, ref chosen, ref rejected)
@@ -1217,27 +1208,6 @@ mod tests {
             let _ = m.net.params.tensors()[0].get(0).get(0).fill_(0.123);
         });
         assert_ne!(f0, weights_fingerprint(&m.net));
-    }
-
-    #[test]
-    fn right_padded_rows_need_no_mask() {
-        let cfg = model::ModelConfig::from_json(
-            serde_json::json!({"model_type": "qwen2", "vocab_size": 50, "hidden_size": 16, "intermediate_size": 32,
-                "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "tie_word_embeddings": true}),
-            "test",
-        )
-        .unwrap();
-        let m = Model::random(&cfg, Kind::Double, Device::Cpu, 2);
-        let a = Seq { ids: vec![3, 4, 5, 6, 7, 8], labels: vec![-100, -100, 5, 6, 7, 8], n: 4 };
-        let b = Seq { ids: vec![9, 10, 11], labels: vec![-100, 10, 11], n: 2 };
-        let (ids, labels, pos, mask) = collate(&[&a, &b], 0, Device::Cpu);
-        let (x, _) = crate::loss::sequence_logprobs(&m.net, &right_padded(&ids, &pos, &mask), &labels, 4);
-        let (y, _) = crate::loss::sequence_logprobs(&m.net, &Batch::padded(&ids, &pos, &mask), &labels, 4);
-        assert!((&x - &y).abs().max().double_value(&[]) < 1e-10);
-        // and the short row alone gives the same
-        let (ids1, labels1, _, _) = collate(&[&b], 0, Device::Cpu);
-        let (z, _) = crate::loss::sequence_logprobs(&m.net, &Batch::causal(&ids1), &labels1, 4);
-        assert!((x.double_value(&[1]) - z.double_value(&[0])).abs() < 1e-10);
     }
 
     #[test]

@@ -900,7 +900,7 @@ fn micro_step(net: &model::Transformer, m: &crate::loss::MicroRows, advs: &[f64]
     let adv_t = Tensor::from_slice(advs).to_device(dev);
     let mut st = MicroStats::default();
     let sum = |t: &Tensor| f64::try_from(t.sum(Kind::Double)).unwrap_or(0.0);
-    let (l, _, _) = m.with(|rows| crate::loss::logprob_backward_of(net, rows, c.chunk, c.temperature, true, |lp, ent| {
+    let (l, _, _) = m.with(|rows| crate::loss::logprob_backward(net, rows, c.chunk, c.temperature, true, |lp, ent| {
         let mask = labels.narrow(1, 1, labels.size()[1] - 1).ne(crate::loss::IGNORE).to_device(dev).to_kind(lp.kind());
         let old = old.map(|o| o.shallow_clone()).unwrap_or_else(|| lp.detach());
         let ratio = rl::ratios(lp, &old, &mask, c.clip.level);

@@ -179,7 +179,9 @@ impl MicroRows {
     pub fn with<R>(&self, f: impl FnOnce(&Scored) -> R) -> R {
         match &self.shared {
             Some(sp) => f(&Scored::Shared(sp)),
-            None => f(&Scored::Rows(&Batch::padded(&self.ids, &self.pos, &self.aux), &self.labels)),
+            // right-padded: a real token only sees earlier positions, all real, so plain causal attention needs no
+            // mask (pads carry no label) and SDPA can use its fused causal kernel
+            None => f(&Scored::Rows(&Batch { mask: model::AttnMask::Causal, ..Batch::padded(&self.ids, &self.pos, &self.aux) }, &self.labels)),
         }
     }
 }
@@ -368,23 +370,7 @@ pub fn sequence_logprobs(net: &Transformer, batch: &Batch, labels: &Tensor, chun
 ///
 /// Log-probabilities are under softmax(logits / `temperature`). Returns the loss value and the (detached)
 /// log-probabilities and entropies given to `loss_fn`.
-pub fn logprob_backward<F>(
-    net: &Transformer,
-    batch: &Batch,
-    labels: &Tensor,
-    chunk_rows: i64,
-    temperature: f64,
-    entropy: bool,
-    loss_fn: F,
-) -> (f64, Tensor, Option<Tensor>)
-where
-    F: FnOnce(&Tensor, Option<&Tensor>) -> Tensor,
-{
-    logprob_backward_of(net, &Scored::Rows(batch, labels), chunk_rows, temperature, entropy, loss_fn)
-}
-
-/// [`logprob_backward`] of rows given either way.
-pub fn logprob_backward_of<F>(net: &Transformer, rows: &Scored, chunk_rows: i64, temperature: f64, entropy: bool, loss_fn: F) -> (f64, Tensor, Option<Tensor>)
+pub fn logprob_backward<F>(net: &Transformer, rows: &Scored, chunk_rows: i64, temperature: f64, entropy: bool, loss_fn: F) -> (f64, Tensor, Option<Tensor>)
 where
     F: FnOnce(&Tensor, Option<&Tensor>) -> Tensor,
 {
@@ -537,7 +523,7 @@ mod tests {
                         net.set_gradient_checkpointing(on);
                         let (l1, _) = causal_lm_backward(&net, batch, labels, 0.1, 3);
                         let g1 = take_grads(&net);
-                        let (l2, lp, _) = logprob_backward(&net, batch, labels, 4, 0.8, true, dpo_like);
+                        let (l2, lp, _) = logprob_backward(&net, &Scored::Rows(batch, labels), 4, 0.8, true, dpo_like);
                         (l1, l2, lp, g1, take_grads(&net))
                     };
                     let (a1, a2, alp, ag1, ag2) = run(false);
@@ -569,7 +555,7 @@ mod tests {
             let l = -(seq.get(0) - seq.get(1)).sigmoid().log();
             l - ent.unwrap().sum(Kind::Double) * 0.1
         };
-        let (v, lp, ent) = logprob_backward(&net, &batch, &labels, 3, 0.7, true, f);
+        let (v, lp, ent) = logprob_backward(&net, &Scored::Rows(&batch, &labels), 3, 0.7, true, f);
         let g1: Vec<Tensor> = net.params.tensors().iter().map(|p| p.grad().copy()).collect();
         for p in net.params.tensors() {
             let _ = p.grad().zero_();
@@ -633,7 +619,7 @@ mod tests {
                     let _ = p.grad().zero_();
                 }
             }
-            let (v, _, _) = logprob_backward_of(&net, rows, 3, 0.8, false, f);
+            let (v, _, _) = logprob_backward(&net, rows, 3, 0.8, false, f);
             (v, net.params.tensors().iter().map(|p| p.grad().copy()).collect::<Vec<_>>())
         };
         let (va, ga) = grads(&Scored::Rows(&batch, &labels));
@@ -643,5 +629,22 @@ mod tests {
             let d = (a - b).abs().max().double_value(&[]);
             assert!(d < 1e-10, "gradient differs by {d}");
         }
+    }
+
+    #[test]
+    fn right_padded_micro_rows_need_no_mask() {
+        let net = tiny();
+        let rows: Vec<(Vec<i64>, Vec<i64>)> = vec![(vec![3, 4, 5, 6, 7, 8], vec![-100, -100, 5, 6, 7, 8]), (vec![9, 10, 11], vec![-100, 10, 11])];
+        let refs: Vec<(&[i64], &[i64])> = rows.iter().map(|(a, b)| (a.as_slice(), b.as_slice())).collect();
+        let mr = MicroRows::new(&net, &refs, &[0, 1], 0, PromptSharing::Never);
+        let (x, _, _) = mr.with(|r| token_logprobs_of(&net, r, 4, 1.0, false));
+        // with an explicit padding mask
+        let (y, _, _) = token_logprobs(&net, &Batch::padded(&mr.ids, &mr.pos, &mr.aux), &mr.labels, 4, 1.0, false);
+        assert!((&x - &y).abs().max().double_value(&[]) < 1e-10);
+        // the short row alone
+        let ids = Tensor::from_slice(&rows[1].0).view([1, 3]);
+        let labels = Tensor::from_slice(&rows[1].1).view([1, 3]);
+        let (z, _, _) = token_logprobs(&net, &Batch::causal(&ids), &labels, 4, 1.0, false);
+        assert!((x.get(1).narrow(0, 0, 2) - z.get(0)).abs().max().double_value(&[]) < 1e-10);
     }
 }
