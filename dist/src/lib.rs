@@ -35,7 +35,26 @@ fn last_error(what: &str) -> DistError {
             CStr::from_ptr(p).to_string_lossy().into_owned()
         }
     };
-    DistError(format!("{what}: {}", msg.trim()))
+    DistError(format!("{what}: {}", one_line(&msg)))
+}
+
+/// c10's CUDA checks append fixed hints (a docs link, CUDA_LAUNCH_BLOCKING, device-side assertions) to the
+/// message; drop them and join what is left, so a failure stays one line (e.g. NCCL without a GPU:
+/// `CUDA error: CUDA driver version is insufficient for CUDA runtime version`).
+fn one_line(msg: &str) -> String {
+    const HINTS: [&str; 5] = [
+        "Search for `cuda",
+        "CUDA kernel errors might be asynchronously reported",
+        "For debugging consider passing CUDA_LAUNCH_BLOCKING",
+        "Device-side assertions were explicitly omitted",
+        "Compile with `TORCH_USE_CUDA_DSA`",
+    ];
+    let lines: Vec<&str> = msg.lines().map(str::trim).filter(|l| !l.is_empty() && !HINTS.iter().any(|h| l.starts_with(h))).collect();
+    if lines.is_empty() {
+        "unknown error".into()
+    } else {
+        lines.join("; ")
+    }
 }
 
 fn cstring(s: &str) -> Result<CString> {
@@ -442,5 +461,17 @@ impl Communicator for C10d {
     }
     fn barrier(&self) -> Result<()> {
         self.gloo.barrier()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cuda_errors_lose_c10s_hint_lines() {
+        // what c10d_pg_new_nccl reports on a machine without a GPU (the NCCL build, run on the CPU machine)
+        let m = "CUDA error: CUDA driver version is insufficient for CUDA runtime version\nSearch for `cudaErrorInsufficientDriver' in https://docs.nvidia.com/cuda/cuda-runtime-api/group__CUDART__TYPES.html for more information.\nCUDA kernel errors might be asynchronously reported at some other API call, so the stacktrace below might be incorrect.\nFor debugging consider passing CUDA_LAUNCH_BLOCKING=1\nDevice-side assertions were explicitly omitted for this error check; the error probably arose while initializing the DSA handlers.\n";
+        assert_eq!(super::one_line(m), "CUDA error: CUDA driver version is insufficient for CUDA runtime version");
+        assert_eq!(super::one_line("NCCL error: unhandled system error\nLast error:\nsocket failed "), "NCCL error: unhandled system error; Last error:; socket failed");
+        assert_eq!(super::one_line(" \n"), "unknown error");
     }
 }
