@@ -24,6 +24,13 @@ fn bad_arguments_give_one_line_errors() {
     assert!(stderr.contains("unknown device \"tpu\""), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 
+    // a GPU that is not there (cuda:7 on any machine this runs on): one line, not libtorch's C++ backtrace
+    let out = Command::new(env!("CARGO_BIN_EXE_train")).args(["--device", "cuda:7", "smoke"]).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("device cuda:7 requested, but this"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+
     let out = Command::new(env!("CARGO_BIN_EXE_train")).args(["convert", "gguf", "/nonexistent.gguf", "/tmp/x"]).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -66,6 +66,23 @@ pub fn parse_device(s: &str) -> Result<Device, String> {
     }
 }
 
+/// Checks that `device` exists here: a one-line error for a GPU that is not there (libtorch would abort with a
+/// C++ backtrace at the first tensor).
+pub fn check_device(device: Device) -> Result<(), String> {
+    let Device::Cuda(i) = device else { return Ok(()) };
+    let why = match preload_cuda() {
+        None => return Err(format!("device cuda:{i} requested, but this libtorch is CPU-only (run scripts/libtorch.sh cuda)")),
+        Some(Err(e)) => format!(" ({e})"),
+        Some(Ok(_)) => String::new(),
+    };
+    let n = tch::Cuda::device_count();
+    if (i as i64) < n {
+        Ok(())
+    } else {
+        Err(format!("device cuda:{i} requested, but this machine has {n} usable GPU(s){why}; use device = \"cpu\" or \"auto\""))
+    }
+}
+
 /// One line describing libtorch, the device and threads, e.g. for the first log line of a run.
 pub fn describe(device: Device) -> String {
     let dir = libtorch_dir().map(|d| d.display().to_string()).unwrap_or_else(|| "?".into());

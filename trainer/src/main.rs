@@ -134,6 +134,7 @@ fn run() -> Result<()> {
         return run::run(recipe, &cli.overrides, cli.output.clone(), run::Options { resume: cli.resume.clone(), force: cli.force, dry_run: cli.dry_run });
     }
     let device = model::runtime::parse_device(&cli.device).map_err(anyhow::Error::msg)?;
+    model::runtime::check_device(device).map_err(anyhow::Error::msg)?;
     eprintln!("whet {}: {}", env!("CARGO_PKG_VERSION"), model::runtime::describe(device));
     match cli.command {
         Some(Command::Smoke { tokens, seed }) => smoke::run(device, tokens, seed),

@@ -166,6 +166,7 @@ pub fn run(recipe_path: &Path, overrides: &[String], output: Option<PathBuf>, op
     }
     let device = model::runtime::parse_device(&r.model.device).map_err(anyhow::Error::msg)?;
     let (comm, device) = crate::launch::join(device)?;
+    model::runtime::check_device(device).map_err(anyhow::Error::msg)?;
     let (kind, autocast) = r.model.precision(device)?;
     model::autocast::set_default(autocast);
     eprintln!("whet {}: {}", env!("CARGO_PKG_VERSION"), model::runtime::describe(device));
