@@ -68,9 +68,15 @@ fn all_reduce_broadcast_barrier_and_gather_over_three_ranks() {
 /// process (a + b is commutative in floating point); params broadcast from rank 0 are rank 0's.
 #[test]
 fn two_rank_gradient_buckets_are_bitwise_the_one_process_sum() {
+    // pseudo-random values from a formula, not libtorch's global generator: the ranks are threads of this
+    // process and would race on manual_seed + randn
     let grads_of = |r: usize| -> Vec<Tensor> {
-        tch::manual_seed(r as i64);
-        vec![Tensor::randn([7, 3], (Kind::Float, tch::Device::Cpu)), Tensor::randn([5], (Kind::Float, tch::Device::Cpu)), Tensor::randn([2, 2, 2], (Kind::Float, tch::Device::Cpu))]
+        let t = |shape: &[i64], salt: f64| {
+            let n: i64 = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|i| ((i as f64 + 1.0) * (r as f64 + 1.3) * 12.9898 + salt).sin() as f32 * 3.7).collect();
+            Tensor::from_slice(&v).view(shape)
+        };
+        vec![t(&[7, 3], 0.1), t(&[5], 0.2), t(&[2, 2, 2], 0.3)]
     };
     let expect: Vec<Vec<u32>> = grads_of(0).iter().zip(grads_of(1)).map(|(a, b)| bits(&(a + b))).collect();
     let out = ranks(2, move |c| {
