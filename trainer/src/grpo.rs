@@ -548,19 +548,21 @@ fn rows_of(groups: &[Group], problems: &[Problem], mask_truncated: bool) -> (Vec
     (rows, group_of)
 }
 
-/// A micro-batch of training rows in the layout `sharing` picks (`group`: each row's group).
-fn micro_rows(net: &model::Transformer, m: &[Row], group: &[usize], pad: i64, sharing: crate::loss::PromptSharing) -> crate::loss::MicroRows {
-    let refs: Vec<(&[i64], &[i64])> = m.iter().map(|r| (r.ids.as_slice(), r.labels.as_slice())).collect();
-    crate::loss::MicroRows::new(net, &refs, group, pad, sharing)
-}
-
-/// Per-token log-probabilities of rows (no gradients), micro-batch by micro-batch.
-fn logprobs_of(model: &Model, rows: &[Row], group: &[usize], s: &GrpoStage, pad: i64, chunk: i64, temperature: f64) -> Vec<Tensor> {
+/// The step's rows as micro-batches of `s.micro_batch_size`, each in the layout `s.prompt_sharing` picks
+/// (`group`: each row's group), built once for every pass over them (reference, old policy, μ updates).
+fn micro_batches(net: &model::Transformer, rows: &[Row], group: &[usize], s: &GrpoStage, pad: i64) -> Vec<crate::loss::MicroRows> {
     rows.chunks(s.micro_batch_size)
         .zip(group.chunks(s.micro_batch_size))
-        .map(|(m, gr)| micro_rows(&model.net, m, gr, pad, s.prompt_sharing))
-        .map(|mr| mr.with(|x| crate::loss::token_logprobs_of(&model.net, x, chunk, temperature, false).0))
+        .map(|(m, gr)| {
+            let refs: Vec<(&[i64], &[i64])> = m.iter().map(|r| (r.ids.as_slice(), r.labels.as_slice())).collect();
+            crate::loss::MicroRows::new(net, &refs, gr, pad, s.prompt_sharing)
+        })
         .collect()
+}
+
+/// Per-token log-probabilities of micro-batches under `model` (no gradients).
+fn logprobs_of(model: &Model, micro: &[crate::loss::MicroRows], chunk: i64, temperature: f64) -> Vec<Tensor> {
+    micro.iter().map(|mr| mr.with(|x| crate::loss::token_logprobs_of(&model.net, x, chunk, temperature, false).0)).collect()
 }
 
 /// A frozen copy of the model (the KL reference).
@@ -729,13 +731,14 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
         // ---- advantages (KL in the reward first, when asked)
         let mut rewards_flat: Vec<f64> = groups.iter().flat_map(|gr| gr.done.iter().map(|x| x.reward)).collect();
         let (rows, group_of) = rows_of(&groups, &problems, s.mask_truncated_completions);
+        let micro = micro_batches(&model.net, &rows, &group_of, s, pad);
         let ref_lp = match &reference {
-            Some(r) if !rows.is_empty() => Some(logprobs_of(r, &rows, &group_of, s, pad, chunk, temperature)),
+            Some(r) if !rows.is_empty() => Some(logprobs_of(r, &micro, chunk, temperature)),
             _ => None,
         };
         // the sampling policy's log-probabilities: for KL in the reward and as π_old when μ > 1
         let cur_lp = if !rows.is_empty() && ((s.kl_in_reward && ref_lp.is_some()) || s.num_iterations > 1) {
-            Some(logprobs_of(model, &rows, &group_of, s, pad, chunk, temperature))
+            Some(logprobs_of(model, &micro, chunk, temperature))
         } else {
             None
         };
@@ -787,13 +790,11 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
         if n_tok > 0.0 {
             for it in 0..s.num_iterations {
                 let mut acc = crate::data_parallel::Accum::new(model);
-                for (mi, m) in rows.chunks(s.micro_batch_size).enumerate() {
+                for ((mi, mr), a) in micro.iter().enumerate().zip(advs.chunks(s.micro_batch_size)) {
                     acc.next();
-                    let a0 = mi * s.micro_batch_size;
                     let old = old_lp.as_ref().map(|o| &o[mi]);
                     let rf = ref_lp.as_ref().map(|r| &r[mi]);
-                    let mr = micro_rows(&model.net, m, &group_of[a0..a0 + m.len()], pad, s.prompt_sharing);
-                    let st = micro_step(&model.net, &mr, &advs[a0..a0 + m.len()], old, rf, &lcfg);
+                    let st = micro_step(&model.net, mr, a, old, rf, &lcfg);
                     if it == 0 {
                         forward_tokens += mr.tokens();
                         loss_sum += st.loss;
@@ -998,9 +999,9 @@ mod tests {
         };
         let rows = vec![mk(&[7, 8, 9]), mk(&[10, 11])];
         let advs = [1.0, -1.0];
+        let st: GrpoStage = toml::from_str("synthetic = { count = 1 }\nprompt_sharing = \"always\"").unwrap();
         let seq_lp = |m: &Model| -> Vec<f64> {
-            let st: GrpoStage = toml::from_str("synthetic = { count = 1 }").unwrap();
-            let lp = logprobs_of(m, &rows, &[0, 0], &st, 0, 64, 1.0);
+            let lp = logprobs_of(m, &micro_batches(&m.net, &rows, &[0, 0], &st, 0), 64, 1.0);
             Vec::<f64>::try_from(lp[0].sum_dim_intlist(1, false, Kind::Double)).unwrap()
         };
         let before = seq_lp(&model);
@@ -1014,8 +1015,8 @@ mod tests {
                 temperature: 1.0,
                 chunk: 64,
             };
-            let mr = micro_rows(&model.net, &rows, &[0, 0], 0, crate::loss::PromptSharing::Always);
-            let st = micro_step(&model.net, &mr, &advs, None, None, &c);
+            let mr = &micro_batches(&model.net, &rows, &[0, 0], &st, 0)[0];
+            let st = micro_step(&model.net, mr, &advs, None, None, &c);
             assert!(st.loss.is_finite() && st.entropy > 0.0);
             opt.step(args.lr);
             opt.zero_grad();
