@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod gguf;
 pub mod kv_cache;
+pub mod mkl;
 pub mod params;
 pub mod rope;
 pub mod runtime;
@@ -19,7 +20,7 @@ pub use config::{Family, ModelConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use kv_cache::KvCache;
 pub use params::{Fill, ParamStore};
-pub use transformer::{AttnMask, Batch, Checkpoints, Transformer};
+pub use transformer::{AttnMask, Batch, Checkpoints, DecodeWeights, Transformer};
 
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};

@@ -81,8 +81,10 @@ impl Rope {
         matches!(&self.inv_freq_long, Some((_, orig)) if max_position + 1 > *orig)
     }
 
-    /// cos and sin for `position_ids` [B, T], each [B, 1, T, rotary_dim] in `kind`; `long` selects
-    /// LongRoPE's long factors (ignored for other scalings).
+    /// cos and *signed* sin for `position_ids` [B, T], each [B, 1, T, rotary_dim] in `kind`: the sin table's
+    /// first half is negated, so that [`Rope::apply`] needs one `roll` instead of splitting, negating and
+    /// concatenating halves (`-x2 · sin` and `x2 · (-sin)` are the same floating-point number). `long`
+    /// selects LongRoPE's long factors (ignored for other scalings).
     pub fn cos_sin(&self, position_ids: &Tensor, long: bool, kind: Kind) -> (Tensor, Tensor) {
         let inv = match &self.inv_freq_long {
             Some((l, _)) if long => l,
@@ -90,8 +92,8 @@ impl Rope {
         };
         let pos = position_ids.to_kind(Kind::Float).unsqueeze(-1); // [B, T, 1]
         let freqs = pos * inv.view([1, 1, -1]); // [B, T, d/2]
-        let emb = Tensor::cat(&[&freqs, &freqs], -1);
-        let (mut cos, mut sin) = (emb.cos(), emb.sin());
+        let (c, s) = (freqs.cos(), freqs.sin());
+        let (mut cos, mut sin) = (Tensor::cat(&[&c, &c], -1), Tensor::cat(&[&(-&s), &s], -1));
         if self.attention_scaling != 1.0 {
             cos = cos * self.attention_scaling;
             sin = sin * self.attention_scaling;
@@ -99,16 +101,14 @@ impl Rope {
         (cos.unsqueeze(1).to_kind(kind), sin.unsqueeze(1).to_kind(kind))
     }
 
-    /// Rotates the first `rotary_dim` features of `x` [B, H, T, head_dim].
+    /// Rotates the first `rotary_dim` features of `x` [B, H, T, head_dim] (any leading shape that `cos` and
+    /// `sin` from [`Rope::cos_sin`] broadcast to): `x · cos + rotate_half(x) · sin` with
+    /// rotate_half(x) = (−x2, x1), computed as roll(x, half) · signed sin.
     pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
         let hd = x.size()[3];
         let rd = self.rotary_dim;
         let (rot, pass) = if rd < hd { (x.narrow(3, 0, rd), Some(x.narrow(3, rd, hd - rd))) } else { (x.shallow_clone(), None) };
-        let half = rd / 2;
-        let x1 = rot.narrow(3, 0, half);
-        let x2 = rot.narrow(3, half, half);
-        let rotated = Tensor::cat(&[&(-x2), &x1], 3);
-        let out = &rot * cos + rotated * sin;
+        let out = &rot * cos + rot.roll([rd / 2], [3]) * sin;
         match pass {
             Some(p) => Tensor::cat(&[out, p], 3),
             None => out,

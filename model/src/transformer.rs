@@ -11,6 +11,8 @@ use tch::{Device, Kind, Tensor};
 struct Linear {
     w: Tensor,
     b: Option<Tensor>,
+    /// Decoding copies on the CPU in fp32: `w` packed for MKL for products with this many rows.
+    packed: Option<(Tensor, i64)>,
 }
 
 impl Linear {
@@ -20,10 +22,23 @@ impl Linear {
             let bf = if matches!(init, Fill::Empty) { Fill::Empty } else { Fill::Zeros };
             ps.get_or_create(&format!("{name}.bias"), &[out], bf)
         });
-        Linear { w, b }
+        Linear { w, b, packed: None }
     }
     fn forward(&self, x: &Tensor) -> Tensor {
+        if let Some((p, rows)) = &self.packed {
+            if x.numel() as i64 == rows * self.w.size()[1] {
+                return crate::mkl::linear(x, p, &self.w, self.b.as_ref(), *rows);
+            }
+        }
         x.linear(&self.w, self.b.as_ref())
+    }
+    /// Packs the weight for MKL products with `rows` rows where that applies (fp32, CPU), else drops
+    /// any packing.
+    fn pack_for_rows(&mut self, rows: i64) {
+        if self.packed.as_ref().is_some_and(|(_, r)| *r == rows) {
+            return;
+        }
+        self.packed = if crate::mkl::applies(&self.w) { crate::mkl::pack(&self.w, rows).ok().map(|p| (p, rows)) } else { None };
     }
 }
 
@@ -38,12 +53,11 @@ impl RmsNorm {
         let f = if matches!(init, Fill::Empty) { Fill::Empty } else { Fill::Ones };
         RmsNorm { w: ps.get_or_create(&format!("{name}.weight"), &[dim], f), eps }
     }
+    /// ATen's `rms_norm`: normalises in fp32 and casts back before the weight, as transformers does (its
+    /// CPU path is that composite; on CUDA one fused kernel instead of eight).
     fn forward(&self, x: &Tensor) -> Tensor {
-        let kind = x.kind();
-        let xf = x.to_kind(Kind::Float);
-        let var = xf.square().mean_dim(-1, true, Kind::Float);
-        let y = xf * (var + self.eps).rsqrt();
-        &self.w * y.to_kind(kind)
+        let dim = x.size().last().copied().unwrap_or(0);
+        x.rms_norm([dim], Some(&self.w), self.eps)
     }
 }
 
@@ -352,9 +366,27 @@ impl Transformer {
     /// LongRoPE: one cache uses one set of factors for all its positions (mixing them would make cached
     /// keys inconsistent), chosen from the cache's capacity unless set with [`KvCache::set_rope_long`].
     pub fn forward_cached(&self, input_ids: &Tensor, position_ids: &Tensor, key_mask: &Tensor, cache: &mut KvCache) -> Tensor {
+        self.forward_cached_with(input_ids, position_ids, key_mask, cache, None)
+    }
+
+    /// [`Transformer::forward_cached`] with the projections of `weights` (from
+    /// [`Transformer::decode_weights`] of these parameters): one matmul for q, k and v and one for gate and
+    /// up instead of five, weights already in the autocast dtype. Same results up to floating-point
+    /// rounding of the matmuls.
+    pub fn forward_cached_with(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        key_mask: &Tensor,
+        cache: &mut KvCache,
+        weights: Option<&DecodeWeights>,
+    ) -> Tensor {
         let (b, t) = input_ids.size2().expect("input_ids must be [batch, seq]");
         let past = cache.len();
         assert!(past + t <= cache.capacity(), "KV cache overflow: {} + {} > {}", past, t, cache.capacity());
+        if let Some(w) = weights {
+            assert_eq!(w.layers.len(), self.blocks.len(), "decode weights of another model");
+        }
         let long = match cache.rope_long() {
             Some(l) => l,
             None => {
@@ -364,17 +396,99 @@ impl Transformer {
             }
         };
         let (cos, sin) = self.rope.cos_sin(position_ids, long, self.kind());
-        let mask = build_mask(&AttnMask::Padding(key_mask), b, t, past, self.cfg.sliding_window, self.device());
+        let mut mask = build_mask(&AttnMask::Padding(key_mask), b, t, past, self.cfg.sliding_window, self.device());
+        if t == 1 {
+            // decoding: the additive form once per step, instead of a conversion inside every layer's attention
+            let kind = self.autocast_kind().unwrap_or(self.kind());
+            mask = mask.map(|m| Tensor::zeros(m.size(), (kind, m.device())).masked_fill(&m.logical_not(), f64::NEG_INFINITY));
+        }
         let logits = self.autocast(|| {
             let mut x = self.embed.embedding_fwd(input_ids);
             for (i, blk) in self.blocks.iter().enumerate() {
                 let (k, v) = cache.layer_mut(i);
-                x = blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), Some((k, v, past)));
+                let fused = weights.map(|w| &w.layers[i]);
+                x = blk.forward_with(&x, &cos, &sin, &self.rope, mask.as_ref(), Some((k, v, past)), fused);
             }
-            self.norm.forward(&x).linear(&self.lm_head, None::<Tensor>)
+            let x = self.norm.forward(&x);
+            match weights {
+                Some(w) => w.lm_head.forward(&x),
+                None => x.linear(&self.lm_head, None::<Tensor>),
+            }
         });
         cache.advance(t);
         logits
+    }
+
+    /// The projection weights laid out for [`Transformer::forward_cached_with`]: per layer q/k/v
+    /// concatenated into one matrix and gate/up into another, all linear weights (and the output head) cast
+    /// to the autocast dtype when mixed precision is on. A copy: valid until the parameters change (the
+    /// rollout engine builds one per `generate` call); it takes the bytes of the attention and MLP weights.
+    pub fn decode_weights(&self) -> DecodeWeights {
+        let _g = tch::no_grad_guard();
+        let cast = |t: &Tensor| match self.autocast_kind() {
+            Some(k) if t.kind() != k => t.detach().to_kind(k),
+            _ => t.detach(),
+        };
+        let lin = |l: &Linear| Linear { w: cast(&l.w), b: l.b.as_ref().map(cast), packed: None };
+        let cat = |parts: &[&Linear]| {
+            let w = Tensor::cat(&parts.iter().map(|l| cast(&l.w)).collect::<Vec<_>>(), 0);
+            let b = parts[0].b.is_some().then(|| Tensor::cat(&parts.iter().map(|l| cast(l.b.as_ref().expect("all or no biases"))).collect::<Vec<_>>(), 0));
+            Linear { w, b, packed: None }
+        };
+        let layers = self
+            .blocks
+            .iter()
+            .map(|blk| DecodeLayer {
+                qkv: match &blk.attn.qkv {
+                    Qkv::Split { q, k, v } => cat(&[q, k, v]),
+                    Qkv::Fused(l) => lin(l),
+                },
+                o: lin(&blk.attn.o),
+                gate_up: match &blk.mlp {
+                    Mlp::Split { gate, up, .. } => cat(&[gate, up]),
+                    Mlp::Fused { gate_up, .. } => lin(gate_up),
+                },
+                down: match &blk.mlp {
+                    Mlp::Split { down, .. } | Mlp::Fused { down, .. } => lin(down),
+                },
+            })
+            .collect();
+        DecodeWeights { layers, lm_head: Linear { w: cast(&self.lm_head), b: None, packed: None } }
+    }
+}
+
+/// Projection weights for decoding ([`Transformer::decode_weights`]).
+pub struct DecodeWeights {
+    layers: Vec<DecodeLayer>,
+    lm_head: Linear,
+}
+
+struct DecodeLayer {
+    qkv: Linear,
+    o: Linear,
+    gate_up: Linear,
+    down: Linear,
+}
+
+impl DecodeWeights {
+    /// Bytes the copy takes.
+    pub fn bytes(&self) -> i64 {
+        let t = |t: &Tensor| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64;
+        let l = |l: &Linear| t(&l.w) + l.b.as_ref().map_or(0, t);
+        self.layers.iter().map(|d| l(&d.qkv) + l(&d.o) + l(&d.gate_up) + l(&d.down)).sum::<i64>() + l(&self.lm_head)
+    }
+
+    /// Prepares the weights for decode steps of `rows` rows: on the CPU in fp32 each matrix is packed for
+    /// MKL's GEMM at that row count ([`crate::mkl`]; about the bytes of the weights again, repacked when the
+    /// count changes); elsewhere nothing. Steps with another row count still work, unpacked.
+    pub fn prepare_rows(&mut self, rows: i64) {
+        let _g = tch::no_grad_guard();
+        for d in &mut self.layers {
+            for l in [&mut d.qkv, &mut d.o, &mut d.gate_up, &mut d.down] {
+                l.pack_for_rows(rows);
+            }
+        }
+        self.lm_head.pack_for_rows(rows);
     }
 }
 
@@ -437,9 +551,27 @@ impl Block {
         mask: Option<&Tensor>,
         cache: Option<(&mut Tensor, &mut Tensor, i64)>,
     ) -> Tensor {
-        let h = self.attn.forward(&self.input_norm.forward(x), cos, sin, rope, mask, cache);
+        self.forward_with(x, cos, sin, rope, mask, cache, None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_with(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        rope: &Rope,
+        mask: Option<&Tensor>,
+        cache: Option<(&mut Tensor, &mut Tensor, i64)>,
+        fused: Option<&DecodeLayer>,
+    ) -> Tensor {
+        let h = self.attn.forward(&self.input_norm.forward(x), cos, sin, rope, mask, cache, fused);
         let x = x + h;
-        let m = self.mlp.forward(&self.post_norm.forward(&x));
+        let x2 = self.post_norm.forward(&x);
+        let m = match fused {
+            Some(d) => Mlp::swiglu(&d.gate_up, &d.down, &x2),
+            None => self.mlp.forward(&x2),
+        };
         x + m
     }
 }
@@ -448,16 +580,19 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> Tensor {
         match self {
             Mlp::Split { gate, up, down } => down.forward(&(gate.forward(x).silu() * up.forward(x))),
-            Mlp::Fused { gate_up, down } => {
-                let gu = gate_up.forward(x);
-                let parts = gu.chunk(2, -1);
-                down.forward(&(parts[0].silu() * &parts[1]))
-            }
+            Mlp::Fused { gate_up, down } => Mlp::swiglu(gate_up, down, x),
         }
+    }
+
+    fn swiglu(gate_up: &Linear, down: &Linear, x: &Tensor) -> Tensor {
+        let gu = gate_up.forward(x);
+        let inter = gu.size().last().copied().unwrap_or(0) / 2;
+        down.forward(&(gu.narrow(-1, 0, inter).silu() * gu.narrow(-1, inter, inter)))
     }
 }
 
 impl Attention {
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         x: &Tensor,
@@ -466,22 +601,52 @@ impl Attention {
         rope: &Rope,
         mask: Option<&Tensor>,
         cache: Option<(&mut Tensor, &mut Tensor, i64)>,
+        fused: Option<&DecodeLayer>,
     ) -> Tensor {
         let (b, t, _) = x.size3().unwrap();
         let (nh, nkv, hd) = (self.n_head, self.n_kv, self.head_dim);
-        let (q, k, v) = match &self.qkv {
-            Qkv::Split { q, k, v } => (q.forward(x), k.forward(x), v.forward(x)),
-            Qkv::Fused(l) => {
-                let qkv = l.forward(x);
-                (qkv.narrow(-1, 0, nh * hd), qkv.narrow(-1, nh * hd, nkv * hd), qkv.narrow(-1, (nh + nkv) * hd, nkv * hd))
-            }
+        // one [B, T, (heads + 2 KV heads) · head_dim] projection when the weights are fused
+        let joint = match (fused, &self.qkv) {
+            (Some(d), _) => Some(d.qkv.forward(x)),
+            (None, Qkv::Fused(l)) => Some(l.forward(x)),
+            (None, Qkv::Split { .. }) => None,
         };
+        let (q, k, v) = match (&joint, &self.qkv) {
+            (Some(qkv), _) => (qkv.narrow(-1, 0, nh * hd), qkv.narrow(-1, nh * hd, nkv * hd), qkv.narrow(-1, (nh + nkv) * hd, nkv * hd)),
+            (None, Qkv::Split { q, k, v }) => (q.forward(x), k.forward(x), v.forward(x)),
+            (None, Qkv::Fused(_)) => unreachable!("a fused projection is computed above"),
+        };
+        let o = fused.map_or(&self.o, |d| &d.o);
         let mut q = q.view([b, t, nh, hd]);
         let mut k = k.view([b, t, nkv, hd]);
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = qn.forward(&q);
             k = kn.forward(&k);
         }
+        let gqa = nh != nkv;
+        let cache = match (t, cache) {
+            (1, Some((kc, vc, past))) => {
+                // One new token per row: the query heads that share a KV head become rows of one attention
+                // over that head ([B, KV heads, group, head_dim] against [B, KV heads, keys, head_dim]), so
+                // grouped-query attention needs no repeated copy of the cache; the mask [B, 1, 1, keys]
+                // broadcasts over the group.
+                let g = nh / nkv;
+                let (q, k) = match (&joint, &self.q_norm) {
+                    // q and k heads are adjacent in the fused projection: one rotation for both
+                    (Some(qkv), None) => {
+                        let qk = rope.apply(&qkv.view([b, nh + 2 * nkv, 1, hd]).narrow(1, 0, nh + nkv), cos, sin);
+                        (qk.narrow(1, 0, nh).view([b, nkv, g, hd]), qk.narrow(1, nh, nkv))
+                    }
+                    _ => (rope.apply(&q.view([b, nkv, g, hd]), cos, sin), rope.apply(&k.view([b, nkv, 1, hd]), cos, sin)),
+                };
+                kc.narrow(2, past, 1).copy_(&k);
+                vc.narrow(2, past, 1).copy_(&v.view([b, nkv, 1, hd]));
+                let (k, v) = (kc.narrow(2, 0, past + 1), vc.narrow(2, 0, past + 1));
+                let y = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, false, None, false);
+                return o.forward(&y.reshape([b, 1, nh * hd]));
+            }
+            (_, c) => c,
+        };
         let q = rope.apply(&q.transpose(1, 2), cos, sin);
         let k = rope.apply(&k.transpose(1, 2), cos, sin);
         let v = v.view([b, t, nkv, hd]).transpose(1, 2);
@@ -493,11 +658,10 @@ impl Attention {
             }
             None => (k, v),
         };
-        let gqa = nh != nkv;
         let y = match mask {
             Some(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, gqa),
             None => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, gqa),
         };
-        self.o.forward(&y.transpose(1, 2).reshape([b, t, nh * hd]))
+        o.forward(&y.transpose(1, 2).reshape([b, t, nh * hd]))
     }
 }

@@ -46,6 +46,11 @@ pub struct EngineConfig {
     /// Prompt positions per prefill forward; 0 (default) = automatic: as many as keep the prefill logits near
     /// 256 MiB, at least 16.
     pub prefill_chunk: usize,
+    /// Decode with a per-call copy of the projection weights laid out for speed (q/k/v and gate/up
+    /// concatenated, cast to the autocast dtype: `model::Transformer::decode_weights`). Costs the bytes of
+    /// the attention and MLP weights while `generate` runs; `false` decodes on the parameters themselves.
+    /// Default true.
+    pub fuse_weights: bool,
 }
 
 impl Default for EngineConfig {
@@ -59,6 +64,7 @@ impl Default for EngineConfig {
             compact_fraction: 0.125,
             rope_long: None,
             prefill_chunk: 0,
+            fuse_weights: true,
         }
     }
 }
@@ -173,9 +179,11 @@ impl<'m> Engine<'m> {
                 out.push(self.finish_row(row, r, false, &self.decoder));
             }
         }
-        for wave in self.plan(requests)? {
+        let waves = self.plan(requests)?;
+        let mut fused = (self.cfg.fuse_weights && !waves.is_empty()).then(|| self.model.decode_weights());
+        for wave in waves {
             stats.waves += 1;
-            self.run_wave(requests, &seeds, &wave, &mut out, &mut stats)?;
+            self.run_wave(requests, &seeds, &wave, fused.as_mut(), &mut out, &mut stats)?;
         }
         out.sort_by_key(|c| (c.request_index, c.sample_index));
         stats.generated_tokens = out.iter().map(|c| c.completion_tokens).sum();
@@ -247,7 +255,15 @@ impl<'m> Engine<'m> {
         Ok(waves)
     }
 
-    fn run_wave(&self, requests: &[Request], seeds: &[u64], wave: &Wave, out: &mut Vec<Completion>, stats: &mut GenerateStats) -> Result<()> {
+    fn run_wave(
+        &self,
+        requests: &[Request],
+        seeds: &[u64],
+        wave: &Wave,
+        mut fused: Option<&mut model::DecodeWeights>,
+        out: &mut Vec<Completion>,
+        stats: &mut GenerateStats,
+    ) -> Result<()> {
         let m = self.model;
         let device = m.device();
         let p = wave.chunks.len() as i64;
@@ -334,6 +350,9 @@ impl<'m> Engine<'m> {
         let mut active: Vec<usize> = (0..rows.len()).collect();
         let params_of = |active: &[usize], rows: &[Row]| -> Vec<&SamplingParams> { active.iter().map(|&i| &requests[rows[i].req].params).collect() };
         let mut sampling = RowSampling::new(&params_of(&active, &rows), vocab, device);
+        if let Some(w) = fused.as_deref_mut() {
+            w.prepare_rows(active.len() as i64);
+        }
         let mut finished_in_cache = 0usize;
         loop {
             let u: Vec<f64> = active.iter().map(|&i| rng::uniform(rows[i].seed, rows[i].sample as u64, rows[i].tokens.len() as u64)).collect();
@@ -377,11 +396,14 @@ impl<'m> Engine<'m> {
                 tokens = tokens.index_select(0, &idx);
                 active = keep.iter().map(|&k| active[k as usize]).collect();
                 sampling = RowSampling::new(&params_of(&active, &rows), vocab, device);
+                if let Some(w) = fused.as_deref_mut() {
+                    w.prepare_rows(active.len() as i64);
+                }
                 finished_in_cache = 0;
                 stats.compactions += 1;
             }
             let len = cache.len();
-            logits = m.forward_cached(&tokens.view([-1, 1]), &pos, &key_mask.narrow(1, 0, len + 1), &mut cache).squeeze_dim(1);
+            logits = m.forward_cached_with(&tokens.view([-1, 1]), &pos, &key_mask.narrow(1, 0, len + 1), &mut cache, fused.as_deref()).squeeze_dim(1);
             pos += 1;
             stats.decode_steps += 1;
             stats.decode_row_steps += active.len();

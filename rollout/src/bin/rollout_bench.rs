@@ -1,10 +1,12 @@
 //! `rollout-bench`: times `Engine::generate` on fixed-length sampling (EOS ignored), for
 //! scripts/bench/generate.py, which runs transformers' `generate` on the same model files and prompts.
 //!
-//!     rollout-bench --model DIR --prompts prompts.json --n 8 --new-tokens 128 --repeats 5 --warmup 1 --threads 1
+//!     rollout-bench --model DIR --prompts prompts.json --n 8 --new-tokens 128 --repeats 5 --warmup 1 --threads 1 \
+//!         [--device cuda] [--dtype bfloat16] [--max-batch-seqs N] [--no-fuse] [--batches 64,128,256]
 //!
-//! `prompts.json` is a JSON list of token id lists. Prints one JSON object: per-call seconds, tokens per call,
-//! median tokens/s and the process's peak resident memory (VmHWM).
+//! `prompts.json` is a JSON list of token id lists. Prints one JSON object per batch size (`--batches`: the first
+//! k prompts; default all): per-call seconds, tokens per call, median tokens/s and the process's peak resident
+//! memory so far (VmHWM).
 
 use model::Model;
 use rollout::{Engine, EngineConfig, Request, SamplingParams};
@@ -31,6 +33,8 @@ fn run() -> Result<(), String> {
     let mut device = "cpu".to_string();
     let mut dtype = "float32".to_string();
     let mut max_batch = 1024usize;
+    let mut fuse = true;
+    let mut batches: Option<Vec<usize>> = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut val = || it.next().ok_or_else(|| format!("{a} needs a value"));
@@ -46,6 +50,8 @@ fn run() -> Result<(), String> {
             "--max-batch-seqs" => max_batch = num(val()?)?,
             "--device" => device = val()?,
             "--dtype" => dtype = val()?,
+            "--no-fuse" => fuse = false,
+            "--batches" => batches = Some(val()?.split(',').map(|x| num(x.to_string())).collect::<Result<_, _>>()?),
             _ => return Err(format!("unknown argument {a}")),
         }
     }
@@ -57,50 +63,57 @@ fn run() -> Result<(), String> {
     let text = std::fs::read_to_string(&prompts_path).map_err(|e| format!("{}: {e}", prompts_path.display()))?;
     let prompts: Vec<Vec<i64>> = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", prompts_path.display()))?;
     let m = Model::load(&model_dir, Some(kind), device).map_err(|e| e.to_string())?;
-    let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
-    let rows = prompts.len() * n;
-    let cfg = EngineConfig { max_batch_seqs: max_batch, cache_budget_tokens: (rows * (longest + new_tokens)) as i64, ..Default::default() };
-    let engine = Engine::new(&m.net, cfg).map_err(|e| e.to_string())?;
-    let mut times = Vec::new();
-    let mut stats = None;
-    for r in 0..warmup + repeats {
-        let reqs: Vec<Request> = prompts
-            .iter()
-            .map(|p| Request {
-                prompt_ids: p.clone(),
-                n,
-                params: SamplingParams { temperature: 1.0, max_new_tokens: new_tokens, ignore_eos: true, seed: Some(r as u64), ..Default::default() },
-            })
-            .collect();
-        if let tch::Device::Cuda(i) = device {
-            tch::Cuda::synchronize(i as i64);
-        }
-        let t = Instant::now();
-        let (out, s) = engine.generate_with_stats(&reqs).map_err(|e| e.to_string())?;
-        if let tch::Device::Cuda(i) = device {
-            tch::Cuda::synchronize(i as i64);
-        }
-        let dt = t.elapsed().as_secs_f64();
-        let got: usize = out.iter().map(|c| c.completion_tokens).sum();
-        if got != rows * new_tokens {
-            return Err(format!("generated {got} tokens, expected {}", rows * new_tokens));
-        }
-        if r >= warmup {
-            times.push(dt);
-        }
-        stats = Some(s);
+    // one process for several batch sizes (the first k prompts each), to load the model once
+    let batches = batches.unwrap_or_else(|| vec![prompts.len()]);
+    if let Some(&k) = batches.iter().find(|&&k| k == 0 || k > prompts.len()) {
+        return Err(format!("--batches: {k} is not within 1..={} (the prompts given)", prompts.len()));
     }
-    let mut sorted = times.clone();
-    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let median = sorted[sorted.len() / 2];
-    let tokens = rows * new_tokens;
-    println!(
-        "{}",
-        serde_json::json!({
-            "side": "whet", "times": times, "tokens": tokens, "median_s": median, "tok_s": tokens as f64 / median,
-            "peak_rss_kb": peak_rss_kb(), "threads": threads, "stats": stats,
-            "cuda_peak_bytes": serde_json::Value::Null,
-        })
-    );
+    for &k in &batches {
+        let prompts = &prompts[..k];
+        let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        let rows = prompts.len() * n;
+        let cfg = EngineConfig { max_batch_seqs: max_batch, cache_budget_tokens: (rows * (longest + new_tokens)) as i64, fuse_weights: fuse, ..Default::default() };
+        let engine = Engine::new(&m.net, cfg).map_err(|e| e.to_string())?;
+        let mut times = Vec::new();
+        let mut stats = None;
+        for r in 0..warmup + repeats {
+            let reqs: Vec<Request> = prompts
+                .iter()
+                .map(|p| Request {
+                    prompt_ids: p.clone(),
+                    n,
+                    params: SamplingParams { temperature: 1.0, max_new_tokens: new_tokens, ignore_eos: true, seed: Some(r as u64), ..Default::default() },
+                })
+                .collect();
+            if let tch::Device::Cuda(i) = device {
+                tch::Cuda::synchronize(i as i64);
+            }
+            let t = Instant::now();
+            let (out, s) = engine.generate_with_stats(&reqs).map_err(|e| e.to_string())?;
+            if let tch::Device::Cuda(i) = device {
+                tch::Cuda::synchronize(i as i64);
+            }
+            let dt = t.elapsed().as_secs_f64();
+            let got: usize = out.iter().map(|c| c.completion_tokens).sum();
+            if got != rows * new_tokens {
+                return Err(format!("generated {got} tokens, expected {}", rows * new_tokens));
+            }
+            if r >= warmup {
+                times.push(dt);
+            }
+            stats = Some(s);
+        }
+        let mut sorted = times.clone();
+        sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let median = sorted[sorted.len() / 2];
+        let tokens = rows * new_tokens;
+        println!(
+            "{}",
+            serde_json::json!({
+                "side": "whet", "batch": k, "times": times, "tokens": tokens, "median_s": median, "tok_s": tokens as f64 / median,
+                "peak_rss_kb": peak_rss_kb(), "threads": threads, "stats": stats, "fuse_weights": fuse,
+            })
+        );
+    }
     Ok(())
 }
