@@ -68,6 +68,46 @@ impl KvCache {
         }
     }
 
+    /// A new cache holding the rows of `self` followed by the rows of `other` (slot refill: sequences that
+    /// join a running batch). Of each cache only its last `keep_self` / `keep_other` positions are kept (what
+    /// its rows still attend to: left-padded rows hold their content at the end), right-aligned at the
+    /// common length `max(keep_self, keep_other)` in `capacity` positions; the positions before a row's
+    /// content are zero and must be masked out as padding by the caller. Keys carry their rotation already,
+    /// so moving them to other slots changes nothing: a token's position is its position id, not its slot.
+    /// Both caches must use the same LongRoPE choice.
+    pub fn concat_right_aligned(&self, keep_self: i64, other: &KvCache, keep_other: i64, capacity: i64) -> KvCache {
+        assert_eq!(self.k.len(), other.k.len(), "caches of different models");
+        assert!(
+            self.rope_long.is_none() || other.rope_long.is_none() || self.rope_long == other.rope_long,
+            "caches with different LongRoPE factors"
+        );
+        assert!(keep_self <= self.len && keep_other <= other.len, "keeping more positions than cached");
+        let len = keep_self.max(keep_other);
+        assert!(capacity >= len, "capacity {capacity} below the merged length {len}");
+        let merge = |a: &[Tensor], b: &[Tensor]| -> Vec<Tensor> {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| {
+                    let s = x.size();
+                    let (ba, bb) = (s[0], y.size()[0]);
+                    let out = Tensor::empty([ba + bb, s[1], capacity, s[3]], (x.kind(), x.device()));
+                    // the slots before each row's content are masked, but must hold finite numbers
+                    let _ = out.narrow(2, 0, len).zero_();
+                    out.narrow(0, 0, ba).narrow(2, len - keep_self, keep_self).copy_(&x.narrow(2, self.len - keep_self, keep_self));
+                    out.narrow(0, ba, bb).narrow(2, len - keep_other, keep_other).copy_(&y.narrow(2, other.len - keep_other, keep_other));
+                    out
+                })
+                .collect()
+        };
+        KvCache {
+            k: merge(&self.k, &other.k),
+            v: merge(&self.v, &other.v),
+            len,
+            capacity,
+            rope_long: self.rope_long.or(other.rope_long),
+        }
+    }
+
     /// LongRoPE factor choice of this cache (`None` until the first forward, which picks it from the
     /// capacity). Pass it as [`crate::Batch::rope_long`] when recomputing log-probabilities in training.
     pub fn rope_long(&self) -> Option<bool> {

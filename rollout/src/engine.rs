@@ -1,17 +1,23 @@
-//! The generation engine: waves of sequences decoded together over one KV cache.
+//! The generation engine: batches of sequences decoded together over one KV cache, refilled as rows finish.
 //!
-//! * A `generate` call is planned into **waves** in request order. A wave holds at most `max_batch_seqs` rows
-//!   and `rows × (longest prompt + largest max_new_tokens)` cache tokens within `cache_budget_tokens`; a request
-//!   that does not fit the current wave starts the next one (its samples may be split over waves; each part
-//!   encodes the prompt again). A single sequence that cannot fit the budget is an error.
-//! * **Prefill once per group**: a wave's distinct prompts are left-padded and encoded together (in chunks of
+//! * A `generate` call queues every request's group of samples in request order. A batch (a **wave**) takes
+//!   from the front at most `max_batch_seqs` rows and `rows × (longest prompt + largest max_new_tokens)` cache
+//!   tokens within `cache_budget_tokens` (a group that does not fit is split; each part encodes the prompt
+//!   again). A single sequence that cannot fit the budget is an error.
+//! * **Prefill once per group**: a batch's distinct prompts are left-padded and encoded together (in chunks of
 //!   positions, so the logits of long prompts stay near 256 MiB), then the cache rows are repeated
 //!   `n` times for the group's samples.
-//! * **Decoding**: one forward per step for all live rows; sampling happens on the device with per-row
+//! * **Decoding**: one forward per step for all live rows, on a fused copy of the projection weights
+//!   (`model::Transformer::decode_weights`; `fuse_weights`); sampling happens on the device with per-row
 //!   parameters ([`crate::sampler`]); one small host transfer per step reads the tokens and log-probabilities.
 //! * **Finished rows stop costing compute**: once `compact_fraction` of the rows have finished, they are dropped
-//!   from the cache, the mask and the positions (`KvCache::select_rows`). The model's cache has one shared
-//!   length, so new sequences are not inserted into a running wave; the next wave starts when this one ends.
+//!   from the cache, the mask and the positions (`KvCache::select_rows`).
+//! * **Slot refill** (`slot_refill`): after such a drop, queued groups join the running batch as far as
+//!   `max_batch_seqs` and the budget allow. Their prompts are encoded on their own; then the running cache
+//!   and theirs are right-aligned in one new cache (`KvCache::concat_right_aligned`: positions that no live
+//!   row attends to any more are dropped, the positions before each row's content are masked like left
+//!   padding, keys keep their rotary positions), sized for what every row may still write. A new wave
+//!   starts only when a batch has emptied with work still queued.
 
 use crate::error::{Result, RolloutError};
 use crate::params::{Completion, FinishReason, Request, SamplingParams};
@@ -20,8 +26,9 @@ use crate::sampler::RowSampling;
 use crate::stop::{StopMatcher, TokenDecoder};
 use model::{KvCache, Transformer};
 use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
 use std::sync::Arc;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 /// Engine settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -51,6 +58,11 @@ pub struct EngineConfig {
     /// the attention and MLP weights while `generate` runs; `false` decodes on the parameters themselves.
     /// Default true.
     pub fuse_weights: bool,
+    /// Slot refill: when finished rows leave the batch (see `compact_fraction`), sequences still waiting
+    /// join it, their prompts encoded on their own and their cache rows merged in, within `max_batch_seqs`
+    /// and `cache_budget_tokens` (the merge briefly holds the old and the new cache). Default true; false
+    /// runs waiting sequences in a later wave.
+    pub slot_refill: bool,
 }
 
 impl Default for EngineConfig {
@@ -65,6 +77,7 @@ impl Default for EngineConfig {
             rope_long: None,
             prefill_chunk: 0,
             fuse_weights: true,
+            slot_refill: true,
         }
     }
 }
@@ -82,6 +95,10 @@ pub struct GenerateStats {
     pub decode_row_steps: usize,
     /// Times finished rows were dropped from the cache.
     pub compactions: usize,
+    /// Times waiting sequences joined a running batch (slot refill).
+    pub refills: usize,
+    /// Largest cache allocated, in token slots (rows × capacity); at most `cache_budget_tokens`.
+    pub peak_cache_tokens: i64,
     /// Tokens generated.
     pub generated_tokens: usize,
 }
@@ -100,11 +117,21 @@ struct Chunk {
     count: usize,
 }
 
-struct Wave {
-    chunks: Vec<Chunk>,
-    rows: usize,
-    max_prompt: usize,
-    max_new: usize,
+/// What every batch of one `generate` call shares.
+struct Ctx<'a> {
+    requests: &'a [Request],
+    seeds: &'a [u64],
+    stops: Vec<StopMatcher>,
+    stop_ids: Vec<Vec<i64>>,
+}
+
+/// Prompts encoded and expanded into their samples ([`Engine::prefill`]).
+struct Prefilled {
+    cache: KvCache,
+    key_mask: Tensor,
+    logits: Tensor,
+    next_pos: Vec<i64>,
+    row_ids: Vec<usize>,
 }
 
 struct Row {
@@ -156,7 +183,9 @@ impl<'m> Engine<'m> {
     /// different co-batched requests (which change the wave plan, the padding and the batch shapes of the
     /// matmuls) the logits agree only up to floating-point rounding, so a sample is the same unless a uniform
     /// falls within that rounding of a CDF boundary (in fp32 on CPU the tests see identical tokens and
-    /// log-probabilities within 1e-5).
+    /// log-probabilities within 1e-5). With slot refill, which rows share a batch also depends on when others
+    /// finish; the same holds. LongRoPE models: a batch keeps one factor set, chosen from its first cache's
+    /// capacity, and sequences that join it inherit it (`Completion::rope_long` records the choice).
     pub fn generate(&self, requests: &[Request]) -> Result<Vec<Completion>> {
         self.generate_with_stats(requests).map(|(c, _)| c)
     }
@@ -179,11 +208,30 @@ impl<'m> Engine<'m> {
                 out.push(self.finish_row(row, r, false, &self.decoder));
             }
         }
-        let waves = self.plan(requests)?;
-        let mut fused = (self.cfg.fuse_weights && !waves.is_empty()).then(|| self.model.decode_weights());
-        for wave in waves {
+        // every group with work to do, in request order; batches take from the front
+        let mut queue: VecDeque<Chunk> =
+            requests.iter().enumerate().filter(|(_, r)| r.params.max_new_tokens > 0).map(|(i, r)| Chunk { req: i, first: 0, count: r.n }).collect();
+        let ctx = Ctx {
+            requests,
+            seeds: &seeds,
+            stops: requests.iter().map(|r| StopMatcher::new(&r.params.stop_strings)).collect(),
+            stop_ids: requests
+                .iter()
+                .map(|r| {
+                    let mut v = r.params.stop_token_ids.clone();
+                    if !r.params.ignore_eos {
+                        v.extend(&self.cfg.eos_token_ids);
+                    }
+                    v
+                })
+                .collect(),
+        };
+        let mut fused = (self.cfg.fuse_weights && !queue.is_empty()).then(|| self.model.decode_weights());
+        while !queue.is_empty() {
+            // validate() guarantees that one row fits an empty batch
+            let chunks = self.take_chunks(&mut queue, requests, 0, |p, n| (p + n) as i64);
             stats.waves += 1;
-            self.run_wave(requests, &seeds, &wave, fused.as_mut(), &mut out, &mut stats)?;
+            self.run_wave(&ctx, chunks, &mut queue, fused.as_mut(), &mut out, &mut stats)?;
         }
         out.sort_by_key(|c| (c.request_index, c.sample_index));
         stats.generated_tokens = out.iter().map(|c| c.completion_tokens).sum();
@@ -222,68 +270,54 @@ impl<'m> Engine<'m> {
     }
 
     /// Packs requests into waves in order (see the module docs).
-    fn plan(&self, requests: &[Request]) -> Result<Vec<Wave>> {
-        let budget = self.cfg.cache_budget_tokens;
-        let mut waves = Vec::new();
-        let mut cur = Wave { chunks: Vec::new(), rows: 0, max_prompt: 0, max_new: 0 };
-        for (i, r) in requests.iter().enumerate() {
-            if r.params.max_new_tokens == 0 {
-                continue;
+    /// Takes chunks from the front of `queue` (in request order, splitting a group where it stops fitting)
+    /// for a batch that already holds `rows` rows: the batch may grow to `max_batch_seqs` rows and to
+    /// `rows × capacity(longest new prompt, largest new max_new_tokens) ≤ cache_budget_tokens`.
+    fn take_chunks(&self, queue: &mut VecDeque<Chunk>, requests: &[Request], rows: usize, capacity: impl Fn(usize, usize) -> i64) -> Vec<Chunk> {
+        let mut taken = Vec::new();
+        let (mut total, mut mp, mut mn) = (rows, 0usize, 0usize);
+        while let Some(c) = queue.front_mut() {
+            let r = &requests[c.req];
+            let (p, n) = (mp.max(r.prompt_ids.len()), mn.max(r.params.max_new_tokens));
+            let by_budget = (self.cfg.cache_budget_tokens / capacity(p, n).max(1)) as usize;
+            let fit = self.cfg.max_batch_seqs.min(by_budget).saturating_sub(total).min(c.count);
+            if fit == 0 {
+                break;
             }
-            let mut done = 0;
-            while done < r.n {
-                let mp = cur.max_prompt.max(r.prompt_ids.len());
-                let mn = cur.max_new.max(r.params.max_new_tokens);
-                let by_budget = (budget / (mp + mn) as i64) as usize;
-                let fit = self.cfg.max_batch_seqs.min(by_budget).saturating_sub(cur.rows);
-                if fit == 0 {
-                    // validate() guarantees that one row fits an empty wave
-                    waves.push(std::mem::replace(&mut cur, Wave { chunks: Vec::new(), rows: 0, max_prompt: 0, max_new: 0 }));
-                    continue;
-                }
-                let take = fit.min(r.n - done);
-                cur.chunks.push(Chunk { req: i, first: done, count: take });
-                cur.rows += take;
-                cur.max_prompt = mp;
-                cur.max_new = mn;
-                done += take;
+            taken.push(Chunk { req: c.req, first: c.first, count: fit });
+            (total, mp, mn) = (total + fit, p, n);
+            if fit == c.count {
+                queue.pop_front();
+            } else {
+                c.first += fit;
+                c.count -= fit;
+                break;
             }
         }
-        if cur.rows > 0 {
-            waves.push(cur);
-        }
-        Ok(waves)
+        taken
     }
 
-    fn run_wave(
-        &self,
-        requests: &[Request],
-        seeds: &[u64],
-        wave: &Wave,
-        mut fused: Option<&mut model::DecodeWeights>,
-        out: &mut Vec<Completion>,
-        stats: &mut GenerateStats,
-    ) -> Result<()> {
+    /// Encodes the distinct prompts of `chunks` (left-padded, in chunks of positions) into a new cache of
+    /// `capacity` positions and expands each into its samples: new `rows`, the cache, key mask and last
+    /// logits per sample, and each sample's next position.
+    fn prefill(&self, ctx: &Ctx, chunks: &[Chunk], capacity: i64, rope_long: Option<bool>, rows: &mut Vec<Row>, stats: &mut GenerateStats) -> Prefilled {
         let m = self.model;
         let device = m.device();
-        let p = wave.chunks.len() as i64;
-        let lmax = wave.max_prompt as i64;
-        let capacity = (wave.max_prompt + wave.max_new) as i64;
         let vocab = m.cfg.vocab_size;
-
+        let p = chunks.len() as i64;
+        let max_prompt = chunks.iter().map(|c| ctx.requests[c.req].prompt_ids.len()).max().unwrap_or(0);
+        let lmax = max_prompt as i64;
         // left-padded prompts, their positions and the key mask over the whole capacity
         let mut ids = vec![self.cfg.pad_token_id; (p * lmax) as usize];
         let mut pos = vec![0i64; (p * lmax) as usize];
         let mut keys = vec![true; (p * capacity) as usize];
-        for (c, ch) in wave.chunks.iter().enumerate() {
-            let prompt = &requests[ch.req].prompt_ids;
-            let pad = wave.max_prompt - prompt.len();
-            for j in 0..wave.max_prompt {
-                let k = c * wave.max_prompt + j;
-                if j >= pad {
-                    ids[k] = prompt[j - pad];
-                    pos[k] = (j - pad) as i64;
-                }
+        for (c, ch) in chunks.iter().enumerate() {
+            let prompt = &ctx.requests[ch.req].prompt_ids;
+            let pad = max_prompt - prompt.len();
+            for j in pad..max_prompt {
+                let k = c * max_prompt + j;
+                ids[k] = prompt[j - pad];
+                pos[k] = (j - pad) as i64;
             }
             for j in 0..pad {
                 keys[c * capacity as usize + j] = false;
@@ -293,7 +327,7 @@ impl<'m> Engine<'m> {
         let pos = Tensor::from_slice(&pos).view([p, lmax]).to_device(device);
         let mut key_mask = Tensor::from_slice(&keys).view([p, capacity]).to_device(device);
         let mut cache = KvCache::new(&m.cfg, p, capacity, m.kind(), device);
-        if let Some(l) = self.cfg.rope_long {
+        if let Some(l) = rope_long {
             cache.set_rope_long(l);
         }
         // logits come back in the model's dtype; at least 16 positions per chunk keep large batches efficient
@@ -313,41 +347,54 @@ impl<'m> Engine<'m> {
             }
         }
         stats.prefill_positions += p * lmax;
-        let mut logits = logits.expect("a wave has a non-empty prompt");
-        let rope_long = cache.rope_long().unwrap_or(false);
-
+        let mut logits = logits.expect("a prefill has a non-empty prompt");
         // expand each prompt into its group of samples
-        let mut rows: Vec<Row> = Vec::with_capacity(wave.rows);
-        let mut expand = Vec::with_capacity(wave.rows);
-        let mut next_pos = Vec::with_capacity(wave.rows);
-        for (c, ch) in wave.chunks.iter().enumerate() {
+        let mut expand = Vec::new();
+        let mut next_pos = Vec::new();
+        let mut row_ids = Vec::new();
+        for (c, ch) in chunks.iter().enumerate() {
             for j in ch.first..ch.first + ch.count {
-                rows.push(Row::new(ch.req, j, seeds[ch.req]));
+                row_ids.push(rows.len());
+                rows.push(Row::new(ch.req, j, ctx.seeds[ch.req]));
                 expand.push(c as i64);
-                next_pos.push(requests[ch.req].prompt_ids.len() as i64);
+                next_pos.push(ctx.requests[ch.req].prompt_ids.len() as i64);
             }
         }
-        if wave.chunks.iter().any(|ch| ch.count != 1) {
+        if chunks.iter().any(|ch| ch.count != 1) {
             let idx = Tensor::from_slice(&expand).to_device(device);
             cache.select_rows(&idx);
             key_mask = key_mask.index_select(0, &idx);
             logits = logits.index_select(0, &idx);
         }
+        Prefilled { cache, key_mask, logits, next_pos, row_ids }
+    }
+
+    /// Decodes one batch: `chunks` start it; with `slot_refill`, chunks from `queue` join it whenever
+    /// finished rows have been dropped and the freed rows and the cache budget allow.
+    fn run_wave(
+        &self,
+        ctx: &Ctx,
+        chunks: Vec<Chunk>,
+        queue: &mut VecDeque<Chunk>,
+        mut fused: Option<&mut model::DecodeWeights>,
+        out: &mut Vec<Completion>,
+        stats: &mut GenerateStats,
+    ) -> Result<()> {
+        let m = self.model;
+        let device = m.device();
+        let vocab = m.cfg.vocab_size;
+        let requests = ctx.requests;
+        let max_prompt = chunks.iter().map(|c| requests[c.req].prompt_ids.len()).max().unwrap_or(0);
+        let max_new = chunks.iter().map(|c| requests[c.req].params.max_new_tokens).max().unwrap_or(0);
+        let mut rows: Vec<Row> = Vec::new();
+        let first = self.prefill(ctx, &chunks, (max_prompt + max_new) as i64, self.cfg.rope_long, &mut rows, stats);
+        let Prefilled { mut cache, mut key_mask, mut logits, next_pos, row_ids } = first;
+        let rope_long = cache.rope_long().unwrap_or(false);
         let mut pos = Tensor::from_slice(&next_pos).view([-1, 1]).to_device(device);
-        let stops: Vec<StopMatcher> = requests.iter().map(|r| StopMatcher::new(&r.params.stop_strings)).collect();
-        let stop_ids: Vec<Vec<i64>> = requests
-            .iter()
-            .map(|r| {
-                let mut v = r.params.stop_token_ids.clone();
-                if !r.params.ignore_eos {
-                    v.extend(&self.cfg.eos_token_ids);
-                }
-                v
-            })
-            .collect();
+        stats.peak_cache_tokens = stats.peak_cache_tokens.max(cache.batch() * cache.capacity());
 
         // active[i] = index into rows of cache row i
-        let mut active: Vec<usize> = (0..rows.len()).collect();
+        let mut active: Vec<usize> = row_ids;
         let params_of = |active: &[usize], rows: &[Row]| -> Vec<&SamplingParams> { active.iter().map(|&i| &requests[rows[i].req].params).collect() };
         let mut sampling = RowSampling::new(&params_of(&active, &rows), vocab, device);
         if let Some(w) = fused.as_deref_mut() {
@@ -367,10 +414,10 @@ impl<'m> Engine<'m> {
                 row.tokens.push(tok);
                 row.lp_sampled.push(s.logprob_sampled[k]);
                 row.lp_model.push(s.logprob_model[k]);
-                if stop_ids[row.req].contains(&tok) {
+                if ctx.stop_ids[row.req].contains(&tok) {
                     row.finish = Some(FinishReason::Stop);
-                } else if let (false, Some(dec)) = (stops[row.req].is_empty(), &self.decoder) {
-                    if let Some((stop, at, full)) = stops[row.req].check(dec.as_ref(), &row.tokens) {
+                } else if let (false, Some(dec)) = (ctx.stops[row.req].is_empty(), &self.decoder) {
+                    if let Some((stop, at, full)) = ctx.stops[row.req].check(dec.as_ref(), &row.tokens) {
                         row.finish = Some(FinishReason::Stop);
                         row.text = Some(full[..at].to_string());
                         row.stop_string = Some(stop);
@@ -387,6 +434,7 @@ impl<'m> Engine<'m> {
                 break;
             }
             let mut tokens = s.tokens;
+            let mut compacted = false;
             if finished_in_cache > 0 && finished_in_cache as f64 >= self.cfg.compact_fraction * active.len() as f64 {
                 let keep: Vec<i64> = (0..active.len() as i64).filter(|&k| rows[active[k as usize]].finish.is_none()).collect();
                 let idx = Tensor::from_slice(&keep).to_device(device);
@@ -395,18 +443,58 @@ impl<'m> Engine<'m> {
                 pos = pos.index_select(0, &idx);
                 tokens = tokens.index_select(0, &idx);
                 active = keep.iter().map(|&k| active[k as usize]).collect();
-                sampling = RowSampling::new(&params_of(&active, &rows), vocab, device);
-                if let Some(w) = fused.as_deref_mut() {
-                    w.prepare_rows(active.len() as i64);
-                }
                 finished_in_cache = 0;
                 stats.compactions += 1;
+                compacted = true;
             }
             let len = cache.len();
             logits = m.forward_cached_with(&tokens.view([-1, 1]), &pos, &key_mask.narrow(1, 0, len + 1), &mut cache, fused.as_deref()).squeeze_dim(1);
             pos += 1;
             stats.decode_steps += 1;
             stats.decode_row_steps += active.len();
+            if compacted && self.cfg.slot_refill && !queue.is_empty() {
+                // new sequences join the batch: their prompts are encoded on their own, then both caches are
+                // right-aligned at a common length in a new cache (see `KvCache::concat_right_aligned`)
+                let len = cache.len();
+                // a running row holds its prompt and fed tokens at the end of the cache and may write
+                // max_new_tokens − generated more; positions before the longest such content are dropped
+                let live = |f: &dyn Fn(&Row) -> i64| active.iter().map(|&i| f(&rows[i])).max().unwrap_or(0);
+                let keep = live(&|r| (requests[r.req].prompt_ids.len() + r.tokens.len()) as i64).min(len);
+                let room = live(&|r| (requests[r.req].params.max_new_tokens - r.tokens.len()) as i64);
+                let new = self.take_chunks(queue, requests, active.len(), |p, n| keep.max(p as i64) + room.max(n as i64));
+                if !new.is_empty() {
+                    let lp = new.iter().map(|c| requests[c.req].prompt_ids.len()).max().unwrap_or(0) as i64;
+                    let new_max = new.iter().map(|c| requests[c.req].params.max_new_tokens).max().unwrap_or(0) as i64;
+                    let joined = self.prefill(ctx, &new, lp, Some(rope_long), &mut rows, stats);
+                    let merged_len = keep.max(lp);
+                    let capacity = merged_len + room.max(new_max);
+                    let realign = |mask: &Tensor, filled: i64, keep: i64| {
+                        let b = mask.size()[0];
+                        Tensor::cat(
+                            &[
+                                Tensor::zeros([b, merged_len - keep], (Kind::Bool, device)),
+                                mask.narrow(1, filled - keep, keep).to_kind(Kind::Bool),
+                                Tensor::ones([b, capacity - merged_len], (Kind::Bool, device)),
+                            ],
+                            1,
+                        )
+                    };
+                    key_mask = Tensor::cat(&[realign(&key_mask, len, keep), realign(&joined.key_mask, lp, lp)], 0);
+                    cache = cache.concat_right_aligned(keep, &joined.cache, lp, capacity);
+                    pos = Tensor::cat(&[pos, Tensor::from_slice(&joined.next_pos).view([-1, 1]).to_device(device)], 0);
+                    let kind = logits.kind();
+                    logits = Tensor::cat(&[logits, joined.logits.to_kind(kind)], 0);
+                    active.extend(joined.row_ids);
+                    stats.refills += 1;
+                    stats.peak_cache_tokens = stats.peak_cache_tokens.max(cache.batch() * cache.capacity());
+                }
+            }
+            if compacted {
+                sampling = RowSampling::new(&params_of(&active, &rows), vocab, device);
+                if let Some(w) = fused.as_deref_mut() {
+                    w.prepare_rows(active.len() as i64);
+                }
+            }
         }
         for row in rows {
             let req = &requests[row.req];
