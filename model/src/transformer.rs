@@ -274,7 +274,7 @@ impl Transformer {
         self.autocast(|| {
             let mut x = self.embed.embedding_fwd(batch.input_ids);
             for blk in &self.blocks {
-                x = blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), None);
+                x = blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), None, None);
             }
             self.norm.forward(&x)
         })
@@ -292,7 +292,7 @@ impl Transformer {
             let mut saved = Vec::with_capacity(self.blocks.len() + 1);
             let mut x = self.embed.embedding_fwd(batch.input_ids);
             for blk in &self.blocks {
-                let next = blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), None);
+                let next = blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), None, None);
                 saved.push(x);
                 x = next;
             }
@@ -318,7 +318,7 @@ impl Transformer {
         let mut g = x.grad();
         for blk in self.blocks.iter().rev() {
             let x = leaf(saved.pop().expect("one checkpoint per layer"));
-            backward_with(&self.autocast(|| blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), None)), &g);
+            backward_with(&self.autocast(|| blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), None, None)), &g);
             g = x.grad();
         }
         backward_with(&self.autocast(|| self.embed.embedding_fwd(&input_ids)), &g);
@@ -407,7 +407,7 @@ impl Transformer {
             for (i, blk) in self.blocks.iter().enumerate() {
                 let (k, v) = cache.layer_mut(i);
                 let fused = weights.map(|w| &w.layers[i]);
-                x = blk.forward_with(&x, &cos, &sin, &self.rope, mask.as_ref(), Some((k, v, past)), fused);
+                x = blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), Some((k, v, past)), fused);
             }
             let x = self.norm.forward(&x);
             match weights {
@@ -542,20 +542,10 @@ fn build_mask(mask: &AttnMask, b: i64, t: i64, past: i64, window: Option<i64>, d
 }
 
 impl Block {
-    fn forward(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        rope: &Rope,
-        mask: Option<&Tensor>,
-        cache: Option<(&mut Tensor, &mut Tensor, i64)>,
-    ) -> Tensor {
-        self.forward_with(x, cos, sin, rope, mask, cache, None)
-    }
-
+    /// One decoder layer; `fused`: the layer's decode weights ([`Transformer::decode_weights`]) instead of
+    /// its parameters' projections.
     #[allow(clippy::too_many_arguments)]
-    fn forward_with(
+    fn forward(
         &self,
         x: &Tensor,
         cos: &Tensor,

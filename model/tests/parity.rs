@@ -61,6 +61,21 @@ fn logits_match_transformers_for_every_family() {
     }
 }
 
+/// Logits of a padded batch through the KV cache: `prefill` positions at once, then one at a time.
+fn decode_incrementally(m: &Model, ids: &Tensor, pos: &Tensor, mask: &Tensor, prefill: i64, fused: Option<&model::DecodeWeights>) -> Tensor {
+    let (b, t) = ids.size2().unwrap();
+    let mut cache = KvCache::new(&m.net.cfg, b, t, Kind::Float, Device::Cpu);
+    let logits = tch::no_grad(|| {
+        let mut out = vec![m.net.forward_cached_with(&ids.narrow(1, 0, prefill), &pos.narrow(1, 0, prefill), &mask.narrow(1, 0, prefill), &mut cache, fused)];
+        for s in prefill..t {
+            out.push(m.net.forward_cached_with(&ids.narrow(1, s, 1), &pos.narrow(1, s, 1), &mask.narrow(1, 0, s + 1), &mut cache, fused));
+        }
+        Tensor::cat(&out, 1)
+    });
+    assert_eq!(cache.len(), t);
+    logits
+}
+
 #[test]
 fn kv_cache_decoding_equals_full_forward() {
     setup();
@@ -71,7 +86,7 @@ fn kv_cache_decoding_equals_full_forward() {
         let ids = &r["case1.input_ids"];
         let mask = &r["case1.attention_mask"];
         let pos = &r["case1.position_ids"];
-        let (b, t) = ids.size2().unwrap();
+        let t = ids.size()[1];
         // LongRoPE (phi3): a cache keeps one factor set, chosen from its capacity; the full forward is told
         // the same choice (which here is also transformers' choice for the whole row).
         let long = m.net.rope_long_for_len(t);
@@ -84,19 +99,10 @@ fn kv_cache_decoding_equals_full_forward() {
         // concatenated: `decode_weights`)
         let weights = m.net.decode_weights();
         for fused in [None, Some(&weights)] {
-            let mut cache = KvCache::new(&m.net.cfg, b, t, Kind::Float, Device::Cpu);
-            let mut pieces = vec![];
-            tch::no_grad(|| {
-                pieces.push(m.net.forward_cached_with(&ids.narrow(1, 0, prefill), &pos.narrow(1, 0, prefill), &mask.narrow(1, 0, prefill), &mut cache, fused));
-                for s in prefill..t {
-                    pieces.push(m.net.forward_cached_with(&ids.narrow(1, s, 1), &pos.narrow(1, s, 1), &mask.narrow(1, 0, s + 1), &mut cache, fused));
-                }
-            });
-            let inc = Tensor::cat(&pieces, 1);
+            let inc = decode_incrementally(&m, ids, pos, mask, prefill, fused);
             let d = (&inc - &full).abs().masked_fill(&valid.logical_not(), 0.0).max().double_value(&[]);
             println!("kv-cache {fam} (fused weights: {}): max |incremental - full| = {d:.3e}", fused.is_some());
             assert!(d <= 1e-5, "{fam}: {d}");
-            assert_eq!(cache.len(), t);
         }
     }
 }
@@ -110,22 +116,12 @@ fn fused_decode_weights_follow_autocast_and_match_it() {
         let ids = &r["case1.input_ids"];
         let mask = &r["case1.attention_mask"];
         let pos = &r["case1.position_ids"];
-        let (b, t) = ids.size2().unwrap();
         m.net.set_autocast(Some(Kind::BFloat16));
         let weights = m.net.decode_weights();
         // one bf16 matrix per layer for q/k/v (and gate/up): fp32 parameters cast once, not at every step
         let n = m.net.cfg.num_hidden_layers as i64;
         assert!(weights.bytes() < m.net.params.iter().map(|(_, p)| p.numel() as i64 * 4).sum::<i64>() * 6 / 10, "{fam}: weights not bf16");
-        let run = |fused: Option<&model::DecodeWeights>| {
-            let mut cache = KvCache::new(&m.net.cfg, b, t, Kind::Float, Device::Cpu);
-            tch::no_grad(|| {
-                let mut out = vec![m.net.forward_cached_with(&ids.narrow(1, 0, 8), &pos.narrow(1, 0, 8), &mask.narrow(1, 0, 8), &mut cache, fused)];
-                for s in 8..t {
-                    out.push(m.net.forward_cached_with(&ids.narrow(1, s, 1), &pos.narrow(1, s, 1), &mask.narrow(1, 0, s + 1), &mut cache, fused));
-                }
-                Tensor::cat(&out, 1).to_kind(Kind::Float)
-            })
-        };
+        let run = |fused: Option<&model::DecodeWeights>| decode_incrementally(&m, ids, pos, mask, 8, fused).to_kind(Kind::Float);
         let (plain, fused) = (run(None), run(Some(&weights)));
         m.net.set_autocast(None);
         let valid = mask.ne(0).unsqueeze(-1);
