@@ -381,6 +381,26 @@ impl Transformer {
         cache: &mut KvCache,
         weights: Option<&DecodeWeights>,
     ) -> Tensor {
+        self.cached(input_ids, position_ids, key_mask, cache, weights, Head::All).expect("logits of every position")
+    }
+
+    /// Prefill: [`Transformer::forward_cached`] for prompt positions that need no logits but (with `last`) the
+    /// last position's, `[B, vocab]`. The output projection then runs on one position per row instead of all
+    /// `T` (for a 150k vocabulary it is a quarter of a small model's weights), and no `[B, T, vocab]` tensor
+    /// is made. `None` without `last`.
+    pub fn prefill_cached(&self, input_ids: &Tensor, position_ids: &Tensor, key_mask: &Tensor, cache: &mut KvCache, last: bool) -> Option<Tensor> {
+        self.cached(input_ids, position_ids, key_mask, cache, None, if last { Head::Last } else { Head::None })
+    }
+
+    fn cached(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        key_mask: &Tensor,
+        cache: &mut KvCache,
+        weights: Option<&DecodeWeights>,
+        head: Head,
+    ) -> Option<Tensor> {
         let (b, t) = input_ids.size2().expect("input_ids must be [batch, seq]");
         let past = cache.len();
         assert!(past + t <= cache.capacity(), "KV cache overflow: {} + {} > {}", past, t, cache.capacity());
@@ -409,11 +429,16 @@ impl Transformer {
                 let fused = weights.map(|w| &w.layers[i]);
                 x = blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), Some((k, v, past)), fused);
             }
+            let x = match head {
+                Head::All => x,
+                Head::Last => x.select(1, t - 1),
+                Head::None => return None,
+            };
             let x = self.norm.forward(&x);
-            match weights {
+            Some(match weights {
                 Some(w) => w.lm_head.forward(&x),
                 None => x.linear(&self.lm_head, None::<Tensor>),
-            }
+            })
         });
         cache.advance(t);
         logits
@@ -455,6 +480,14 @@ impl Transformer {
             .collect();
         DecodeWeights { layers, lm_head: Linear { w: cast(&self.lm_head), b: None, packed: None } }
     }
+}
+
+/// Which positions of a cached forward get logits.
+#[derive(Clone, Copy)]
+enum Head {
+    All,
+    Last,
+    None,
 }
 
 /// Projection weights for decoding ([`Transformer::decode_weights`]).

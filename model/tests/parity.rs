@@ -98,6 +98,16 @@ fn kv_cache_decoding_equals_full_forward() {
         // decoding on the parameters, then on the fused copy the rollout engine uses (q/k/v and gate/up
         // concatenated: `decode_weights`)
         let weights = m.net.decode_weights();
+        // a prefill that asks for the last position's logits only (in two chunks) gives those of the full forward
+        let mut cache = KvCache::new(&m.net.cfg, ids.size()[0], t, Kind::Float, Device::Cpu);
+        let (first, last) = tch::no_grad(|| {
+            let first = m.net.prefill_cached(&ids.narrow(1, 0, 3), &pos.narrow(1, 0, 3), &mask.narrow(1, 0, 3), &mut cache, false);
+            (first, m.net.prefill_cached(&ids.narrow(1, 3, 5), &pos.narrow(1, 3, 5), &mask.narrow(1, 0, 8), &mut cache, true))
+        });
+        assert!(first.is_none());
+        assert_eq!(cache.len(), 8);
+        let d = (last.unwrap() - full.select(1, 7)).abs().max().double_value(&[]);
+        assert!(d <= 1e-5, "{fam} prefill: {d}");
         for fused in [None, Some(&weights)] {
             let inc = decode_incrementally(&m, ids, pos, mask, prefill, fused);
             let d = (&inc - &full).abs().masked_fill(&valid.logical_not(), 0.0).max().double_value(&[]);

@@ -5,8 +5,8 @@
 //!   tokens within `cache_budget_tokens` (a group that does not fit is split; each part encodes the prompt
 //!   again). A single sequence that cannot fit the budget is an error.
 //! * **Prefill once per group**: a batch's distinct prompts are left-padded and encoded together (in chunks of
-//!   positions, so the logits of long prompts stay near 256 MiB), then the cache rows are repeated
-//!   `n` times for the group's samples.
+//!   positions, so that activations of long prompts stay near 256 MiB; the output head runs on the last
+//!   position only), then the cache rows are repeated `n` times for the group's samples.
 //! * **Decoding**: one forward per step for all live rows, on a fused copy of the projection weights
 //!   (`model::Transformer::decode_weights`; `fuse_weights`); sampling happens on the device with per-row
 //!   parameters ([`crate::sampler`]); one small host transfer per step reads the tokens and log-probabilities.
@@ -50,8 +50,9 @@ pub struct EngineConfig {
     pub compact_fraction: f64,
     /// LongRoPE: force the long (`true`) or short factors; default: chosen per wave from the cache capacity.
     pub rope_long: Option<bool>,
-    /// Prompt positions per prefill forward; 0 (default) = automatic: as many as keep the prefill logits near
-    /// 256 MiB, at least 16.
+    /// Prompt positions per prefill forward; 0 (default) = automatic: as many as keep the prefill's largest
+    /// activation (the MLP's gate and up outputs) near 256 MiB, at least 16. Only the last prompt position
+    /// gets logits.
     pub prefill_chunk: usize,
     /// Decode with a per-call copy of the projection weights laid out for speed (q/k/v and gate/up
     /// concatenated, cast to the autocast dtype: `model::Transformer::decode_weights`). Costs the bytes of
@@ -146,7 +147,7 @@ struct Row {
     text: Option<String>,
 }
 
-const PREFILL_LOGITS_BYTES: i64 = 256 << 20;
+const PREFILL_ACTIVATION_BYTES: i64 = 256 << 20;
 
 impl<'m> Engine<'m> {
     pub fn new(model: &'m Transformer, cfg: EngineConfig) -> Result<Engine<'m>> {
@@ -303,7 +304,6 @@ impl<'m> Engine<'m> {
     fn prefill(&self, ctx: &Ctx, chunks: &[Chunk], capacity: i64, rope_long: Option<bool>, rows: &mut Vec<Row>, stats: &mut GenerateStats) -> Prefilled {
         let m = self.model;
         let device = m.device();
-        let vocab = m.cfg.vocab_size;
         let p = chunks.len() as i64;
         let max_prompt = chunks.iter().map(|c| ctx.requests[c.req].prompt_ids.len()).max().unwrap_or(0);
         let lmax = max_prompt as i64;
@@ -330,21 +330,20 @@ impl<'m> Engine<'m> {
         if let Some(l) = rope_long {
             cache.set_rope_long(l);
         }
-        // logits come back in the model's dtype; at least 16 positions per chunk keep large batches efficient
+        // only the last position gets logits; chunks of positions bound the largest activation (the MLP's
+        // gate and up outputs); at least 16 positions per chunk keep large batches efficient
         let elt = m.kind().elt_size_in_bytes() as i64;
         let chunk_t = match self.cfg.prefill_chunk {
-            0 => (PREFILL_LOGITS_BYTES / (p * vocab * elt)).max(16),
+            0 => (PREFILL_ACTIVATION_BYTES / (p * 2 * m.cfg.intermediate_size * elt).max(1)).max(16),
             c => c as i64,
         };
         let mut logits = None;
         let mut start = 0;
         while start < lmax {
             let t = chunk_t.min(lmax - start);
-            let l = m.forward_cached(&ids.narrow(1, start, t), &pos.narrow(1, start, t), &key_mask.narrow(1, 0, start + t), &mut cache);
+            let last = start + t == lmax;
+            logits = m.prefill_cached(&ids.narrow(1, start, t), &pos.narrow(1, start, t), &key_mask.narrow(1, 0, start + t), &mut cache, last);
             start += t;
-            if start == lmax {
-                logits = Some(l.select(1, t - 1));
-            }
         }
         stats.prefill_positions += p * lmax;
         let mut logits = logits.expect("a prefill has a non-empty prompt");
