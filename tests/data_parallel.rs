@@ -150,6 +150,62 @@ fn two_rank_grpo_is_bitwise_one_process_with_the_same_prompts_per_step() {
     assert_eq!(pick(&one), pick(&two));
 }
 
+/// Final weights of two runs, tensor by tensor: the largest absolute difference.
+fn max_weight_diff(a: &Path, b: &Path) -> f64 {
+    let read = |d: &Path| {
+        let mut ts = tch::Tensor::read_safetensors(d.join("out/checkpoints/s00-final/model/model.safetensors")).unwrap();
+        ts.sort_by(|a, b| a.0.cmp(&b.0));
+        ts
+    };
+    let (a, b) = (read(a), read(b));
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(&b).map(|((na, ta), (nb, tb))| {
+        assert_eq!(na, nb);
+        (ta - tb).abs().max().double_value(&[])
+    }).fold(0.0, f64::max)
+}
+
+/// Dynamic sampling, domain-aware sampling and a token budget decide from every group of a generation round;
+/// with two ranks each rank generates half of the groups and both take the one-process decisions from the
+/// gathered summaries: the same groups kept and dropped, rounds drawn, rewards; the weights differ from one
+/// process only by the order in which uneven shares of groups are summed.
+#[test]
+fn two_rank_grpo_sampling_side_decisions_equal_one_process() {
+    let root = tempfile::tempdir().unwrap();
+    let mut rows = String::new();
+    for i in 0..24 {
+        let (dom, q, a) = if i % 3 == 0 { ("sub", format!("What is {} - 1?", i + 5), i + 4) } else { ("add", format!("What is {i} + 2?"), i + 2) };
+        rows.push_str(&serde_json::json!({"question": q, "answer": a.to_string(), "topic": dom}).to_string());
+        rows.push('\n');
+    }
+    let data = root.path().join("problems.jsonl");
+    std::fs::write(&data, rows).unwrap();
+    let dynamic = GRPO.replace("max_steps = 4\n", "max_steps = 4\ndynamic_sampling = { max_gen_batches = 8, on_cap = \"train\" }\n");
+    let budget = GRPO
+        .replace("synthetic = { count = 40, arithmetic = { seed = 2, max_digits = 1 } }", &format!("data = {{ path = \"{}\", prompt = \"question\", answer = \"answer\", domain = \"topic\" }}", data.display()))
+        .replace("max_steps = 4\n", "max_steps = 4\ndomain_sampling = { alpha = 0.5 }\ntokens_per_step = 40\n");
+    for (name, recipe) in [("dynamic", dynamic), ("budget", budget)] {
+        let one = setup(root.path(), &format!("{name}-one"), &recipe);
+        let two = setup(root.path(), &format!("{name}-two"), &recipe);
+        ok(&train(&one, None, &[], &[]));
+        let log = ok(&train(&two, Some(2), &[], &[]));
+        assert!(log.contains("[rl] replicas identical on 2 ranks"), "{name}: {log}");
+        let keys = ["groups", "gen_rounds", "groups_dropped_zero_std", "groups_dropped_over_budget", "frac_zero_std_groups", "reward_mean", "response_length_mean"];
+        let pick = |d: &Path| -> Vec<Vec<f64>> { common::metrics(d).iter().map(|m| keys.iter().map(|k| m[*k].as_f64().unwrap()).collect()).collect() };
+        let (a, b) = (pick(&one), pick(&two));
+        assert_eq!(a.len(), 4, "{name}");
+        for (x, y) in a.iter().zip(&b) {
+            for ((k, u), v) in keys.iter().zip(x).zip(y) {
+                assert!((u - v).abs() <= 1e-12 * u.abs().max(1.0), "{name} {k}: one process {u}, two ranks {v}");
+            }
+        }
+        let dropped: f64 = a.iter().map(|m| m[2] + m[3]).sum();
+        assert!(dropped > 0.0, "{name}: nothing was dropped, so nothing was decided: {a:?}");
+        let d = max_weight_diff(&one, &two);
+        assert!(d < 1e-5, "{name}: 2 ranks differ from 1 process by {d}");
+    }
+}
+
 #[test]
 fn two_rank_dpo_is_bitwise_one_process_with_the_same_global_batch() {
     let root = tempfile::tempdir().unwrap();
@@ -170,18 +226,8 @@ fn three_ranks_keep_identical_replicas_close_to_one_process() {
     ok(&train(&one, None, &["--set", "stage.0.grad_accum=3"], &[]));
     let log = ok(&train(&three, Some(3), &[], &[]));
     assert!(log.contains("[sft] replicas identical on 3 ranks"), "{log}");
-    let read = |d: &Path| {
-        let mut ts = tch::Tensor::read_safetensors(d.join("out/checkpoints/s00-final/model/model.safetensors")).unwrap();
-        ts.sort_by(|a, b| a.0.cmp(&b.0));
-        ts
-    };
-    let (a, b) = (read(&one), read(&three));
-    assert_eq!(a.len(), b.len());
-    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
-        assert_eq!(na, nb);
-        let d = (ta - tb).abs().max().double_value(&[]);
-        assert!(d < 1e-5, "{na}: 3 ranks differ from 1 process by {d}");
-    }
+    let d = max_weight_diff(&one, &three);
+    assert!(d < 1e-5, "3 ranks differ from 1 process by {d}");
     // a 3-rank run killed after its step-3 checkpoint resumes to the same bits
     let again = setup(root.path(), "again", SFT);
     let o = train(&again, Some(3), &[], &[("WHET_TEST_KILL", "step:0:4"), ("WHET_TEST_KILL_RANK", "2")]);

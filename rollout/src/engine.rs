@@ -229,8 +229,11 @@ impl<'m> Engine<'m> {
         };
         let mut fused = (self.cfg.fuse_weights && !queue.is_empty()).then(|| self.model.decode_weights());
         while !queue.is_empty() {
-            // validate() guarantees that one row fits an empty batch
             let chunks = self.take_chunks(&mut queue, requests, 0, |p, n| (p + n) as i64);
+            if chunks.is_empty() {
+                // validate() checked that every sequence fits an empty batch alone
+                return Err(RolloutError::Config("internal: a queued sequence fits no batch".into()));
+            }
             stats.waves += 1;
             self.run_wave(&ctx, chunks, &mut queue, fused.as_mut(), &mut out, &mut stats)?;
         }
@@ -270,7 +273,6 @@ impl<'m> Engine<'m> {
         Ok(())
     }
 
-    /// Packs requests into waves in order (see the module docs).
     /// Takes chunks from the front of `queue` (in request order, splitting a group where it stops fitting)
     /// for a batch that already holds `rows` rows: the batch may grow to `max_batch_seqs` rows and to
     /// `rows × capacity(longest new prompt, largest new max_new_tokens) ≤ cache_budget_tokens`.

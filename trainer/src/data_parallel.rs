@@ -170,35 +170,33 @@ pub fn gather<T: serde::Serialize + serde::de::DeserializeOwned>(ctx: &Ctx, mine
     ctx.comm.all_gather_bytes(&bytes)?.iter().map(|b| Ok(serde_json::from_slice(b)?)).collect()
 }
 
-/// GRPO's per-sample statistics (reward, correct, length, truncated) and group counts of every rank.
-pub fn gather_groups(ctx: &Ctx, stats: Vec<(f64, bool, usize, bool)>, zero_var: usize, generated: usize) -> Result<(Vec<(f64, bool, usize, bool)>, usize, usize)> {
+/// GRPO's per-sample statistics (reward, correct, length, truncated) of every rank, in rank order.
+pub fn gather_samples(ctx: &Ctx, stats: Vec<(f64, bool, usize, bool)>) -> Result<Vec<(f64, bool, usize, bool)>> {
     if ctx.comm.world() == 1 {
-        return Ok((stats, zero_var, generated));
+        return Ok(stats);
     }
-    let all = gather(ctx, &(stats, zero_var, generated))?;
-    let (mut s, mut z, mut g) = (vec![], 0, 0);
-    for (a, b, c) in all {
-        s.extend(a);
-        z += b;
-        g += c;
-    }
-    Ok((s, z, g))
+    Ok(gather(ctx, &stats)?.concat())
 }
 
-/// What a data-parallel GRPO stage supports: prompts shared evenly; no sampling-side method whose
-/// decisions need the other ranks' groups while generating (not built yet).
+/// The summaries of a GRPO generation round's groups on every rank, in rank order (which is draw order: each
+/// rank holds a contiguous share), and the indices of this rank's. Rewards cross exactly (JSON numbers
+/// round-trip f64), so every rank takes the same sampling-side decisions: domain weights, dynamic sampling,
+/// the token budget.
+pub fn gather_round(ctx: &Ctx, mine: Vec<crate::grpo::GroupSummary>) -> Result<(Vec<crate::grpo::GroupSummary>, std::ops::Range<usize>)> {
+    if ctx.comm.world() == 1 {
+        let n = mine.len();
+        return Ok((mine, 0..n));
+    }
+    let all = gather(ctx, &mine)?;
+    let start: usize = all[..ctx.comm.rank()].iter().map(Vec::len).sum();
+    Ok((all.into_iter().flatten().collect(), start..start + mine.len()))
+}
+
+/// What a data-parallel GRPO stage needs: prompts shared evenly (a group stays on one rank).
 pub fn grpo_supported(ctx: &Ctx, s: &crate::grpo::GrpoStage, name: &str) -> Result<()> {
     let w = ctx.comm.world();
-    if w == 1 {
-        return Ok(());
-    }
-    if s.prompts_per_step % w != 0 {
+    if w > 1 && s.prompts_per_step % w != 0 {
         bail!("[{name}] prompts_per_step = {} cannot be shared evenly by {w} ranks (a group stays on one rank); use a multiple of {w}", s.prompts_per_step);
-    }
-    for (on, key) in [(s.dynamic_sampling.is_some(), "dynamic_sampling"), (s.tokens_per_step.is_some(), "tokens_per_step"), (s.domain_sampling.is_some(), "domain_sampling")] {
-        if on {
-            bail!("[{name}] {key} is not supported with data parallelism yet ({w} ranks); run it on one process or remove {key}");
-        }
     }
     Ok(())
 }

@@ -345,6 +345,15 @@ struct Group {
     done: Vec<Sampled>,
 }
 
+/// What the sampling-side decisions need of a group (shared between data-parallel ranks).
+#[derive(Serialize, Deserialize)]
+pub(crate) struct GroupSummary {
+    problem: usize,
+    rewards: Vec<f64>,
+    zero_var: bool,
+    tokens: usize,
+}
+
 /// What is checkpointed besides the model and optimizer.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct GrpoState {
@@ -656,6 +665,7 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
         let mut all_groups_stats: Vec<(f64, bool, usize, bool)> = vec![]; // (reward, correct, len, truncated) of every sample generated
         let mut zero_var_groups = 0usize;
         let mut generated_groups = 0usize;
+        let mut kept_mine: Vec<bool> = vec![]; // every kept group of the step (all ranks), in order: is it this rank's?
         loop {
             let which = draw.next(s.prompts_per_step, &pool);
             if which.is_empty() {
@@ -669,23 +679,32 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
             t_gen += tg.elapsed().as_secs_f64() - ts;
             t_score += ts;
             rounds += 1;
+            // each group's summary: its problem, rewards before balancing (domain sampling learns from every
+            // sample), and after balancing whether its rewards are all equal and how many tokens it holds
+            let mut summaries = Vec::with_capacity(got.len());
             for gr in &mut got {
                 for x in &gr.done {
                     all_groups_stats.push((x.reward, x.correct, x.ids.len(), x.truncated));
                 }
-                if let (Draw::Domain { sampler, names, .. }, Some(d)) = (&mut draw, &problems[gr.problem].domain) {
+                let rewards: Vec<f64> = gr.done.iter().map(|x| x.reward).collect();
+                balance(gr, g);
+                let tokens = gr.done.iter().map(|x| x.ids.len()).sum::<usize>();
+                summaries.push(GroupSummary { problem: gr.problem, rewards, zero_var: zero_variance(gr), tokens });
+            }
+            // data parallel: every rank's groups of the round in draw order, so that every rank takes the same
+            // decisions (domain weights, which groups to keep, whether to draw again); each keeps its own
+            let (all, mine) = crate::data_parallel::gather_round(ctx, summaries)?;
+            generated_groups += all.len();
+            let mut own = got.into_iter();
+            for (k, sm) in all.iter().enumerate() {
+                let gr = if mine.contains(&k) { own.next() } else { None };
+                if let (Draw::Domain { sampler, names, .. }, Some(d)) = (&mut draw, &problems[sm.problem].domain) {
                     if let Some(di) = names.iter().position(|n| n == d) {
-                        let rs: Vec<f64> = gr.done.iter().map(|x| x.reward).collect();
-                        sampler.update(di, &rs)?;
+                        sampler.update(di, &sm.rewards)?;
                     }
                 }
-                balance(gr, g);
-            }
-            generated_groups += got.len();
-            for gr in got {
-                let zv = zero_variance(&gr);
-                zero_var_groups += zv as usize;
-                if zv && s.dynamic_sampling.is_some() {
+                zero_var_groups += sm.zero_var as usize;
+                if sm.zero_var && s.dynamic_sampling.is_some() {
                     dropped_zero += 1;
                     continue;
                 }
@@ -695,12 +714,13 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
                         continue;
                     }
                 }
-                gen_tokens += gr.done.iter().map(|x| x.ids.len()).sum::<usize>();
-                groups.push(gr);
+                gen_tokens += sm.tokens;
+                kept_mine.push(gr.is_some());
+                groups.extend(gr);
             }
             let full = match (s.tokens_per_step, &s.dynamic_sampling) {
                 (Some(b), _) => gen_tokens >= b,
-                (None, Some(_)) => groups.len() >= s.prompts_per_step,
+                (None, Some(_)) => kept_mine.len() >= s.prompts_per_step,
                 (None, None) => true,
             };
             if full {
@@ -712,7 +732,7 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
                         "[{name}] step {}: dynamic sampling kept {} of {} groups after max_gen_batches = {max_gen_batches} rounds \
                          (all others had equal rewards); raise max_gen_batches, use a harder/easier dataset, or on_cap = \"train\"",
                         step + 1,
-                        groups.len(),
+                        kept_mine.len(),
                         s.prompts_per_step
                     );
                 }
@@ -720,10 +740,11 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
             }
         }
         if s.dynamic_sampling.is_some() && s.tokens_per_step.is_none() {
-            groups.truncate(s.prompts_per_step);
+            // the first prompts_per_step kept groups of the whole step; this rank's among them
+            groups.truncate(kept_mine.iter().take(s.prompts_per_step).filter(|&&m| m).count());
         }
         // data parallel: every rank's samples for the metrics
-        let (all_groups_stats, zero_var_groups, generated_groups) = crate::data_parallel::gather_groups(ctx, all_groups_stats, zero_var_groups, generated_groups)?;
+        let all_groups_stats = crate::data_parallel::gather_samples(ctx, all_groups_stats)?;
         st.groups_dropped_zero_variance += dropped_zero;
         st.groups_dropped_over_budget += dropped_budget;
         let ts = Instant::now();
