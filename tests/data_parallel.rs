@@ -83,6 +83,35 @@ lr = 1e-2
 rpo_alpha = 0.2
 "#;
 
+const ROLLOUT_DPO: &str = r#"
+
+[run]
+seed = 3
+threads = 1
+
+[[stage]]
+kind = "sft"
+name = "sft"
+synthetic = { count = 2000, arithmetic = { seed = 2, max_digits = 1, ops = ["add"] } }
+tokenize = { max_length = 64 }
+max_steps = 120
+batch_size = 8
+lr = 5e-3
+warmup_steps = 10
+
+[[stage]]
+kind = "rollout_dpo"
+name = "rdpo"
+synthetic = { count = 23, start = 5000, arithmetic = { seed = 2, max_digits = 1, ops = ["add"] } }
+num_samples = 6
+temperature = 1.0
+max_new_tokens = 6
+pairs_per_problem = 2
+max_steps = 3
+batch_size = 4
+lr = 1e-3
+"#;
+
 /// `train [--nproc-per-node N] --recipe DIR/recipe.toml --output DIR/out EXTRA...` with bounded collectives.
 /// A recipe directory holding `body`, after the Qwen2 model table unless `body` has its own.
 fn setup(root: &Path, name: &str, body: &str) -> std::path::PathBuf {
@@ -204,6 +233,29 @@ fn two_rank_grpo_sampling_side_decisions_equal_one_process() {
         let d = max_weight_diff(&one, &two);
         assert!(d < 1e-5, "{name}: 2 ranks differ from 1 process by {d}");
     }
+}
+
+/// Rollout-DPO with two ranks (after a short SFT so that some rollouts are right): each samples its share of
+/// the problems (23: uneven shares), both gather every rollout and reference log-prob, and the pairs, the
+/// reference cache and the final weights are the one-process ones.
+#[test]
+fn two_rank_rollout_dpo_samples_its_share_and_matches_one_process() {
+    let root = tempfile::tempdir().unwrap();
+    let one = setup(root.path(), "one", ROLLOUT_DPO);
+    let two = setup(root.path(), "two", ROLLOUT_DPO);
+    ok(&train(&one, None, &["--set", "stage.0.grad_accum=2", "--set", "stage.1.grad_accum=2"], &[]));
+    let log = ok(&train(&two, Some(2), &[], &[]));
+    assert!(log.contains("[rdpo] replicas identical on 2 ranks"), "{log}");
+    let pairs = |d: &Path| std::fs::read_to_string(d.join("out/rdpo/pairs.jsonl")).unwrap();
+    assert!(pairs(&one).lines().count() >= 4, "{}", pairs(&one));
+    assert_eq!(pairs(&one), pairs(&two), "2-rank Rollout-DPO sampled other pairs than 1 process");
+    let refs = |d: &Path| {
+        let dir = d.join("out/cache");
+        let f = std::fs::read_dir(&dir).unwrap().next().unwrap().unwrap().path();
+        std::fs::read_to_string(f).unwrap()
+    };
+    assert_eq!(refs(&one), refs(&two), "2-rank reference log-probs differ from 1 process");
+    assert_eq!(weights(&one, 1), weights(&two, 1), "2-rank Rollout-DPO differs from 1 process");
 }
 
 #[test]

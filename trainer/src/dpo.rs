@@ -578,7 +578,22 @@ fn reference(ctx: &Ctx, name: &str, model: &Model, pairs: &[Pair], a: &DpoArgs, 
         bail!("[{name}] reference log-prob cache {} is missing; the stage's starting model is gone, restart the stage with --resume never", path.display());
     }
     let t0 = Instant::now();
-    let r = compute_ref(ctx, model, pairs, a.batch_size, a.loss_chunk as i64, a.prompt_sharing, key);
+    // data parallel: each rank its share of whole batches (the one-process batches, so the same padding and
+    // the same numbers), then every rank gathers all
+    let bs = a.batch_size.max(1);
+    let batches = crate::data_parallel::share_range(ctx, pairs.len().div_ceil(bs));
+    let mine = &pairs[(batches.start * bs).min(pairs.len())..(batches.end * bs).min(pairs.len())];
+    let part = compute_ref(ctx, model, mine, bs, a.loss_chunk as i64, a.prompt_sharing, key.clone());
+    let per_pair: Vec<(f64, f64, i64, i64)> = (0..mine.len()).map(|i| (part.chosen[i], part.rejected[i], part.chosen_tokens[i], part.rejected_tokens[i])).collect();
+    let all = crate::data_parallel::gather_concat(ctx, per_pair)?;
+    let r = RefLogps {
+        key,
+        chosen: all.iter().map(|x| x.0).collect(),
+        rejected: all.iter().map(|x| x.1).collect(),
+        chosen_tokens: all.iter().map(|x| x.2).collect(),
+        rejected_tokens: all.iter().map(|x| x.3).collect(),
+    };
+    // every rank writes the same bytes (each through its own temporary file), so each finds it on resume
     std::fs::create_dir_all(path.parent().unwrap()).with_context(|| format!("creating {}", path.parent().unwrap().display()))?;
     model::weights::write_atomic(&path, serde_json::to_string(&r)?.as_bytes())?;
     eprintln!("[{name}] reference log-probs of {} pairs computed in {:.1} s, cached in {}", pairs.len(), t0.elapsed().as_secs_f64(), path.display());
@@ -922,13 +937,16 @@ fn judge(problems: Vec<(Vec<Message>, String, Vec<String>)>) -> Vec<Judged> {
 fn sample(ctx: &Ctx, index: usize, s: &RolloutDpoStage, model: &Model, problems: &[(Vec<Message>, String)]) -> Result<Vec<Vec<String>>> {
     let params = rollout::SamplingParams { temperature: s.temperature as f32, top_p: s.top_p as f32, max_new_tokens: s.max_new_tokens, ..Default::default() };
     let prompts = problems.iter().map(|(p, _)| crate::accuracy::prompt_ids(&ctx.tok, ctx.template.as_ref(), p)).collect::<Result<Vec<_>>>()?;
-    let done = crate::accuracy::generate(&model.net, &ctx.tok, &prompts, s.num_samples, &params, ctx.recipe.run.seed.wrapping_add(1000 + index as u64))?;
+    // data parallel: each rank samples its share of the problems (seeded as in the whole call), all gather
+    let share = crate::data_parallel::share_range(ctx, prompts.len());
+    let seed = ctx.recipe.run.seed.wrapping_add(1000 + index as u64);
+    let done = crate::accuracy::generate_at(&model.net, &ctx.tok, &prompts[share.clone()], s.num_samples, &params, seed, share.start)?;
     let stop = crate::accuracy::stop_ids(&ctx.tok);
-    let mut out = vec![vec![]; problems.len()];
+    let mut out = vec![vec![]; share.len()];
     for c in done {
         out[c.request_index].push(crate::accuracy::completion_text(&ctx.tok, &c.token_ids, &stop)?);
     }
-    Ok(out)
+    crate::data_parallel::gather_concat(ctx, out)
 }
 
 fn pairs_path(ctx: &Ctx, s: &RolloutDpoStage, name: &str) -> PathBuf {
