@@ -155,3 +155,27 @@ fn grpo_from_a_dataset_with_domains_a_token_budget_and_the_other_switches() {
     // the KL went into the reward (after the first update the policy differs from the reference)
     assert!(steps[1..].iter().any(|m| m["kl_in_reward"].as_f64().unwrap() != 0.0), "{steps:?}");
 }
+
+/// `[generation]` reaches the rollout engine of every sampling pass: smaller batches without refill or fused
+/// weights sample the same completions; a budget too small for one sequence is the engine's one-line error.
+#[test]
+fn generation_table_sets_the_engine_batching() {
+    let root = tempfile::tempdir().unwrap();
+    let run = |name: &str, generation: &str| {
+        let d = common::setup(root.path(), name, &format!("{RECIPE}\n[generation]\n{generation}\n"));
+        (train(&d, None), d)
+    };
+    let (a, da) = run("default", "");
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    let (b, db) = run("small", "max_batch_seqs = 3\ncache_budget_tokens = 400\nslot_refill = false\nfuse_weights = false");
+    assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
+    let rewards = |d: &Path| -> Vec<f64> { metrics(d).iter().filter_map(|m| m.get("reward_mean").and_then(Value::as_f64)).collect() };
+    assert_eq!(rewards(&da).len(), 4);
+    assert_eq!(rewards(&da), rewards(&db));
+    let (c, _) = run("tight", "cache_budget_tokens = 8");
+    let err = String::from_utf8_lossy(&c.stderr);
+    assert!(!c.status.success() && err.contains("but cache_budget_tokens is 8"), "{err}");
+    let (d, _) = run("zero", "max_batch_seqs = 0");
+    let err = String::from_utf8_lossy(&d.stderr);
+    assert!(!d.status.success() && err.contains("[generation] max_batch_seqs must be at least 1"), "{err}");
+}

@@ -6,6 +6,18 @@ use data::{ChatTemplate, Message, Record, Tokenizer};
 use model::Transformer;
 use rollout::{Completion, Engine, EngineConfig, Request, SamplingParams};
 
+/// The run's `[generation]` settings (set once when the run starts; defaults otherwise).
+static GENERATION: std::sync::Mutex<Option<crate::recipe::GenerationSpec>> = std::sync::Mutex::new(None);
+
+/// Sets the engine batching every sampling pass of this process uses (the recipe's `[generation]`).
+pub fn set_generation(spec: &crate::recipe::GenerationSpec) {
+    *GENERATION.lock().unwrap_or_else(|e| e.into_inner()) = Some(spec.clone());
+}
+
+fn engine_config() -> EngineConfig {
+    GENERATION.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default().engine()
+}
+
 /// `n` completions of every prompt, drawn with `params` by the rollout engine (the tokenizer's stop ids end a
 /// sequence; `seed` seeds requests that set none), sorted by prompt, then sample.
 pub fn generate(net: &Transformer, tok: &Tokenizer, prompts: &[Vec<i64>], n: usize, params: &SamplingParams, seed: u64) -> Result<Vec<Completion>> {
@@ -15,7 +27,7 @@ pub fn generate(net: &Transformer, tok: &Tokenizer, prompts: &[Vec<i64>], n: usi
 /// [`generate`] for `prompts` that sit at index `first` of a larger call (a data-parallel rank's share):
 /// each request is seeded as it would be in the whole call, so its samples do not depend on the sharding.
 pub fn generate_at(net: &Transformer, tok: &Tokenizer, prompts: &[Vec<i64>], n: usize, params: &SamplingParams, seed: u64, first: usize) -> Result<Vec<Completion>> {
-    let cfg = EngineConfig { eos_token_ids: stop_ids(tok), pad_token_id: tok.pad_id as i64, seed, ..Default::default() };
+    let cfg = EngineConfig { eos_token_ids: stop_ids(tok), pad_token_id: tok.pad_id as i64, seed, ..engine_config() };
     let engine = Engine::new(net, cfg)?;
     let requests: Vec<Request> = prompts
         .iter()
@@ -26,7 +38,10 @@ pub fn generate_at(net: &Transformer, tok: &Tokenizer, prompts: &[Vec<i64>], n: 
             Request { prompt_ids: p.clone(), n, params }
         })
         .collect();
-    let mut done = engine.generate(&requests)?;
+    let mut done = engine.generate(&requests).map_err(|e| match e {
+        rollout::RolloutError::CacheBudget { .. } => anyhow::anyhow!("{e} (the recipe's [generation] cache_budget_tokens)"),
+        e => e.into(),
+    })?;
     done.sort_by_key(|c| (c.request_index, c.sample_index));
     Ok(done)
 }

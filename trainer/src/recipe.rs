@@ -22,6 +22,47 @@ pub struct Recipe {
     /// Stages, run in order; each starts from the previous stage's result.
     #[serde(default)]
     pub stage: Vec<Stage>,
+    /// The rollout engine's batching for every sampling pass of the run (GRPO, Rollout-DPO, prefilter,
+    /// held-out evaluation).
+    #[serde(default)]
+    pub generation: GenerationSpec,
+}
+
+/// `[generation]`: how the in-process rollout engine batches (vLLM's `max_num_seqs` and KV-cache size).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct GenerationSpec {
+    /// Most sequences decoded together (vLLM's `max_num_seqs`).
+    pub max_batch_seqs: usize,
+    /// KV-cache budget of one batch in token slots (rows × (longest prompt + max new tokens)); memory is this
+    /// times the model's KV bytes per token (2 × layers × KV heads × head dim × dtype bytes). Lower it for big
+    /// models on small GPUs.
+    pub cache_budget_tokens: i64,
+    /// Queued sequences join a running batch when finished ones leave it.
+    pub slot_refill: bool,
+    /// Decode on a per-call fused copy of the projection weights (faster; costs the attention and MLP weights'
+    /// bytes while sampling).
+    pub fuse_weights: bool,
+}
+
+impl Default for GenerationSpec {
+    fn default() -> Self {
+        let e = rollout::EngineConfig::default();
+        GenerationSpec { max_batch_seqs: e.max_batch_seqs, cache_budget_tokens: e.cache_budget_tokens, slot_refill: e.slot_refill, fuse_weights: e.fuse_weights }
+    }
+}
+
+impl GenerationSpec {
+    /// The engine settings (stop ids, padding and seed are the caller's).
+    pub fn engine(&self) -> rollout::EngineConfig {
+        rollout::EngineConfig {
+            max_batch_seqs: self.max_batch_seqs,
+            cache_budget_tokens: self.cache_budget_tokens,
+            slot_refill: self.slot_refill,
+            fuse_weights: self.fuse_weights,
+            ..Default::default()
+        }
+    }
 }
 
 /// `[model]`: a Hugging Face directory, a GGUF file, or an inline config for a random-initialised model.
@@ -543,6 +584,12 @@ pub fn validate(r: &Recipe, origin: &str) -> Vec<String> {
         }
     }
     crate::wandb::validate(&r.run, origin, &mut p);
+    if r.generation.max_batch_seqs == 0 {
+        p.push(format!("{origin}: [generation] max_batch_seqs must be at least 1"));
+    }
+    if r.generation.cache_budget_tokens < 2 {
+        p.push(format!("{origin}: [generation] cache_budget_tokens must be at least 2, got {}", r.generation.cache_budget_tokens));
+    }
     if r.stage.is_empty() {
         p.push(format!("{origin}: no [[stage]]: nothing to train"));
     }
