@@ -83,35 +83,6 @@ lr = 1e-2
 rpo_alpha = 0.2
 "#;
 
-const ROLLOUT_DPO: &str = r#"
-
-[run]
-seed = 3
-threads = 1
-
-[[stage]]
-kind = "sft"
-name = "sft"
-synthetic = { count = 2000, arithmetic = { seed = 2, max_digits = 1, ops = ["add"] } }
-tokenize = { max_length = 64 }
-max_steps = 120
-batch_size = 8
-lr = 5e-3
-warmup_steps = 10
-
-[[stage]]
-kind = "rollout_dpo"
-name = "rdpo"
-synthetic = { count = 23, start = 5000, arithmetic = { seed = 2, max_digits = 1, ops = ["add"] } }
-num_samples = 6
-temperature = 1.0
-max_new_tokens = 6
-pairs_per_problem = 2
-max_steps = 3
-batch_size = 4
-lr = 1e-3
-"#;
-
 /// `train [--nproc-per-node N] --recipe DIR/recipe.toml --output DIR/out EXTRA...` with bounded collectives.
 /// A recipe directory holding `body`, after the Qwen2 model table unless `body` has its own.
 fn setup(root: &Path, name: &str, body: &str) -> std::path::PathBuf {
@@ -241,11 +212,13 @@ fn two_rank_grpo_sampling_side_decisions_equal_one_process() {
 #[test]
 fn two_rank_rollout_dpo_samples_its_share_and_matches_one_process() {
     let root = tempfile::tempdir().unwrap();
-    let one = setup(root.path(), "one", ROLLOUT_DPO);
-    let two = setup(root.path(), "two", ROLLOUT_DPO);
-    ok(&train(&one, None, &["--set", "stage.0.grad_accum=2", "--set", "stage.1.grad_accum=2"], &[]));
-    let log = ok(&train(&two, Some(2), &[], &[]));
-    assert!(log.contains("[rdpo] replicas identical on 2 ranks"), "{log}");
+    let one = setup(root.path(), "one", common::ROLLOUT_DPO);
+    let two = setup(root.path(), "two", common::ROLLOUT_DPO);
+    // the global SFT batch of 16 as 2 × 8 on one process and 8 per rank on two
+    let common_args = ["--set", "stage.0.batch_size=8", "--set", "stage.1.synthetic.count=23"];
+    ok(&train(&one, None, &[&common_args[..], &["--set", "stage.0.grad_accum=2", "--set", "stage.1.grad_accum=2"]].concat(), &[]));
+    let log = ok(&train(&two, Some(2), &common_args, &[]));
+    assert!(log.contains("[rdpo] replicas identical on 2 ranks") && log.contains("[rdpo] 23 problems"), "{log}");
     let pairs = |d: &Path| std::fs::read_to_string(d.join("out/rdpo/pairs.jsonl")).unwrap();
     assert!(pairs(&one).lines().count() >= 4, "{}", pairs(&one));
     assert_eq!(pairs(&one), pairs(&two), "2-rank Rollout-DPO sampled other pairs than 1 process");

@@ -79,39 +79,11 @@ fn dpo_widens_the_margin_caches_the_reference_and_resumes_exactly() {
     assert!(out.status.success() && stderr.contains("reference log-probs of 24 pairs computed"), "{stderr}");
 }
 
-const ROLLOUT: &str = r#"
-[run]
-seed = 1
-threads = 1
-log_every = 5
-
-[[stage]]
-kind = "sft"
-name = "sft"
-synthetic = { count = 2000, arithmetic = { seed = 2, max_digits = 1, ops = ["add"] } }
-tokenize = { max_length = 64 }
-max_steps = 120
-batch_size = 16
-lr = 5e-3
-warmup_steps = 10
-
-[[stage]]
-kind = "rollout_dpo"
-name = "rdpo"
-synthetic = { count = 24, start = 5000, arithmetic = { seed = 2, max_digits = 1, ops = ["add"] } }
-num_samples = 6
-temperature = 1.0
-max_new_tokens = 6
-pairs_per_problem = 2
-max_steps = 3
-batch_size = 4
-lr = 1e-3
-"#;
 
 #[test]
 fn rollout_dpo_pairs_verified_rollouts_and_trains_on_them() {
     let root = tempfile::tempdir().unwrap();
-    let d = setup(root.path(), "r", ROLLOUT);
+    let d = setup(root.path(), "r", common::ROLLOUT_DPO);
     let out = train(&d, None);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");

@@ -41,3 +41,34 @@ device = "cpu"
 pub fn tiny_recipe(rest: &str) -> String {
     format!("{TINY_MODEL}{rest}")
 }
+
+/// SFT on one-digit additions, then Rollout-DPO on 24 problems the SFT model gets partly right (`[run]` and
+/// `[[stage]]` tables for [`tiny_recipe`]).
+pub const ROLLOUT_DPO: &str = r#"
+[run]
+seed = 1
+threads = 1
+log_every = 5
+
+[[stage]]
+kind = "sft"
+name = "sft"
+synthetic = { count = 2000, arithmetic = { seed = 2, max_digits = 1, ops = ["add"] } }
+tokenize = { max_length = 64 }
+max_steps = 120
+batch_size = 16
+lr = 5e-3
+warmup_steps = 10
+
+[[stage]]
+kind = "rollout_dpo"
+name = "rdpo"
+synthetic = { count = 24, start = 5000, arithmetic = { seed = 2, max_digits = 1, ops = ["add"] } }
+num_samples = 6
+temperature = 1.0
+max_new_tokens = 6
+pairs_per_problem = 2
+max_steps = 3
+batch_size = 4
+lr = 1e-3
+"#;
