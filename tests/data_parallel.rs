@@ -180,16 +180,26 @@ fn two_rank_grpo_sampling_side_decisions_equal_one_process() {
     }
     let data = root.path().join("problems.jsonl");
     std::fs::write(&data, rows).unwrap();
-    let dynamic = GRPO.replace("max_steps = 4\n", "max_steps = 4\ndynamic_sampling = { max_gen_batches = 8, on_cap = \"train\" }\n");
+    let dynamic = GRPO.replace(
+        "max_steps = 4\n",
+        "max_steps = 4\ndynamic_sampling = { max_gen_batches = 8, on_cap = \"train\" }\nprefilter = { samples = 3, min_pass_rate = 0.0, max_pass_rate = 1.0, max_length_cv = 0.4 }\n",
+    );
     let budget = GRPO
         .replace("synthetic = { count = 40, arithmetic = { seed = 2, max_digits = 1 } }", &format!("data = {{ path = \"{}\", prompt = \"question\", answer = \"answer\", domain = \"topic\" }}", data.display()))
         .replace("max_steps = 4\n", "max_steps = 4\ndomain_sampling = { alpha = 0.5 }\ntokens_per_step = 40\n");
     for (name, recipe) in [("dynamic", dynamic), ("budget", budget)] {
         let one = setup(root.path(), &format!("{name}-one"), &recipe);
         let two = setup(root.path(), &format!("{name}-two"), &recipe);
-        ok(&train(&one, None, &[], &[]));
+        let log_one = ok(&train(&one, None, &[], &[]));
         let log = ok(&train(&two, Some(2), &[], &[]));
         assert!(log.contains("[rl] replicas identical on 2 ranks"), "{name}: {log}");
+        // the prefilter's pilot rollouts are split over the ranks too, and keep the same prompts
+        let pilot = |l: &str| l.lines().find(|x| x.contains("prefilter (")).map(str::to_string);
+        assert_eq!(pilot(&log_one), pilot(&log), "{name}");
+        if name == "dynamic" {
+            let line = pilot(&log).unwrap();
+            assert!(!line.contains(" 0 with uneven lengths"), "{line}");
+        }
         let keys = ["groups", "gen_rounds", "groups_dropped_zero_std", "groups_dropped_over_budget", "frac_zero_std_groups", "reward_mean", "response_length_mean"];
         let pick = |d: &Path| -> Vec<Vec<f64>> { common::metrics(d).iter().map(|m| keys.iter().map(|k| m[*k].as_f64().unwrap()).collect()).collect() };
         let (a, b) = (pick(&one), pick(&two));

@@ -500,25 +500,49 @@ fn round_seed(run_seed: u64, stage: usize, step: usize, round: usize) -> u64 {
 }
 
 /// Pilot pass: which problems the prefilter keeps, with counts for the log.
+/// A prefilter verdict on one prompt.
+#[derive(Serialize, Deserialize)]
+enum Pilot {
+    Kept,
+    Hard,
+    Easy,
+    Uneven,
+}
+
 fn prefilter(ctx: &Ctx, s: &GrpoStage, f: &Prefilter, model: &Model, rewards: &rewards::RewardSet, problems: &[Problem], index: usize) -> Result<Vec<usize>> {
     let all: Vec<usize> = (0..problems.len()).collect();
     let mut kept = vec![];
     let (mut easy, mut hard, mut uneven) = (0, 0, 0);
     for (round, chunk) in all.chunks(64).enumerate() {
-        let (groups, _) = rollout(ctx, s, model, rewards, problems, chunk, f.samples, s.temperature, round_seed(ctx.recipe.run.seed, index, usize::MAX, round), 0)?;
-        for g in groups {
-            let rate = g.done.iter().filter(|x| x.correct).count() as f64 / g.done.len() as f64;
-            let lens: Vec<f64> = g.done.iter().map(|x| x.ids.len() as f64).collect();
-            let mean = lens.iter().sum::<f64>() / lens.len() as f64;
-            let cv = (lens.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / lens.len() as f64).sqrt() / mean.max(1.0);
-            if rate < f.min_pass_rate {
-                hard += 1;
-            } else if rate > f.max_pass_rate {
-                easy += 1;
-            } else if f.max_length_cv.is_some_and(|m| cv > m) {
-                uneven += 1;
-            } else {
-                kept.push(g.problem);
+        // data parallel: each rank pilots its share of the chunk (seeded as in the whole chunk); all gather
+        let share = crate::data_parallel::share_range(ctx, chunk.len());
+        let seed = round_seed(ctx.recipe.run.seed, index, usize::MAX, round);
+        let (groups, _) = rollout(ctx, s, model, rewards, problems, &chunk[share.clone()], f.samples, s.temperature, seed, share.start)?;
+        let verdicts: Vec<(usize, Pilot)> = groups
+            .iter()
+            .map(|g| {
+                let rate = g.done.iter().filter(|x| x.correct).count() as f64 / g.done.len() as f64;
+                let lens: Vec<f64> = g.done.iter().map(|x| x.ids.len() as f64).collect();
+                let mean = lens.iter().sum::<f64>() / lens.len() as f64;
+                let cv = (lens.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / lens.len() as f64).sqrt() / mean.max(1.0);
+                let v = if rate < f.min_pass_rate {
+                    Pilot::Hard
+                } else if rate > f.max_pass_rate {
+                    Pilot::Easy
+                } else if f.max_length_cv.is_some_and(|m| cv > m) {
+                    Pilot::Uneven
+                } else {
+                    Pilot::Kept
+                };
+                (g.problem, v)
+            })
+            .collect();
+        for (problem, v) in crate::data_parallel::gather_concat(ctx, verdicts)? {
+            match v {
+                Pilot::Hard => hard += 1,
+                Pilot::Easy => easy += 1,
+                Pilot::Uneven => uneven += 1,
+                Pilot::Kept => kept.push(problem),
             }
         }
     }
