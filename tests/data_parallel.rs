@@ -194,7 +194,7 @@ fn two_rank_grpo_sampling_side_decisions_equal_one_process() {
         let log = ok(&train(&two, Some(2), &[], &[]));
         assert!(log.contains("[rl] replicas identical on 2 ranks"), "{name}: {log}");
         // the prefilter's pilot rollouts are split over the ranks too, and keep the same prompts
-        let pilot = |l: &str| l.lines().find(|x| x.contains("prefilter (")).map(str::to_string);
+        let pilot = |l: &str| l.lines().find(|x| x.starts_with("[rl] prefilter (")).map(str::to_string);
         assert_eq!(pilot(&log_one), pilot(&log), "{name}");
         if name == "dynamic" {
             let line = pilot(&log).unwrap();

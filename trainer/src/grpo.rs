@@ -546,13 +546,15 @@ fn prefilter(ctx: &Ctx, s: &GrpoStage, f: &Prefilter, model: &Model, rewards: &r
             }
         }
     }
-    eprintln!(
-        "[{}] prefilter ({} pilot samples each): kept {} of {} prompts; dropped {easy} too easy, {hard} too hard, {uneven} with uneven lengths",
-        ctx.recipe.stage[index].name(index),
-        f.samples,
-        kept.len(),
-        problems.len()
-    );
+    if ctx.comm.is_main() {
+        eprintln!(
+            "[{}] prefilter ({} pilot samples each): kept {} of {} prompts; dropped {easy} too easy, {hard} too hard, {uneven} with uneven lengths",
+            ctx.recipe.stage[index].name(index),
+            f.samples,
+            kept.len(),
+            problems.len()
+        );
+    }
     if kept.is_empty() {
         bail!("the prefilter kept no prompts; widen [min_pass_rate, max_pass_rate] or max_length_cv");
     }
