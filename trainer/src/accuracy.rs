@@ -6,28 +6,20 @@ use data::{ChatTemplate, Message, Record, Tokenizer};
 use model::Transformer;
 use rollout::{Completion, Engine, EngineConfig, Request, SamplingParams};
 
-/// The run's `[generation]` settings (set once when the run starts; defaults otherwise).
-static GENERATION: std::sync::Mutex<Option<crate::recipe::GenerationSpec>> = std::sync::Mutex::new(None);
+use crate::run::Ctx;
 
-/// Sets the engine batching every sampling pass of this process uses (the recipe's `[generation]`).
-pub fn set_generation(spec: &crate::recipe::GenerationSpec) {
-    *GENERATION.lock().unwrap_or_else(|e| e.into_inner()) = Some(spec.clone());
-}
-
-fn engine_config() -> EngineConfig {
-    GENERATION.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default().engine()
-}
-
-/// `n` completions of every prompt, drawn with `params` by the rollout engine (the tokenizer's stop ids end a
-/// sequence; `seed` seeds requests that set none), sorted by prompt, then sample.
-pub fn generate(net: &Transformer, tok: &Tokenizer, prompts: &[Vec<i64>], n: usize, params: &SamplingParams, seed: u64) -> Result<Vec<Completion>> {
-    generate_at(net, tok, prompts, n, params, seed, 0)
+/// `n` completions of every prompt, drawn with `params` by the rollout engine batching as the recipe's
+/// `[generation]` says (the tokenizer's stop ids end a sequence; `seed` seeds requests that set none), sorted
+/// by prompt, then sample.
+pub fn generate(ctx: &Ctx, net: &Transformer, prompts: &[Vec<i64>], n: usize, params: &SamplingParams, seed: u64) -> Result<Vec<Completion>> {
+    generate_at(ctx, net, prompts, n, params, seed, 0)
 }
 
 /// [`generate`] for `prompts` that sit at index `first` of a larger call (a data-parallel rank's share):
 /// each request is seeded as it would be in the whole call, so its samples do not depend on the sharding.
-pub fn generate_at(net: &Transformer, tok: &Tokenizer, prompts: &[Vec<i64>], n: usize, params: &SamplingParams, seed: u64, first: usize) -> Result<Vec<Completion>> {
-    let cfg = EngineConfig { eos_token_ids: stop_ids(tok), pad_token_id: tok.pad_id as i64, seed, ..engine_config() };
+pub fn generate_at(ctx: &Ctx, net: &Transformer, prompts: &[Vec<i64>], n: usize, params: &SamplingParams, seed: u64, first: usize) -> Result<Vec<Completion>> {
+    let tok = &ctx.tok;
+    let cfg = EngineConfig { eos_token_ids: stop_ids(tok), pad_token_id: tok.pad_id as i64, seed, ..ctx.recipe.generation.engine() };
     let engine = Engine::new(net, cfg)?;
     let requests: Vec<Request> = prompts
         .iter()
@@ -67,13 +59,8 @@ pub fn prompt_ids(tok: &Tokenizer, template: Option<&ChatTemplate>, prompt: &[Me
 }
 
 /// Greedy accuracy on prompt-with-answer records; returns (accuracy, a few sample completions).
-pub fn evaluate(
-    net: &Transformer,
-    tok: &Tokenizer,
-    template: Option<&ChatTemplate>,
-    records: &[Record],
-    spec: &crate::recipe::EvalSpec,
-) -> Result<(f64, Vec<(String, String, bool)>)> {
+pub fn evaluate(ctx: &Ctx, net: &Transformer, records: &[Record], spec: &crate::recipe::EvalSpec) -> Result<(f64, Vec<(String, String, bool)>)> {
+    let (tok, template) = (&ctx.tok, ctx.template.as_ref());
     let mut prompts = vec![];
     let mut golds = vec![];
     for r in records {
@@ -88,7 +75,7 @@ pub fn evaluate(
     let stop = stop_ids(tok);
     let n = if spec.temperature == 0.0 { 1 } else { spec.samples.max(1) };
     let params = SamplingParams { temperature: spec.temperature as f32, max_new_tokens: spec.max_new_tokens, ..Default::default() };
-    let outs = generate(net, tok, &prompts, n, &params, spec.seed)?;
+    let outs = generate(ctx, net, &prompts, n, &params, spec.seed)?;
     let cfg = rewards::math::VerifyConfig::default();
     let mut correct = 0;
     let mut samples = vec![];

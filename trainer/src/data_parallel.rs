@@ -189,14 +189,6 @@ pub fn gather<T: serde::Serialize + serde::de::DeserializeOwned>(ctx: &Ctx, mine
     ctx.comm.all_gather_bytes(&bytes)?.iter().map(|b| Ok(serde_json::from_slice(b)?)).collect()
 }
 
-/// GRPO's per-sample statistics (reward, correct, length, truncated) of every rank, in rank order.
-pub fn gather_samples(ctx: &Ctx, stats: Vec<(f64, bool, usize, bool)>) -> Result<Vec<(f64, bool, usize, bool)>> {
-    if ctx.comm.world() == 1 {
-        return Ok(stats);
-    }
-    Ok(gather(ctx, &stats)?.concat())
-}
-
 /// The summaries of a GRPO generation round's groups on every rank, in rank order (which is draw order: each
 /// rank holds a contiguous share), and the indices of this rank's. Rewards cross exactly (JSON numbers
 /// round-trip f64), so every rank takes the same sampling-side decisions: domain weights, dynamic sampling,

@@ -541,21 +541,17 @@ fn pair_rows(net: &model::Transformer, pairs: &[&Pair], pad: i64, sharing: crate
     crate::loss::MicroRows::new(net, &rows, &group, pad, sharing)
 }
 
-/// Reference log-probabilities of every pair with `model` (no gradients), in batches of `bs` pairs.
-fn compute_ref(ctx: &Ctx, model: &Model, pairs: &[Pair], bs: usize, chunk: i64, sharing: crate::loss::PromptSharing, key: String) -> RefLogps {
-    let mut r = RefLogps { key, chosen: vec![], rejected: vec![], chosen_tokens: vec![], rejected_tokens: vec![] };
+/// Reference log-probabilities of every pair with `model` (no gradients), in batches of `bs` pairs: per pair
+/// (chosen sum, rejected sum, chosen tokens, rejected tokens).
+fn compute_ref(ctx: &Ctx, model: &Model, pairs: &[Pair], bs: usize, chunk: i64, sharing: crate::loss::PromptSharing) -> Vec<(f64, f64, i64, i64)> {
+    let mut r = Vec::with_capacity(pairs.len());
     for group in pairs.chunks(bs.max(1)) {
         let group: Vec<&Pair> = group.iter().collect();
         let mr = pair_rows(&model.net, &group, ctx.tok.pad_id as i64, sharing);
         let (lp, mask, _) = mr.with(|x| crate::loss::token_logprobs_of(&model.net, x, chunk, 1.0, false));
         let lp: Vec<f64> = Vec::try_from(lp.sum_dim_intlist(1, false, lp.kind()).to_kind(Kind::Double).to_device(Device::Cpu)).unwrap();
         let cnt: Vec<i64> = Vec::try_from(mask.sum_dim_intlist(1, false, Kind::Int64).to_device(Device::Cpu)).unwrap();
-        for i in 0..group.len() {
-            r.chosen.push(lp[2 * i]);
-            r.rejected.push(lp[2 * i + 1]);
-            r.chosen_tokens.push(cnt[2 * i]);
-            r.rejected_tokens.push(cnt[2 * i + 1]);
-        }
+        r.extend((0..group.len()).map(|i| (lp[2 * i], lp[2 * i + 1], cnt[2 * i], cnt[2 * i + 1])));
     }
     r
 }
@@ -583,9 +579,7 @@ fn reference(ctx: &Ctx, name: &str, model: &Model, pairs: &[Pair], a: &DpoArgs, 
     let bs = a.batch_size.max(1);
     let batches = crate::data_parallel::share_range(ctx, pairs.len().div_ceil(bs));
     let mine = &pairs[(batches.start * bs).min(pairs.len())..(batches.end * bs).min(pairs.len())];
-    let part = compute_ref(ctx, model, mine, bs, a.loss_chunk as i64, a.prompt_sharing, key.clone());
-    let per_pair: Vec<(f64, f64, i64, i64)> = (0..mine.len()).map(|i| (part.chosen[i], part.rejected[i], part.chosen_tokens[i], part.rejected_tokens[i])).collect();
-    let all = crate::data_parallel::gather_concat(ctx, per_pair)?;
+    let all = crate::data_parallel::gather_concat(ctx, compute_ref(ctx, model, mine, bs, a.loss_chunk as i64, a.prompt_sharing))?;
     let r = RefLogps {
         key,
         chosen: all.iter().map(|x| x.0).collect(),
@@ -940,7 +934,7 @@ fn sample(ctx: &Ctx, index: usize, s: &RolloutDpoStage, model: &Model, problems:
     // data parallel: each rank samples its share of the problems (seeded as in the whole call), all gather
     let share = crate::data_parallel::share_range(ctx, prompts.len());
     let seed = ctx.recipe.run.seed.wrapping_add(1000 + index as u64);
-    let done = crate::accuracy::generate_at(&model.net, &ctx.tok, &prompts[share.clone()], s.num_samples, &params, seed, share.start)?;
+    let done = crate::accuracy::generate_at(ctx, &model.net, &prompts[share.clone()], s.num_samples, &params, seed, share.start)?;
     let stop = crate::accuracy::stop_ids(&ctx.tok);
     let mut out = vec![vec![]; share.len()];
     for c in done {

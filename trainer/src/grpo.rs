@@ -436,7 +436,7 @@ fn rollout(
         ..Default::default()
     };
     let prompts: Vec<Vec<i64>> = which.iter().map(|&i| problems[i].ids.clone()).collect();
-    let done = crate::accuracy::generate_at(&model.net, &ctx.tok, &prompts, n, &params, seed, first)?;
+    let done = crate::accuracy::generate_at(ctx, &model.net, &prompts, n, &params, seed, first)?;
     let stop = crate::accuracy::stop_ids(&ctx.tok);
     let mut samples = Vec::with_capacity(done.len());
     for c in &done {
@@ -770,7 +770,7 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
             groups.truncate(kept_mine.iter().take(s.prompts_per_step).filter(|&&m| m).count());
         }
         // data parallel: every rank's samples for the metrics
-        let all_groups_stats = crate::data_parallel::gather_samples(ctx, all_groups_stats)?;
+        let all_groups_stats = crate::data_parallel::gather_concat(ctx, all_groups_stats)?;
         st.groups_dropped_zero_variance += dropped_zero;
         st.groups_dropped_over_budget += dropped_budget;
         let ts = Instant::now();

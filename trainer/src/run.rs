@@ -169,7 +169,6 @@ pub fn run(recipe_path: &Path, overrides: &[String], output: Option<PathBuf>, op
     model::runtime::check_device(device).map_err(anyhow::Error::msg)?;
     let (kind, autocast) = r.model.precision(device)?;
     model::autocast::set_default(autocast);
-    crate::accuracy::set_generation(&r.generation);
     eprintln!("whet {}: {}", env!("CARGO_PKG_VERSION"), model::runtime::describe(device));
     if let Some(a) = autocast {
         eprintln!("mixed precision: fp32 weights and optimizer state, {a:?} autocast in forward passes");

@@ -191,7 +191,7 @@ impl<'a> HeldOut<'a> {
 
     /// Accuracy and a few (question, answer, correct) samples.
     pub fn accuracy(&self, ctx: &Ctx, model: &Model) -> Result<(f64, Vec<(String, String, bool)>)> {
-        crate::accuracy::evaluate(&model.net, &ctx.tok, ctx.template.as_ref(), &self.records, self.spec)
+        crate::accuracy::evaluate(ctx, &model.net, &self.records, self.spec)
     }
 
     fn log(ctx: &Ctx, index: usize, name: &str, step: usize, acc: f64, extra: Map<String, Value>) -> Result<()> {
