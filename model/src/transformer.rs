@@ -646,7 +646,6 @@ impl Attention {
             q = qn.forward(&q);
             k = kn.forward(&k);
         }
-        let gqa = nh != nkv;
         let cache = match (t, cache) {
             (1, Some((kc, vc, past))) => {
                 // One new token per row: the query heads that share a KV head become rows of one attention
@@ -681,6 +680,7 @@ impl Attention {
             }
             None => (k, v),
         };
+        let gqa = nh != nkv;
         let y = match mask {
             Some(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, gqa),
             None => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, gqa),

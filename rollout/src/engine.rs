@@ -301,14 +301,16 @@ impl<'m> Engine<'m> {
     }
 
     /// Encodes the distinct prompts of `chunks` (left-padded, in chunks of positions) into a new cache of
-    /// `capacity` positions and expands each into its samples: new `rows`, the cache, key mask and last
-    /// logits per sample, and each sample's next position.
-    fn prefill(&self, ctx: &Ctx, chunks: &[Chunk], capacity: i64, rope_long: Option<bool>, rows: &mut Vec<Row>, stats: &mut GenerateStats) -> Prefilled {
+    /// the longest prompt plus `room` positions and expands each into its samples: new `rows`, the cache
+    /// (its length is the longest prompt), key mask and last logits per sample, and each sample's next
+    /// position.
+    fn prefill(&self, ctx: &Ctx, chunks: &[Chunk], room: i64, rope_long: Option<bool>, rows: &mut Vec<Row>, stats: &mut GenerateStats) -> Prefilled {
         let m = self.model;
         let device = m.device();
         let p = chunks.len() as i64;
         let max_prompt = chunks.iter().map(|c| ctx.requests[c.req].prompt_ids.len()).max().unwrap_or(0);
         let lmax = max_prompt as i64;
+        let capacity = lmax + room;
         // left-padded prompts, their positions and the key mask over the whole capacity
         let mut ids = vec![self.cfg.pad_token_id; (p * lmax) as usize];
         let mut pos = vec![0i64; (p * lmax) as usize];
@@ -385,10 +387,9 @@ impl<'m> Engine<'m> {
         let device = m.device();
         let vocab = m.cfg.vocab_size;
         let requests = ctx.requests;
-        let max_prompt = chunks.iter().map(|c| requests[c.req].prompt_ids.len()).max().unwrap_or(0);
         let max_new = chunks.iter().map(|c| requests[c.req].params.max_new_tokens).max().unwrap_or(0);
         let mut rows: Vec<Row> = Vec::new();
-        let first = self.prefill(ctx, &chunks, (max_prompt + max_new) as i64, self.cfg.rope_long, &mut rows, stats);
+        let first = self.prefill(ctx, &chunks, max_new as i64, self.cfg.rope_long, &mut rows, stats);
         let Prefilled { mut cache, mut key_mask, mut logits, next_pos, row_ids } = first;
         let rope_long = cache.rope_long().unwrap_or(false);
         let mut pos = Tensor::from_slice(&next_pos).view([-1, 1]).to_device(device);
@@ -464,9 +465,9 @@ impl<'m> Engine<'m> {
                 let room = live(&|r| (requests[r.req].params.max_new_tokens - r.tokens.len()) as i64);
                 let new = self.take_chunks(queue, requests, active.len(), |p, n| keep.max(p as i64) + room.max(n as i64));
                 if !new.is_empty() {
-                    let lp = new.iter().map(|c| requests[c.req].prompt_ids.len()).max().unwrap_or(0) as i64;
                     let new_max = new.iter().map(|c| requests[c.req].params.max_new_tokens).max().unwrap_or(0) as i64;
-                    let joined = self.prefill(ctx, &new, lp, Some(rope_long), &mut rows, stats);
+                    let joined = self.prefill(ctx, &new, 0, Some(rope_long), &mut rows, stats);
+                    let lp = joined.cache.len();
                     let merged_len = keep.max(lp);
                     let capacity = merged_len + room.max(new_max);
                     let realign = |mask: &Tensor, filled: i64, keep: i64| {
@@ -474,7 +475,7 @@ impl<'m> Engine<'m> {
                         Tensor::cat(
                             &[
                                 Tensor::zeros([b, merged_len - keep], (Kind::Bool, device)),
-                                mask.narrow(1, filled - keep, keep).to_kind(Kind::Bool),
+                                mask.narrow(1, filled - keep, keep),
                                 Tensor::ones([b, capacity - merged_len], (Kind::Bool, device)),
                             ],
                             1,
