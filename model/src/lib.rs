@@ -10,6 +10,7 @@ pub mod error;
 pub mod gguf;
 pub mod kv_cache;
 pub mod mkl;
+pub mod native;
 pub mod params;
 pub mod rope;
 pub mod runtime;

@@ -404,9 +404,15 @@ impl Transformer {
         let (b, t) = input_ids.size2().expect("input_ids must be [batch, seq]");
         let past = cache.len();
         assert!(past + t <= cache.capacity(), "KV cache overflow: {} + {} > {}", past, t, cache.capacity());
-        if let Some(w) = weights {
-            assert_eq!(w.layers.len(), self.blocks.len(), "decode weights of another model");
-        }
+        // the native step takes one-token steps with logits; anything else runs on the parameters
+        let (native, weights) = match weights.map(|w| &w.inner) {
+            Some(DecodeInner::Native(n)) => (Some(n), None),
+            Some(DecodeInner::Torch { layers, lm_head }) => {
+                assert_eq!(layers.len(), self.blocks.len(), "decode weights of another model");
+                (None, Some((layers, lm_head)))
+            }
+            None => (None, None),
+        };
         let long = match cache.rope_long() {
             Some(l) => l,
             None => {
@@ -416,6 +422,11 @@ impl Transformer {
             }
         };
         let (cos, sin) = self.rope.cos_sin(position_ids, long, self.kind());
+        if let Some(n) = native.filter(|_| t == 1 && matches!(head, Head::All) && self.autocast_kind().is_none()) {
+            if n.cache_fits(cache) {
+                return Some(n.step(input_ids, &cos, &sin, key_mask, cache));
+            }
+        }
         let mut mask = build_mask(&AttnMask::Padding(key_mask), b, t, past, self.cfg.sliding_window, self.device());
         if t == 1 {
             // decoding: the additive form once per step, instead of a conversion inside every layer's attention
@@ -426,7 +437,7 @@ impl Transformer {
             let mut x = self.embed.embedding_fwd(input_ids);
             for (i, blk) in self.blocks.iter().enumerate() {
                 let (k, v) = cache.layer_mut(i);
-                let fused = weights.map(|w| &w.layers[i]);
+                let fused = weights.map(|(layers, _)| &layers[i]);
                 x = blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), Some((k, v, past)), fused);
             }
             let x = match head {
@@ -436,7 +447,7 @@ impl Transformer {
             };
             let x = self.norm.forward(&x);
             Some(match weights {
-                Some(w) => w.lm_head.forward(&x),
+                Some((_, lm_head)) => lm_head.forward(&x),
                 None => x.linear(&self.lm_head, None::<Tensor>),
             })
         });
@@ -448,8 +459,21 @@ impl Transformer {
     /// concatenated into one matrix and gate/up into another, all linear weights (and the output head) cast
     /// to the autocast dtype when mixed precision is on. A copy: valid until the parameters change (the
     /// rollout engine builds one per `generate` call); it takes the bytes of the attention and MLP weights.
+    ///
+    /// On the CPU in fp32 with one torch thread (and AVX-512) the copy is instead packed for the native
+    /// decode step ([`crate::native`]); see [`Transformer::decode_weights_with`].
     pub fn decode_weights(&self) -> DecodeWeights {
+        self.decode_weights_with(tch::get_num_threads() == 1)
+    }
+
+    /// [`Transformer::decode_weights`], packed for the native decode step when `native` is asked for and
+    /// this network and CPU support it ([`crate::native`]: CPU, fp32, no autocast, AVX-512), whatever the
+    /// thread count.
+    pub fn decode_weights_with(&self, native: bool) -> DecodeWeights {
         let _g = tch::no_grad_guard();
+        if native && crate::native::supports(self.device(), self.kind(), self.autocast_kind()) {
+            return DecodeWeights { inner: DecodeInner::Native(self.native_weights()) };
+        }
         let cast = |t: &Tensor| match self.autocast_kind() {
             Some(k) if t.kind() != k => t.detach().to_kind(k),
             _ => t.detach(),
@@ -478,7 +502,41 @@ impl Transformer {
                 },
             })
             .collect();
-        DecodeWeights { layers, lm_head: Linear { w: cast(&self.lm_head), b: None, packed: None } }
+        DecodeWeights { inner: DecodeInner::Torch { layers, lm_head: Linear { w: cast(&self.lm_head), b: None, packed: None } } }
+    }
+
+    fn native_weights(&self) -> crate::native::NativeWeights {
+        fn split<'a>(ls: &[&'a Linear]) -> (Vec<&'a Tensor>, Option<Vec<&'a Tensor>>) {
+            let b = ls[0].b.is_some().then(|| ls.iter().map(|l| l.b.as_ref().expect("all or no biases")).collect());
+            (ls.iter().map(|l| &l.w).collect(), b)
+        }
+        let parts = self
+            .blocks
+            .iter()
+            .map(|blk| {
+                let (qkv, qkv_bias) = match &blk.attn.qkv {
+                    Qkv::Split { q, k, v } => split(&[q, k, v]),
+                    Qkv::Fused(l) => split(&[l]),
+                };
+                let ((gate_up, gate_up_bias), down) = match &blk.mlp {
+                    Mlp::Split { gate, up, down } => (split(&[gate, up]), down),
+                    Mlp::Fused { gate_up, down } => (split(&[gate_up]), down),
+                };
+                crate::native::LayerParts {
+                    input_norm: &blk.input_norm.w,
+                    post_norm: &blk.post_norm.w,
+                    q_norm: blk.attn.q_norm.as_ref().map(|n| &n.w),
+                    k_norm: blk.attn.k_norm.as_ref().map(|n| &n.w),
+                    qkv,
+                    qkv_bias,
+                    o: (&blk.attn.o.w, blk.attn.o.b.as_ref()),
+                    gate_up,
+                    gate_up_bias,
+                    down: (&down.w, down.b.as_ref()),
+                }
+            })
+            .collect();
+        crate::native::NativeWeights::new(&self.cfg, parts, &self.norm.w, &self.lm_head, &self.embed)
     }
 }
 
@@ -492,8 +550,14 @@ enum Head {
 
 /// Projection weights for decoding ([`Transformer::decode_weights`]).
 pub struct DecodeWeights {
-    layers: Vec<DecodeLayer>,
-    lm_head: Linear,
+    inner: DecodeInner,
+}
+
+enum DecodeInner {
+    /// libtorch operators on fused (and possibly MKL-packed) copies.
+    Torch { layers: Vec<DecodeLayer>, lm_head: Linear },
+    /// The native CPU step.
+    Native(crate::native::NativeWeights),
 }
 
 struct DecodeLayer {
@@ -508,7 +572,15 @@ impl DecodeWeights {
     pub fn bytes(&self) -> i64 {
         let t = |t: &Tensor| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64;
         let l = |l: &Linear| t(&l.w) + l.b.as_ref().map_or(0, t);
-        self.layers.iter().map(|d| l(&d.qkv) + l(&d.o) + l(&d.gate_up) + l(&d.down)).sum::<i64>() + l(&self.lm_head)
+        match &self.inner {
+            DecodeInner::Torch { layers, lm_head } => layers.iter().map(|d| l(&d.qkv) + l(&d.o) + l(&d.gate_up) + l(&d.down)).sum::<i64>() + l(lm_head),
+            DecodeInner::Native(n) => n.bytes(),
+        }
+    }
+
+    /// Whether decode steps run natively ([`crate::native`]).
+    pub fn is_native(&self) -> bool {
+        matches!(self.inner, DecodeInner::Native(_))
     }
 
     /// Prepares the weights for decode steps of `rows` rows: on the CPU in fp32 each matrix is packed for
@@ -516,12 +588,15 @@ impl DecodeWeights {
     /// count changes); elsewhere nothing. Steps with another row count still work, unpacked.
     pub fn prepare_rows(&mut self, rows: i64) {
         let _g = tch::no_grad_guard();
-        for d in &mut self.layers {
-            for l in [&mut d.qkv, &mut d.o, &mut d.gate_up, &mut d.down] {
-                l.pack_for_rows(rows);
+        // the native panels serve any row count
+        if let DecodeInner::Torch { layers, lm_head } = &mut self.inner {
+            for d in layers {
+                for l in [&mut d.qkv, &mut d.o, &mut d.gate_up, &mut d.down] {
+                    l.pack_for_rows(rows);
+                }
             }
+            lm_head.pack_for_rows(rows);
         }
-        self.lm_head.pack_for_rows(rows);
     }
 }
 
