@@ -71,6 +71,18 @@ impl Rope {
         }
     }
 
+    /// The inverse frequencies (short, and LongRoPE's long ones) and the attention scaling, on the host (for
+    /// [`crate::native`], which computes the same angles per row: fp32 position × fp32 inverse frequency).
+    pub(crate) fn host_tables(&self) -> (Vec<f32>, Option<Vec<f32>>, f32) {
+        let v = |t: &Tensor| {
+            let t = t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+            let mut out = vec![0f32; t.numel()];
+            t.copy_data(&mut out, t.numel());
+            out
+        };
+        (v(&self.inv_freq), self.inv_freq_long.as_ref().map(|(t, _)| v(t)), self.attention_scaling as f32)
+    }
+
     pub fn has_long(&self) -> bool {
         self.inv_freq_long.is_some()
     }

@@ -421,12 +421,12 @@ impl Transformer {
                 l
             }
         };
-        let (cos, sin) = self.rope.cos_sin(position_ids, long, self.kind());
         if let Some(n) = native.filter(|_| t == 1 && matches!(head, Head::All) && self.autocast_kind().is_none()) {
             if n.cache_fits(cache) {
-                return Some(n.step(input_ids, &cos, &sin, key_mask, cache));
+                return Some(n.step(input_ids, position_ids, long, key_mask, cache));
             }
         }
+        let (cos, sin) = self.rope.cos_sin(position_ids, long, self.kind());
         let mut mask = build_mask(&AttnMask::Padding(key_mask), b, t, past, self.cfg.sliding_window, self.device());
         if t == 1 {
             // decoding: the additive form once per step, instead of a conversion inside every layer's attention
@@ -536,7 +536,7 @@ impl Transformer {
                 }
             })
             .collect();
-        crate::native::NativeWeights::new(&self.cfg, parts, &self.norm.w, &self.lm_head, &self.embed)
+        crate::native::NativeWeights::new(&self.cfg, parts, &self.norm.w, &self.lm_head, &self.embed, &self.rope)
     }
 }
 
