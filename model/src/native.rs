@@ -435,6 +435,14 @@ impl NativeWeights {
     }
 }
 
+/// `out[i] = e^(x[i] − max x)` (exactly 0 where `x[i]` is −∞); returns `(max, Σ out)`. The numerator and
+/// denominator of softmax, for [`available`] CPUs only (the rollout crate's sampler on the CPU).
+pub fn exp_minus_max(x: &[f32], out: &mut [f32]) -> (f32, f32) {
+    assert!(available(), "native kernels need AVX-512");
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    (max, simd::exp_shifted(x, max, out))
+}
+
 #[cfg(target_arch = "x86_64")]
 mod simd {
     use std::arch::x86_64::*;
@@ -728,6 +736,32 @@ mod simd {
         }
     }
 
+    /// out = e^(x − shift), exactly 0 where x = −∞; returns Σ out.
+    pub fn exp_shifted(x: &[f32], shift: f32, out: &mut [f32]) -> f32 {
+        assert_eq!(x.len(), out.len());
+        // SAFETY: AVX-512F detected (callers check `available`); lengths checked above
+        unsafe { exp_shifted_avx512(x, shift, out) }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn exp_shifted_avx512(x: &[f32], shift: f32, out: &mut [f32]) -> f32 {
+        let n = x.len();
+        let s = _mm512_set1_ps(shift);
+        let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut acc = _mm512_setzero_ps();
+        let mut i = 0;
+        while i < n {
+            let m = if i + 16 <= n { 0xffff } else { tail_mask(n - i) };
+            let v = _mm512_mask_loadu_ps(ninf, m, x.as_ptr().add(i));
+            let live = _mm512_cmp_ps_mask::<_CMP_NEQ_OQ>(v, ninf);
+            let e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(v, s)));
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), m, e);
+            acc = _mm512_add_ps(acc, e);
+            i += 16;
+        }
+        _mm512_reduce_add_ps(acc)
+    }
+
     /// out = silu(gate) · up, silu(g) = g / (1 + e^−g).
     pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
         assert!(gate.len() == up.len() && up.len() == out.len());
@@ -771,6 +805,9 @@ mod simd {
         unreachable!("native decoding is x86-64 only")
     }
     pub fn dot(_: &[f32], _: &[f32]) -> f32 {
+        unreachable!("native decoding is x86-64 only")
+    }
+    pub fn exp_shifted(_: &[f32], _: f32, _: &mut [f32]) -> f32 {
         unreachable!("native decoding is x86-64 only")
     }
     #[allow(clippy::too_many_arguments)]

@@ -22,6 +22,18 @@ pub struct RowSampling {
     any_min_p: bool,
     all_unit_temperature: bool,
     unfiltered_unit_temperature: bool,
+    /// The same parameters on the host, for [`RowSampling::sample`] on CPU logits.
+    host: Vec<HostParams>,
+}
+
+/// One row's parameters as the host sampler reads them (top-k = vocab and top-p = 2 mean no limit).
+#[derive(Clone, Copy)]
+struct HostParams {
+    greedy: bool,
+    temperature: f32,
+    top_k: i64,
+    top_p: f32,
+    min_p: f32,
 }
 
 /// Sampled tokens of one step.
@@ -63,11 +75,114 @@ impl RowSampling {
             any_min_p,
             all_unit_temperature,
             unfiltered_unit_temperature: all_unit_temperature && !any_top_k && !any_top_p && !any_min_p,
+            host: (0..params.len())
+                .map(|i| HostParams { greedy: greedy[i], temperature: temp[i], top_k: top_k[i], top_p: top_p[i], min_p: min_p[i] })
+                .collect(),
         }
     }
 
-    /// Samples one token per row of `logits` `[B, V]` with uniforms `u` (one per row, in (0, 1]).
+    /// Samples one token per row of `logits` `[B, V]` with uniforms `u` (one per row, in (0, 1]). CPU logits
+    /// are sampled on the host row by row ([`RowSampling::sample_host`], where the CPU has the native kernels),
+    /// others with tensor operations on their device ([`RowSampling::sample_tensors`]); both compute the same
+    /// formulas.
     pub fn sample(&self, logits: &Tensor, u: &[f64]) -> Sampled {
+        if logits.device() == Device::Cpu && model::native::available() {
+            self.sample_host(logits, u)
+        } else {
+            self.sample_tensors(logits, u)
+        }
+    }
+
+    /// [`RowSampling::sample`] in plain loops over each row: on the CPU some twenty tensor operations per step
+    /// cost more than the arithmetic of a few dozen rows. Same formulas as [`RowSampling::sample_tensors`]
+    /// (softmax as e^(x − max) / Σ, the stable descending sort for top-k / top-p, the inverse CDF counting
+    /// the cumulative sums below u · total); exponentials and sums round differently, so a sample can differ
+    /// where u falls within rounding of a boundary.
+    pub fn sample_host(&self, logits: &Tensor, u: &[f64]) -> Sampled {
+        let (b, v) = logits.size2().expect("logits must be [batch, vocab]");
+        let (b, v) = (b as usize, v as usize);
+        assert_eq!(self.host.len(), b, "sampling parameters for {} rows, logits for {b}", self.host.len());
+        let lf = logits.to_kind(Kind::Float).contiguous();
+        let mut all = vec![0f32; b * v];
+        lf.copy_data(&mut all, b * v);
+        let (mut ids, mut lp_sampled, mut lp_model) = (Vec::with_capacity(b), Vec::with_capacity(b), Vec::with_capacity(b));
+        let (mut e, mut scaled, mut probs) = (vec![0f32; v], vec![0f32; v], vec![0f32; v]);
+        for (r, p) in self.host.iter().enumerate() {
+            let l = &all[r * v..(r + 1) * v];
+            let (max, sum) = model::native::exp_minus_max(l, &mut e);
+            let (tok, lps) = if p.greedy {
+                // the first maximum, as argmax
+                (l.iter().position(|&x| x == max).unwrap_or(0), 0.0)
+            } else {
+                for (s, &x) in scaled.iter_mut().zip(l) {
+                    *s = x / p.temperature;
+                }
+                if p.top_k < v as i64 || p.top_p < 1.0 {
+                    let mut order: Vec<u32> = (0..v as u32).collect();
+                    // stable: equal values keep vocabulary order
+                    order.sort_by(|&a, &b| scaled[b as usize].total_cmp(&scaled[a as usize]));
+                    let mut keep = (p.top_k as usize).min(v);
+                    if p.top_p < 1.0 {
+                        let sorted: Vec<f32> = order[..keep].iter().map(|&i| scaled[i as usize]).collect();
+                        let (_, z) = model::native::exp_minus_max(&sorted, &mut probs[..keep]);
+                        let inv = 1.0 / z;
+                        let mut cum = 0f32;
+                        for (rank, &q) in probs[..keep].iter().enumerate() {
+                            let q = q * inv;
+                            cum += q;
+                            // drop a token once the more likely ones already reach top_p
+                            if cum - q >= p.top_p {
+                                keep = rank;
+                                break;
+                            }
+                        }
+                    }
+                    for &i in &order[keep..] {
+                        scaled[i as usize] = f32::NEG_INFINITY;
+                    }
+                }
+                if p.min_p > 0.0 {
+                    let (_, z) = model::native::exp_minus_max(&scaled, &mut probs);
+                    let inv = 1.0 / z;
+                    let pmax = probs.iter().fold(0f32, |a, &q| a.max(q * inv));
+                    for (s, &q) in scaled.iter_mut().zip(&probs) {
+                        if q * inv < pmax * p.min_p {
+                            *s = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+                let (_, z) = model::native::exp_minus_max(&scaled, &mut probs);
+                let inv = 1.0 / z;
+                let target = u[r] as f32;
+                let mut cum = 0f32;
+                let mut cdf_total = 0f32;
+                for q in probs.iter_mut() {
+                    *q *= inv;
+                    cum += *q;
+                    cdf_total = cum;
+                }
+                let target = target * cdf_total;
+                let mut cum = 0f32;
+                let mut tok = v - 1;
+                for (i, &q) in probs.iter().enumerate() {
+                    cum += q;
+                    if cum >= target {
+                        tok = i;
+                        break;
+                    }
+                }
+                (tok, probs[tok].ln())
+            };
+            ids.push(tok as i64);
+            lp_sampled.push(lps);
+            // log-softmax as x − max − log Σ e^(x − max)
+            lp_model.push(l[tok] - max - sum.ln());
+        }
+        Sampled { tokens: Tensor::from_slice(&ids), ids, logprob_sampled: lp_sampled, logprob_model: lp_model }
+    }
+
+    /// [`RowSampling::sample`] with tensor operations on the logits' device.
+    pub fn sample_tensors(&self, logits: &Tensor, u: &[f64]) -> Sampled {
         let device = logits.device();
         let (b, v) = logits.size2().expect("logits must be [batch, vocab]");
         let lf = logits.to_kind(Kind::Float);
@@ -154,6 +269,45 @@ mod tests {
             c[s.ids[0] as usize] += 1.0 / n as f64;
         }
         c
+    }
+
+    #[test]
+    fn host_and_tensor_sampling_agree() {
+        if !model::native::available() {
+            eprintln!("skipped: the host sampler needs the native kernels (AVX-512)");
+            return;
+        }
+        tch::manual_seed(3);
+        let all = [
+            params(1.0, 0, 1.0, 0.0),
+            params(0.0, 0, 1.0, 0.0),
+            params(0.7, 0, 1.0, 0.0),
+            params(1.0, 5, 1.0, 0.0),
+            params(0.8, 0, 0.9, 0.0),
+            params(1.2, 40, 0.95, 0.0),
+            params(1.0, 0, 1.0, 0.05),
+            params(0.6, 20, 0.8, 0.02),
+        ];
+        let refs: Vec<&SamplingParams> = all.iter().collect();
+        let rs = RowSampling::new(&refs, 300, Device::Cpu);
+        let (mut same, mut total) = (0, 0);
+        for step in 0..60u64 {
+            // peaked and flat rows, with ties (rounded logits)
+            let logits = (Tensor::randn([all.len() as i64, 300], (Kind::Float, Device::Cpu)) * (1 + step % 4) as f64).round_decimals(1);
+            let u: Vec<f64> = (0..all.len()).map(|r| crate::rng::uniform(5, r as u64, step)).collect();
+            let (h, t) = (rs.sample_host(&logits, &u), rs.sample_tensors(&logits, &u));
+            for r in 0..all.len() {
+                total += 1;
+                if h.ids[r] != t.ids[r] {
+                    continue;
+                }
+                same += 1;
+                assert!((h.logprob_model[r] - t.logprob_model[r]).abs() < 1e-5, "row {r} step {step}: model log-prob");
+                assert!((h.logprob_sampled[r] - t.logprob_sampled[r]).abs() < 1e-5, "row {r} step {step}: sampled log-prob");
+            }
+        }
+        // the two differ only by rounding, so only a u within rounding of a boundary may pick another token
+        assert!(same + 1 >= total, "{same} of {total} samples agree");
     }
 
     #[test]

@@ -63,6 +63,8 @@ fn run() -> Result<(), String> {
     let text = std::fs::read_to_string(&prompts_path).map_err(|e| format!("{}: {e}", prompts_path.display()))?;
     let prompts: Vec<Vec<i64>> = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", prompts_path.display()))?;
     let m = Model::load(&model_dir, Some(kind), device).map_err(|e| e.to_string())?;
+    // whether decode steps run on model::native (what the engine's decode_weights picks)
+    let native = fuse && m.net.decode_weights().is_native();
     // one process for several batch sizes (the first k prompts each), to load the model once
     let batches = batches.unwrap_or_else(|| vec![prompts.len()]);
     if let Some(&k) = batches.iter().find(|&&k| k == 0 || k > prompts.len()) {
@@ -112,6 +114,7 @@ fn run() -> Result<(), String> {
             serde_json::json!({
                 "side": "whet", "batch": k, "times": times, "tokens": tokens, "median_s": median, "tok_s": tokens as f64 / median,
                 "peak_rss_kb": peak_rss_kb(), "threads": threads, "stats": stats, "fuse_weights": fuse,
+                "native_decode": native,
             })
         );
     }
