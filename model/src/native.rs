@@ -392,8 +392,13 @@ impl NativeWeights {
                     // x·cos + rotate_half(x)·sin, rotate_half as a roll by half against the signed sin
                     rot.copy_from_slice(&v[..rd]);
                     let half = rd / 2;
-                    for i in 0..rd {
-                        v[i] = rot[i] * c[i] + rot[(i + half) % rd] * s[i];
+                    let (lo, hi) = rot.split_at(half);
+                    let (v_lo, v_hi) = v[..rd].split_at_mut(half);
+                    for (i, o) in v_lo.iter_mut().enumerate() {
+                        *o = lo[i] * c[i] + hi[i] * s[i];
+                    }
+                    for (i, o) in v_hi.iter_mut().enumerate() {
+                        *o = hi[i] * c[half + i] + lo[i] * s[half + i];
                     }
                 }
                 for kh in 0..nkv {
