@@ -460,19 +460,20 @@ impl Transformer {
     /// to the autocast dtype when mixed precision is on. A copy: valid until the parameters change (the
     /// rollout engine builds one per `generate` call); it takes the bytes of the attention and MLP weights.
     ///
-    /// On the CPU in fp32 with one torch thread (and AVX-512) the copy is instead packed for the native
-    /// decode step ([`crate::native`]); see [`Transformer::decode_weights_with`].
+    /// On the CPU in fp32 (with AVX-512) the copy is instead packed for the native decode step
+    /// ([`crate::native`]), which runs on as many threads as libtorch's intra-op pool has; see
+    /// [`Transformer::decode_weights_with`].
     pub fn decode_weights(&self) -> DecodeWeights {
-        self.decode_weights_with(tch::get_num_threads() == 1)
+        self.decode_weights_with(Some(tch::get_num_threads().max(1) as usize))
     }
 
-    /// [`Transformer::decode_weights`], packed for the native decode step when `native` is asked for and
-    /// this network and CPU support it ([`crate::native`]: CPU, fp32, no autocast, AVX-512), whatever the
-    /// thread count.
-    pub fn decode_weights_with(&self, native: bool) -> DecodeWeights {
+    /// [`Transformer::decode_weights`], packed for the native decode step on `native` threads when that is
+    /// asked for and this network and CPU support it ([`crate::native`]: CPU, fp32, no autocast, AVX-512);
+    /// `None`: the libtorch copy.
+    pub fn decode_weights_with(&self, native: Option<usize>) -> DecodeWeights {
         let _g = tch::no_grad_guard();
-        if native && crate::native::supports(self.device(), self.kind(), self.autocast_kind()) {
-            return DecodeWeights { inner: DecodeInner::Native(self.native_weights()) };
+        if let Some(threads) = native.filter(|_| crate::native::supports(self.device(), self.kind(), self.autocast_kind())) {
+            return DecodeWeights { inner: DecodeInner::Native(self.native_weights(threads)) };
         }
         let cast = |t: &Tensor| match self.autocast_kind() {
             Some(k) if t.kind() != k => t.detach().to_kind(k),
@@ -505,7 +506,7 @@ impl Transformer {
         DecodeWeights { inner: DecodeInner::Torch { layers, lm_head: Linear { w: cast(&self.lm_head), b: None, packed: None } } }
     }
 
-    fn native_weights(&self) -> crate::native::NativeWeights {
+    fn native_weights(&self, threads: usize) -> crate::native::NativeWeights {
         fn split<'a>(ls: &[&'a Linear]) -> (Vec<&'a Tensor>, Option<Vec<&'a Tensor>>) {
             let b = ls[0].b.is_some().then(|| ls.iter().map(|l| l.b.as_ref().expect("all or no biases")).collect());
             (ls.iter().map(|l| &l.w).collect(), b)
@@ -536,7 +537,7 @@ impl Transformer {
                 }
             })
             .collect();
-        crate::native::NativeWeights::new(&self.cfg, parts, &self.norm.w, &self.lm_head, &self.embed, &self.rope)
+        crate::native::NativeWeights::new(&self.cfg, parts, &self.norm.w, &self.lm_head, &self.embed, &self.rope, threads)
     }
 }
 

@@ -97,10 +97,11 @@ fn kv_cache_decoding_equals_full_forward() {
         let valid = mask.ne(0).unsqueeze(-1);
         // decoding on the parameters, then on the fused copy the rollout engine uses (q/k/v and gate/up
         // concatenated: `decode_weights`)
-        let weights = m.net.decode_weights_with(false);
+        let weights = m.net.decode_weights_with(None);
         assert!(!weights.is_native());
-        // and on the native CPU step (model::native), where this CPU has AVX-512
-        let native = m.net.decode_weights_with(true);
+        // and on the native CPU step (model::native), where this CPU has AVX-512, on one thread and on three
+        let native = m.net.decode_weights_with(Some(1));
+        let native3 = m.net.decode_weights_with(Some(3));
         assert_eq!(native.is_native(), model::native::available());
         // a prefill that asks for the last position's logits only (in two chunks) gives those of the full forward
         let mut cache = KvCache::new(&m.net.cfg, ids.size()[0], t, Kind::Float, Device::Cpu);
@@ -112,7 +113,7 @@ fn kv_cache_decoding_equals_full_forward() {
         assert_eq!(cache.len(), 8);
         let d = (last.unwrap() - full.select(1, 7)).abs().max().double_value(&[]);
         assert!(d <= 1e-5, "{fam} prefill: {d}");
-        for fused in [None, Some(&weights), Some(&native)] {
+        for fused in [None, Some(&weights), Some(&native), Some(&native3)] {
             let inc = decode_incrementally(&m, ids, pos, mask, prefill, fused);
             let d = (&inc - &full).abs().masked_fill(&valid.logical_not(), 0.0).max().double_value(&[]);
             let how = fused.map_or("parameters", |w| if w.is_native() { "native" } else { "fused" });

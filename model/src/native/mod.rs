@@ -12,11 +12,14 @@
 //! reductions in another order): logits agree to ~1e-6 (tested in `tests/parity.rs`).
 //!
 //! Used by [`crate::Transformer::forward_cached_with`] for one-token steps when the decode weights were
-//! built natively ([`crate::Transformer::decode_weights`]: CPU, fp32, no autocast, AVX-512 present, one
-//! torch thread — the kernels are single-threaded, so with more threads libtorch's parallel GEMMs are kept).
-//! `WHET_NATIVE_DECODE=0` turns it off.
+//! built natively ([`crate::Transformer::decode_weights`]: CPU, fp32, no autocast, AVX-512 present). With
+//! several threads (libtorch's intra-op count) a step's products are shared out by panels and its attention
+//! by (row, KV head) pairs over a pool of our own ([`pool`]). `WHET_NATIVE_DECODE=0` turns it off.
+
+mod pool;
 
 use crate::config::ModelConfig;
+use pool::{share, Pool};
 use crate::kv_cache::KvCache;
 use std::sync::OnceLock;
 use tch::{Device, Kind, Tensor};
@@ -143,23 +146,33 @@ impl Packed {
         ((self.n.div_ceil(PANEL) * PANEL * self.k + self.bias.as_ref().map_or(0, |b| b.len())) * 4) as i64
     }
 
-    /// `y` [m, n] = `x` [m, k] Wᵀ + b.
-    fn forward(&self, arena: &Aligned, x: &[f32], m: usize, y: &mut [f32]) {
+    /// `y` [m, n] = `x` [m, k] Wᵀ + b, the panels shared out over the pool's threads.
+    fn forward(&self, pool: &Pool, arena: &Aligned, x: &[f32], m: usize, y: &mut [f32]) {
         let (n, k) = (self.n, self.k);
         let np = n.div_ceil(PANEL);
         let panels = &arena.as_slice()[self.off..self.off + np * PANEL * k];
-        for p in 0..np {
-            let cols = (n - p * PANEL).min(PANEL);
-            let bias = self.bias.as_ref().map(|b| &b[p * PANEL..p * PANEL + cols]);
-            // blocks of up to ROWS rows (the kernel's accumulators) against the panel, which stays in L1/L2
-            // between them
-            let mut s = 0;
-            while s < m {
-                let rows = (m - s).min(ROWS);
-                simd::panel_product(rows, &x[s * k..(s + rows) * k], &panels[p * k * PANEL..(p + 1) * k * PANEL], k, &mut y[s * n + p * PANEL..], n, bias, cols);
-                s += rows;
+        let threads = pool.threads();
+        let out = Shared::new(&mut y[..m * n]);
+        pool.run(&|t| {
+            for p in share(np, t, threads) {
+                let cols = (n - p * PANEL).min(PANEL);
+                let bias = self.bias.as_ref().map(|b| &b[p * PANEL..p * PANEL + cols]);
+                // blocks of up to ROWS rows (the kernel's accumulators) against the panel, which stays in L1/L2
+                // between them
+                let mut s = 0;
+                while s < m {
+                    let rows = (m - s).min(ROWS);
+                    // SAFETY: thread t writes only the columns of its own panels: `cols` values per row, rows
+                    // `n` apart, inside the buffer (checked by panel_product)
+                    unsafe {
+                        let off = s * n + p * PANEL;
+                        let (y, len) = out.at(off);
+                        simd::panel_product(rows, &x[s * k..(s + rows) * k], &panels[p * k * PANEL..(p + 1) * k * PANEL], k, y, len, n, bias, cols);
+                    }
+                    s += rows;
+                }
             }
-        }
+        });
     }
 }
 
@@ -196,6 +209,8 @@ pub struct NativeWeights {
     rope_scaling: f32,
     rotary_dim: usize,
     scratch: std::sync::Mutex<Scratch>,
+    /// The threads of a step (torch's intra-op thread count when the weights were packed).
+    pool: Pool,
 }
 
 /// Buffers of a step, kept between steps (fresh ones of a few hundred KB would be new pages every step).
@@ -208,7 +223,8 @@ struct Scratch {
     proj: Vec<f32>,
     gu: Vec<f32>,
     act: Vec<f32>,
-    scores: Vec<f32>,
+    /// One attention score buffer per thread.
+    scores: Vec<Vec<f32>>,
     cos: Vec<f32>,
     sin: Vec<f32>,
     rot: Vec<f32>,
@@ -218,6 +234,34 @@ struct Scratch {
 fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     v.resize(n, 0.0);
     &mut v[..n]
+}
+
+/// A buffer that the threads of one parallel region write in disjoint parts.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32, usize);
+
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    fn new(v: &mut [f32]) -> Shared {
+        Shared(v.as_mut_ptr(), v.len())
+    }
+    fn len(&self) -> usize {
+        self.1
+    }
+    /// A pointer to element `off` and the number of elements from there.
+    fn at(&self, off: usize) -> (*mut f32, usize) {
+        assert!(off <= self.1);
+        (self.0.wrapping_add(off), self.1 - off)
+    }
+    /// `self[range]`. SAFETY: no two threads of a region take overlapping ranges, and the buffer outlives the
+    /// region.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn part(&self, range: std::ops::Range<usize>) -> &mut [f32] {
+        assert!(range.start <= range.end && range.end <= self.1);
+        std::slice::from_raw_parts_mut(self.0.add(range.start), range.end - range.start)
+    }
 }
 
 /// One layer's tensors, as [`crate::Transformer`] hands them over.
@@ -237,7 +281,7 @@ pub(crate) struct LayerParts<'a> {
 }
 
 impl NativeWeights {
-    pub(crate) fn new(cfg: &ModelConfig, layers: Vec<LayerParts>, norm: &Tensor, head: &Tensor, embed: &Tensor, rope: &crate::rope::Rope) -> NativeWeights {
+    pub(crate) fn new(cfg: &ModelConfig, layers: Vec<LayerParts>, norm: &Tensor, head: &Tensor, embed: &Tensor, rope: &crate::rope::Rope, threads: usize) -> NativeWeights {
         let (inv_freq, inv_freq_long, rope_scaling) = rope.host_tables();
         let _g = tch::no_grad_guard();
         // every matrix in one arena, in the order a step reads them
@@ -283,6 +327,7 @@ impl NativeWeights {
             rope_scaling,
             rotary_dim: rope.rotary_dim as usize,
             scratch: Default::default(),
+            pool: Pool::new(threads),
         }
     }
 
@@ -368,14 +413,19 @@ impl NativeWeights {
             }
         }
         let (xn, qkv, att, proj) = (sized(xn, b * h), sized(qkv, b * qkv_w), sized(att, b * nh * hd), sized(proj, b * h));
-        let (gu, act, scores) = (sized(gu, b * 2 * inter), sized(act, b * inter), sized(scores, g * total));
+        let (gu, act) = (sized(gu, b * 2 * inter), sized(act, b * inter));
+        scores.resize_with(self.pool.threads(), Vec::new);
+        for sc in scores.iter_mut() {
+            sized(sc, g * total);
+        }
+        let scores: Vec<Shared> = scores.iter_mut().map(|v| Shared::new(v)).collect();
         let (rot, normed) = (sized(rot, rd), sized(normed, hd));
         let scale = 1.0 / (hd as f32).sqrt();
         for (li, l) in self.layers.iter().enumerate() {
             for r in 0..b {
                 simd::rms_norm(&x[r * h..(r + 1) * h], &l.input_norm, self.eps, &mut xn[r * h..(r + 1) * h]);
             }
-            l.qkv.forward(&self.arena, xn, b, qkv);
+            l.qkv.forward(&self.pool, &self.arena, xn, b, qkv);
             let (kc, vc) = cache.layer_mut(li);
             let kc = unsafe { std::slice::from_raw_parts_mut(kc.data_ptr() as *mut f32, b * nkv * cap * hd) };
             let vc = unsafe { std::slice::from_raw_parts_mut(vc.data_ptr() as *mut f32, b * nkv * cap * hd) };
@@ -406,25 +456,33 @@ impl NativeWeights {
                     kc[slot..slot + hd].copy_from_slice(&row[(nh + kh) * hd..(nh + kh + 1) * hd]);
                     vc[slot..slot + hd].copy_from_slice(&row[(nh + nkv + kh) * hd..(nh + nkv + kh + 1) * hd]);
                 }
-                for kh in 0..nkv {
+            }
+            // attention, the (row, KV head) pairs shared out over the threads
+            let (kc, vc, qkv, keys) = (&*kc, &*vc, &*qkv, &keys);
+            let out = Shared::new(att);
+            let threads = self.pool.threads();
+            self.pool.run(&|t| {
+                for pair in share(b * nkv, t, threads) {
+                    let (r, kh) = (pair / nkv, pair % nkv);
                     let base = (r * nkv + kh) * cap * hd;
                     let span = base..base + total * hd;
-                    let q = &row[kh * g * hd..(kh + 1) * g * hd];
-                    let out = &mut att[(r * nh + kh * g) * hd..(r * nh + (kh + 1) * g) * hd];
-                    simd::attend(q, &kc[span.clone()], &vc[span], &keys[r], hd, scale, scores, out);
+                    let q = &qkv[r * qkv_w + kh * g * hd..r * qkv_w + (kh + 1) * g * hd];
+                    // SAFETY: each pair's output heads and each thread's score buffer belong to one thread
+                    let (o, sc) = unsafe { (out.part((r * nh + kh * g) * hd..(r * nh + (kh + 1) * g) * hd), scores[t].part(0..scores[t].len())) };
+                    simd::attend(q, &kc[span.clone()], &vc[span], &keys[r], hd, scale, sc, o);
                 }
-            }
-            l.o.forward(&self.arena, att, b, proj);
+            });
+            l.o.forward(&self.pool, &self.arena, att, b, proj);
             x.iter_mut().zip(proj.iter()).for_each(|(a, p)| *a += p);
             for r in 0..b {
                 simd::rms_norm(&x[r * h..(r + 1) * h], &l.post_norm, self.eps, &mut xn[r * h..(r + 1) * h]);
             }
-            l.gate_up.forward(&self.arena, xn, b, gu);
+            l.gate_up.forward(&self.pool, &self.arena, xn, b, gu);
             for r in 0..b {
                 let row = &gu[r * 2 * inter..(r + 1) * 2 * inter];
                 simd::silu_mul(&row[..inter], &row[inter..], &mut act[r * inter..(r + 1) * inter]);
             }
-            l.down.forward(&self.arena, act, b, proj);
+            l.down.forward(&self.pool, &self.arena, act, b, proj);
             x.iter_mut().zip(proj.iter()).for_each(|(a, p)| *a += p);
         }
         for r in 0..b {
@@ -433,7 +491,7 @@ impl NativeWeights {
         let logits = Tensor::empty([b as i64, 1, self.vocab as i64], (Kind::Float, Device::Cpu));
         {
             let out = unsafe { std::slice::from_raw_parts_mut(logits.data_ptr() as *mut f32, b * self.vocab) };
-            self.head.forward(&self.arena, xn, b, out);
+            self.head.forward(&self.pool, &self.arena, xn, b, out);
         }
         cache.advance(1);
         logits
@@ -460,12 +518,16 @@ mod simd {
     /// tuned on (Xeon, L3-resident weights) took a 16-row product over a 26M-parameter model from 14 to 7 ms.
     const PREFETCH: usize = 3072;
 
-    /// `y[r · ldy + c]` = (`x` [rows][k] × `panel` [k][32])[r][c] + `bias[c]` for c < `cols`.
+    /// `y[r · ldy + c]` = (`x` [rows][k] × `panel` [k][32])[r][c] + `bias[c]` for c < `cols`; only those
+    /// elements of `y` (valid for `y_len` floats) are written.
+    ///
+    /// SAFETY: `y` must be valid for writes of `y_len` floats, and no other thread may access the elements
+    /// written.
     #[allow(clippy::too_many_arguments)]
-    pub fn panel_product(rows: usize, x: &[f32], panel: &[f32], k: usize, y: &mut [f32], ldy: usize, bias: Option<&[f32]>, cols: usize) {
+    pub unsafe fn panel_product(rows: usize, x: &[f32], panel: &[f32], k: usize, y: *mut f32, y_len: usize, ldy: usize, bias: Option<&[f32]>, cols: usize) {
         assert!((1..=super::ROWS).contains(&rows) && (1..=32).contains(&cols));
-        assert!(x.len() >= rows * k && panel.len() >= 32 * k && y.len() >= (rows - 1) * ldy + cols && bias.is_none_or(|b| b.len() >= cols));
-        let (x, p, y, b) = (x.as_ptr(), panel.as_ptr(), y.as_mut_ptr(), bias.map_or(std::ptr::null(), |b| b.as_ptr()));
+        assert!(x.len() >= rows * k && panel.len() >= 32 * k && y_len >= (rows - 1) * ldy + cols && bias.is_none_or(|b| b.len() >= cols));
+        let (x, p, b) = (x.as_ptr(), panel.as_ptr(), bias.map_or(std::ptr::null(), |b| b.as_ptr()));
         // SAFETY: AVX-512F was detected (`detected`, checked before any native weights exist); the bounds
         // were checked above.
         unsafe {
@@ -806,7 +868,7 @@ mod simd {
         false
     }
     #[allow(clippy::too_many_arguments)]
-    pub fn panel_product(_: usize, _: &[f32], _: &[f32], _: usize, _: &mut [f32], _: usize, _: Option<&[f32]>, _: usize) {
+    pub unsafe fn panel_product(_: usize, _: &[f32], _: &[f32], _: usize, _: *mut f32, _: usize, _: usize, _: Option<&[f32]>, _: usize) {
         unreachable!("native decoding is x86-64 only")
     }
     pub fn dot(_: &[f32], _: &[f32]) -> f32 {
@@ -859,14 +921,15 @@ mod tests {
             let biases = [b.narrow(0, 0, split), b.narrow(0, split, n as i64 - split)];
             let mut arena = Aligned::new(panel_floats(&[&w]) + 5);
             let p = Packed::new(&[&parts[0], &parts[1]], Some(vec![&biases[0], &biases[1]]), arena.as_mut_slice(), 5);
-            for m in [1usize, 2, 3, 5, 8, 15, 16, 17, 31, 35] {
+            let pools = [Pool::new(1), Pool::new(3)];
+            for (m, pool) in [1usize, 2, 3, 5, 8, 15, 16, 17, 31, 35].into_iter().flat_map(|m| pools.iter().map(move |p| (m, p))) {
                 let x = values(m * k, m as u64 + 7);
                 let mut y = vec![0f32; m * n];
-                p.forward(&arena, &x, m, &mut y);
+                p.forward(pool, &arena, &x, m, &mut y);
                 let want = Tensor::from_slice(&x).view([m as i64, k as i64]).linear(&w, Some(&b));
                 let got = Tensor::from_slice(&y).view([m as i64, n as i64]);
                 let d = (got - want).abs().max().double_value(&[]);
-                assert!(d < 1e-5, "n {n} k {k} m {m}: {d}");
+                assert!(d < 1e-5, "n {n} k {k} m {m} threads {}: {d}", pool.threads());
             }
         }
     }
