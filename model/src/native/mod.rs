@@ -227,8 +227,6 @@ struct Scratch {
     scores: Vec<Vec<f32>>,
     cos: Vec<f32>,
     sin: Vec<f32>,
-    rot: Vec<f32>,
-    normed: Vec<f32>,
 }
 
 fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
@@ -363,7 +361,7 @@ impl NativeWeights {
         };
         let (ids, positions) = (host(ids), host(positions));
         let mut guard = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        let Scratch { x, xn, qkv, att, proj, gu, act, scores, cos, sin, rot, normed } = &mut *guard;
+        let Scratch { x, xn, qkv, att, proj, gu, act, scores, cos, sin } = &mut *guard;
         // rotary angles as Rope::cos_sin makes them: cos over both halves, sin negated on the first half
         let rd = self.rotary_dim;
         let half = rd / 2;
@@ -419,74 +417,91 @@ impl NativeWeights {
             sized(sc, g * total);
         }
         let scores: Vec<Shared> = scores.iter_mut().map(|v| Shared::new(v)).collect();
-        let (rot, normed) = (sized(rot, rd), sized(normed, hd));
         let scale = 1.0 / (hd as f32).sqrt();
-        for (li, l) in self.layers.iter().enumerate() {
-            for r in 0..b {
-                simd::rms_norm(&x[r * h..(r + 1) * h], &l.input_norm, self.eps, &mut xn[r * h..(r + 1) * h]);
+        // Each layer: products shared out by panels; everything row-wise (norms, rotations, cache writes,
+        // attention, SwiGLU, residuals) shared out by rows, one parallel region per stretch between products.
+        let threads = self.pool.threads();
+        let eps = self.eps;
+        let (xs, xns) = (Shared::new(x), Shared::new(xn));
+        let first_norm = self.layers.first().map_or(&self.norm, |l| &l.input_norm);
+        // SAFETY (every region below): thread t touches only rows share(b, t, threads) of each buffer, and a
+        // row's cache slots
+        self.pool.run(&|t| {
+            for r in share(b, t, threads) {
+                unsafe { simd::rms_norm(xs.part(r * h..(r + 1) * h), first_norm, eps, xns.part(r * h..(r + 1) * h)) };
             }
+        });
+        for (li, l) in self.layers.iter().enumerate() {
             l.qkv.forward(&self.pool, &self.arena, xn, b, qkv);
             let (kc, vc) = cache.layer_mut(li);
-            let kc = unsafe { std::slice::from_raw_parts_mut(kc.data_ptr() as *mut f32, b * nkv * cap * hd) };
-            let vc = unsafe { std::slice::from_raw_parts_mut(vc.data_ptr() as *mut f32, b * nkv * cap * hd) };
-            for r in 0..b {
-                let row = &mut qkv[r * qkv_w..(r + 1) * qkv_w];
-                let (c, s) = (&cos[r * rd..(r + 1) * rd], &sin[r * rd..(r + 1) * rd]);
-                for head in 0..nh + nkv {
-                    let v = &mut row[head * hd..(head + 1) * hd];
-                    let w = if head < nh { l.q_norm.as_ref() } else { l.k_norm.as_ref() };
-                    if let Some(w) = w {
-                        normed.copy_from_slice(v);
-                        simd::rms_norm(normed, w, self.eps, v);
-                    }
-                    // x·cos + rotate_half(x)·sin, rotate_half as a roll by half against the signed sin
-                    rot.copy_from_slice(&v[..rd]);
-                    let half = rd / 2;
-                    let (lo, hi) = rot.split_at(half);
-                    let (v_lo, v_hi) = v[..rd].split_at_mut(half);
-                    for (i, o) in v_lo.iter_mut().enumerate() {
-                        *o = lo[i] * c[i] + hi[i] * s[i];
-                    }
-                    for (i, o) in v_hi.iter_mut().enumerate() {
-                        *o = hi[i] * c[half + i] + lo[i] * s[half + i];
-                    }
-                }
-                for kh in 0..nkv {
-                    let slot = ((r * nkv + kh) * cap + past) * hd;
-                    kc[slot..slot + hd].copy_from_slice(&row[(nh + kh) * hd..(nh + kh + 1) * hd]);
-                    vc[slot..slot + hd].copy_from_slice(&row[(nh + nkv + kh) * hd..(nh + nkv + kh + 1) * hd]);
-                }
-            }
-            // attention, the (row, KV head) pairs shared out over the threads
-            let (kc, vc, qkv, keys) = (&*kc, &*vc, &*qkv, &keys);
-            let out = Shared::new(att);
-            let threads = self.pool.threads();
+            let kc = Shared(kc.data_ptr() as *mut f32, b * nkv * cap * hd);
+            let vc = Shared(vc.data_ptr() as *mut f32, b * nkv * cap * hd);
+            let (qkvs, atts, keys, cos, sin) = (Shared::new(qkv), Shared::new(att), &keys, &*cos, &*sin);
             self.pool.run(&|t| {
-                for pair in share(b * nkv, t, threads) {
-                    let (r, kh) = (pair / nkv, pair % nkv);
-                    let base = (r * nkv + kh) * cap * hd;
-                    let span = base..base + total * hd;
-                    let q = &qkv[r * qkv_w + kh * g * hd..r * qkv_w + (kh + 1) * g * hd];
-                    // SAFETY: each pair's output heads and each thread's score buffer belong to one thread
-                    let (o, sc) = unsafe { (out.part((r * nh + kh * g) * hd..(r * nh + (kh + 1) * g) * hd), scores[t].part(0..scores[t].len())) };
-                    simd::attend(q, &kc[span.clone()], &vc[span], &keys[r], hd, scale, sc, o);
+                let (mut rot, mut normed) = (vec![0f32; rd], vec![0f32; hd]);
+                for r in share(b, t, threads) {
+                    let row = unsafe { qkvs.part(r * qkv_w..(r + 1) * qkv_w) };
+                    let (c, s) = (&cos[r * rd..(r + 1) * rd], &sin[r * rd..(r + 1) * rd]);
+                    for head in 0..nh + nkv {
+                        let v = &mut row[head * hd..(head + 1) * hd];
+                        let w = if head < nh { l.q_norm.as_ref() } else { l.k_norm.as_ref() };
+                        if let Some(w) = w {
+                            normed.copy_from_slice(v);
+                            simd::rms_norm(&normed, w, eps, v);
+                        }
+                        // x·cos + rotate_half(x)·sin, rotate_half as a roll by half against the signed sin
+                        rot.copy_from_slice(&v[..rd]);
+                        let (lo, hi) = rot.split_at(half);
+                        let (v_lo, v_hi) = v[..rd].split_at_mut(half);
+                        for (i, o) in v_lo.iter_mut().enumerate() {
+                            *o = lo[i] * c[i] + hi[i] * s[i];
+                        }
+                        for (i, o) in v_hi.iter_mut().enumerate() {
+                            *o = hi[i] * c[half + i] + lo[i] * s[half + i];
+                        }
+                    }
+                    for kh in 0..nkv {
+                        let slot = ((r * nkv + kh) * cap + past) * hd;
+                        unsafe {
+                            kc.part(slot..slot + hd).copy_from_slice(&row[(nh + kh) * hd..(nh + kh + 1) * hd]);
+                            vc.part(slot..slot + hd).copy_from_slice(&row[(nh + nkv + kh) * hd..(nh + nkv + kh + 1) * hd]);
+                        }
+                    }
+                    for kh in 0..nkv {
+                        let base = (r * nkv + kh) * cap * hd;
+                        let (k, v) = unsafe { (kc.part(base..base + total * hd), vc.part(base..base + total * hd)) };
+                        let q = &row[kh * g * hd..(kh + 1) * g * hd];
+                        let (o, sc) = unsafe { (atts.part((r * nh + kh * g) * hd..(r * nh + (kh + 1) * g) * hd), scores[t].part(0..scores[t].len())) };
+                        simd::attend(q, k, v, &keys[r], hd, scale, sc, o);
+                    }
                 }
             });
             l.o.forward(&self.pool, &self.arena, att, b, proj);
-            x.iter_mut().zip(proj.iter()).for_each(|(a, p)| *a += p);
-            for r in 0..b {
-                simd::rms_norm(&x[r * h..(r + 1) * h], &l.post_norm, self.eps, &mut xn[r * h..(r + 1) * h]);
-            }
+            let (projs, gus, acts) = (Shared::new(proj), Shared::new(gu), Shared::new(act));
+            self.pool.run(&|t| {
+                for r in share(b, t, threads) {
+                    let (xr, pr) = unsafe { (xs.part(r * h..(r + 1) * h), projs.part(r * h..(r + 1) * h)) };
+                    xr.iter_mut().zip(pr.iter()).for_each(|(a, p)| *a += p);
+                    unsafe { simd::rms_norm(xr, &l.post_norm, eps, xns.part(r * h..(r + 1) * h)) };
+                }
+            });
             l.gate_up.forward(&self.pool, &self.arena, xn, b, gu);
-            for r in 0..b {
-                let row = &gu[r * 2 * inter..(r + 1) * 2 * inter];
-                simd::silu_mul(&row[..inter], &row[inter..], &mut act[r * inter..(r + 1) * inter]);
-            }
+            self.pool.run(&|t| {
+                for r in share(b, t, threads) {
+                    let row = unsafe { gus.part(r * 2 * inter..(r + 1) * 2 * inter) };
+                    unsafe { simd::silu_mul(&row[..inter], &row[inter..], acts.part(r * inter..(r + 1) * inter)) };
+                }
+            });
             l.down.forward(&self.pool, &self.arena, act, b, proj);
-            x.iter_mut().zip(proj.iter()).for_each(|(a, p)| *a += p);
-        }
-        for r in 0..b {
-            simd::rms_norm(&x[r * h..(r + 1) * h], &self.norm, self.eps, &mut xn[r * h..(r + 1) * h]);
+            // the residual, then the next layer's input norm (the final norm after the last layer)
+            let next_norm = self.layers.get(li + 1).map_or(&self.norm, |n| &n.input_norm);
+            self.pool.run(&|t| {
+                for r in share(b, t, threads) {
+                    let (xr, pr) = unsafe { (xs.part(r * h..(r + 1) * h), projs.part(r * h..(r + 1) * h)) };
+                    xr.iter_mut().zip(pr.iter()).for_each(|(a, p)| *a += p);
+                    unsafe { simd::rms_norm(xr, next_norm, eps, xns.part(r * h..(r + 1) * h)) };
+                }
+            });
         }
         let logits = Tensor::empty([b as i64, 1, self.vocab as i64], (Kind::Float, Device::Cpu));
         {
