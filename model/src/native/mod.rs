@@ -115,7 +115,7 @@ fn panel_floats(parts: &[&Tensor]) -> usize {
 impl Packed {
     /// The rows of `parts` stacked (q, k and v into one matrix, gate and up into another), packed into
     /// `arena[off..]`.
-    fn new(parts: &[&Tensor], biases: Option<Vec<&Tensor>>, arena: &mut [f32], off: usize) -> Packed {
+    fn new(pool: &Pool, parts: &[&Tensor], biases: Option<Vec<&Tensor>>, arena: &mut [f32], off: usize) -> Packed {
         let k = parts[0].size()[1] as usize;
         let n: usize = parts.iter().map(|t| t.size()[0] as usize).sum();
         let out = &mut arena[off..off + panel_floats(parts)];
@@ -129,15 +129,22 @@ impl Packed {
             })
             .collect();
         debug_assert_eq!(rows.len(), n);
-        // panel by panel, feature by feature: the writes are sequential, the reads 16 row streams
-        for (p, panel) in out.chunks_exact_mut(PANEL * k).enumerate() {
-            let cols = &rows[p * PANEL..(p * PANEL + PANEL).min(n)];
-            for (kk, dst) in panel.chunks_exact_mut(PANEL).enumerate() {
-                for (j, d) in dst.iter_mut().enumerate() {
-                    *d = cols.get(j).map_or(0.0, |r| r[kk]);
+        // panel by panel (shared out over the threads), feature by feature: the writes are sequential, the
+        // reads 32 row streams
+        let (np, threads) = (n.div_ceil(PANEL), pool.threads());
+        let outs = Shared::new(out);
+        pool.run(&|t| {
+            for p in share(np, t, threads) {
+                // SAFETY: each panel is one thread's
+                let panel = unsafe { outs.part(p * PANEL * k..(p + 1) * PANEL * k) };
+                let cols = &rows[p * PANEL..(p * PANEL + PANEL).min(n)];
+                for (kk, dst) in panel.chunks_exact_mut(PANEL).enumerate() {
+                    for (j, d) in dst.iter_mut().enumerate() {
+                        *d = cols.get(j).map_or(0.0, |r| r[kk]);
+                    }
                 }
             }
-        }
+        });
         let bias = biases.map(|b| b.iter().flat_map(|t| to_vec(t)).collect());
         Packed { off, n, k, bias }
     }
@@ -281,6 +288,7 @@ pub(crate) struct LayerParts<'a> {
 impl NativeWeights {
     pub(crate) fn new(cfg: &ModelConfig, layers: Vec<LayerParts>, norm: &Tensor, head: &Tensor, embed: &Tensor, rope: &crate::rope::Rope, threads: usize) -> NativeWeights {
         let (inv_freq, inv_freq_long, rope_scaling) = rope.host_tables();
+        let pool = Pool::new(threads);
         let _g = tch::no_grad_guard();
         // every matrix in one arena, in the order a step reads them
         let per_layer = |l: &LayerParts| panel_floats(&l.qkv) + panel_floats(&[l.o.0]) + panel_floats(&l.gate_up) + panel_floats(&[l.down.0]);
@@ -288,7 +296,7 @@ impl NativeWeights {
         let mut arena = Aligned::new(total);
         let mut off = 0;
         let mut pack = |parts: &[&Tensor], biases: Option<Vec<&Tensor>>| {
-            let p = Packed::new(parts, biases, arena.as_mut_slice(), off);
+            let p = Packed::new(&pool, parts, biases, arena.as_mut_slice(), off);
             off += panel_floats(parts);
             p
         };
@@ -325,7 +333,7 @@ impl NativeWeights {
             rope_scaling,
             rotary_dim: rope.rotary_dim as usize,
             scratch: Default::default(),
-            pool: Pool::new(threads),
+            pool,
         }
     }
 
@@ -935,7 +943,7 @@ mod tests {
             let parts = [w.narrow(0, 0, split), w.narrow(0, split, n as i64 - split)];
             let biases = [b.narrow(0, 0, split), b.narrow(0, split, n as i64 - split)];
             let mut arena = Aligned::new(panel_floats(&[&w]) + 5);
-            let p = Packed::new(&[&parts[0], &parts[1]], Some(vec![&biases[0], &biases[1]]), arena.as_mut_slice(), 5);
+            let p = Packed::new(&Pool::new(2), &[&parts[0], &parts[1]], Some(vec![&biases[0], &biases[1]]), arena.as_mut_slice(), 5);
             let pools = [Pool::new(1), Pool::new(3)];
             for (m, pool) in [1usize, 2, 3, 5, 8, 15, 16, 17, 31, 35].into_iter().flat_map(|m| pools.iter().map(move |p| (m, p))) {
                 let x = values(m * k, m as u64 + 7);
