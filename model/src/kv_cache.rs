@@ -11,6 +11,10 @@ pub struct KvCache {
     len: i64,
     capacity: i64,
     rope_long: Option<bool>,
+    /// Per row: rows with the same group hold identical keys and values in slots `0..end` (copies of one
+    /// prefilled prompt, see [`KvCache::shared_prefix`]).
+    shared: Vec<Option<(u32, i64)>>,
+    next_group: u32,
 }
 
 impl KvCache {
@@ -19,7 +23,16 @@ impl KvCache {
         let n = cfg.num_hidden_layers as usize;
         let k = (0..n).map(|_| Tensor::zeros(shape, (kind, device))).collect();
         let v = (0..n).map(|_| Tensor::zeros(shape, (kind, device))).collect();
-        KvCache { k, v, len: 0, capacity, rope_long: None }
+        KvCache { k, v, len: 0, capacity, rope_long: None, shared: vec![None; batch.max(0) as usize], next_group: 0 }
+    }
+
+    /// `Some((group, end))` when this row's slots `0..end` hold the same keys and values as those of every
+    /// other row of `group`: rows repeated from one row ([`KvCache::select_rows`], [`KvCache::repeat_rows`]),
+    /// as the n samples of one prompt are, share what was cached when they were copied. Readers may then read
+    /// those slots from any row of the group (the native decode step reads them from the group's first row,
+    /// so that n samples read their prompt's keys from memory once).
+    pub fn shared_prefix(&self, row: usize) -> Option<(u32, i64)> {
+        self.shared.get(row).copied().flatten()
     }
 
     /// Bytes one cached token takes over all layers (keys and values), for cache budgets.
@@ -55,6 +68,30 @@ impl KvCache {
     /// Keeps the rows `index` (int64 `[B']`, any order, repeats allowed): drops finished sequences or
     /// expands a prompt's prefill into its group of samples.
     pub fn select_rows(&mut self, index: &Tensor) {
+        let host: Vec<i64> = Vec::try_from(index.to_device(Device::Cpu).to_kind(Kind::Int64).view([-1])).expect("row indices");
+        let mut copies = vec![0usize; self.shared.len()];
+        for &i in &host {
+            copies[i as usize] += 1;
+        }
+        // a row taken more than once: its copies share everything cached so far
+        let mut fresh = std::collections::HashMap::new();
+        let shared = host
+            .iter()
+            .map(|&i| {
+                let i = i as usize;
+                self.shared[i].or_else(|| {
+                    (copies[i] > 1).then(|| {
+                        let len = self.len;
+                        let next = &mut self.next_group;
+                        *fresh.entry(i).or_insert_with(|| {
+                            *next += 1;
+                            (*next - 1, len)
+                        })
+                    })
+                })
+            })
+            .collect();
+        self.shared = shared;
         let index = index.to_device(self.k[0].device());
         for t in self.k.iter_mut().chain(self.v.iter_mut()) {
             *t = t.index_select(0, &index);
@@ -63,9 +100,8 @@ impl KvCache {
 
     /// Repeats every row `n` times in place (row r becomes rows r*n .. r*n+n-1).
     pub fn repeat_rows(&mut self, n: i64) {
-        for t in self.k.iter_mut().chain(self.v.iter_mut()) {
-            *t = t.repeat_interleave_self_int(n, 0, None);
-        }
+        let rows = self.shared.len() as i64;
+        self.select_rows(&Tensor::arange(rows, (Kind::Int64, Device::Cpu)).repeat_interleave_self_int(n, 0, None));
     }
 
     /// A new cache holding the rows of `self` followed by the rows of `other` (slot refill: sequences that
@@ -99,12 +135,18 @@ impl KvCache {
                 })
                 .collect()
         };
+        // slot j of a cache of length l moves to j + len − l; what falls before 0 was zeroed in every row, so
+        // the shared part stays shared (groups of `other` renumbered after those of `self`)
+        let shift = |s: &Option<(u32, i64)>, from: i64, offset: u32| s.and_then(|(g, end)| (end + len - from > 0).then_some((g + offset, end + len - from)));
+        let shared = self.shared.iter().map(|s| shift(s, self.len, 0)).chain(other.shared.iter().map(|s| shift(s, other.len, self.next_group))).collect();
         KvCache {
             k: merge(&self.k, &other.k),
             v: merge(&self.v, &other.v),
             len,
             capacity,
             rope_long: self.rope_long.or(other.rope_long),
+            shared,
+            next_group: self.next_group + other.next_group,
         }
     }
 
@@ -122,5 +164,6 @@ impl KvCache {
     /// Forgets every cached position (the buffers are kept).
     pub fn clear(&mut self) {
         self.len = 0;
+        self.shared.iter_mut().for_each(|s| *s = None);
     }
 }

@@ -328,7 +328,9 @@ fn decoding_on_fused_weights_equals_decoding_on_the_parameters() {
         // rows finish at different steps (stop ids), so the fused copy is re-prepared for each row count (with one
         // thread on an AVX-512 CPU the copy is the native step's: model::native)
         let params = |i: u64| SamplingParams { max_new_tokens: 6 + 3 * i as usize, seed: Some(i), temperature: 0.9, ..Default::default() };
-        let reqs: Vec<Request> = (0..4).map(|i| req(prompt(3 + 2 * i as usize, i as i64), 3, params(i))).collect();
+        // prompts of equal length (requests 0 and 1, 2 and 3) but different tokens: the samples of one request
+        // share its prompt's cached slots (KvCache::shared_prefix), those of another request must not
+        let reqs: Vec<Request> = (0..4).map(|i| req(prompt(5 + 2 * (i / 2) as usize, i as i64), 3, params(i))).collect();
         let run = |fuse_weights: bool| {
             Engine::new(&m.net, EngineConfig { fuse_weights, compact_fraction: 0.0, ..Default::default() }).unwrap().generate_with_stats(&reqs).unwrap()
         };

@@ -260,6 +260,12 @@ impl Shared {
         assert!(off <= self.1);
         (self.0.wrapping_add(off), self.1 - off)
     }
+    /// `self[range]` to read. SAFETY: no thread writes that range during the region, and the buffer outlives
+    /// it.
+    unsafe fn read(&self, range: std::ops::Range<usize>) -> &[f32] {
+        assert!(range.start <= range.end && range.end <= self.1);
+        std::slice::from_raw_parts(self.0.add(range.start), range.end - range.start)
+    }
     /// `self[range]`. SAFETY: no two threads of a region take overlapping ranges, and the buffer outlives the
     /// region.
     #[allow(clippy::mut_from_ref)]
@@ -408,6 +414,26 @@ impl NativeWeights {
                 })
                 .collect()
         };
+        // rows holding copies of one prompt (the n samples of a request) read its slots from the group's first
+        // row: (that row, how many of the row's keys lie in the shared slots)
+        let prefix: Vec<(usize, usize)> = {
+            let mut first = std::collections::HashMap::new();
+            (0..b)
+                .map(|r| match cache.shared_prefix(r) {
+                    Some((group, end)) => {
+                        let rep = *first.entry(group).or_insert(r);
+                        let split = keys[r].partition_point(|&j| (j as i64) < end);
+                        // the same keys in the shared slots (the same prompt padding): else the row reads its own
+                        if rep != r && keys[rep].partition_point(|&j| (j as i64) < end) == split && keys[rep][..split] == keys[r][..split] {
+                            (rep, split)
+                        } else {
+                            (r, 0)
+                        }
+                    }
+                    None => (r, 0),
+                })
+                .collect()
+        };
         // the residual stream
         let x = sized(x, b * h);
         {
@@ -475,12 +501,23 @@ impl NativeWeights {
                             vc.part(slot..slot + hd).copy_from_slice(&row[(nh + nkv + kh) * hd..(nh + nkv + kh + 1) * hd]);
                         }
                     }
+                    let (rep, split) = prefix[r];
+                    // the shared slots end before any slot written in this step
+                    let shared_end = if split > 0 { keys[r][split - 1] as usize + 1 } else { 0 };
                     for kh in 0..nkv {
-                        let base = (r * nkv + kh) * cap * hd;
-                        let (k, v) = unsafe { (kc.part(base..base + total * hd), vc.part(base..base + total * hd)) };
+                        let (base, rep_base) = ((r * nkv + kh) * cap * hd, (rep * nkv + kh) * cap * hd);
+                        // SAFETY: own slots (this thread's row) and slots of another row below that row's
+                        // write slot; no thread writes either during the reads
+                        let kv = unsafe {
+                            simd::Slabs {
+                                k: [kc.read(rep_base..rep_base + shared_end * hd), kc.read(base..base + total * hd)],
+                                v: [vc.read(rep_base..rep_base + shared_end * hd), vc.read(base..base + total * hd)],
+                                split,
+                            }
+                        };
                         let q = &row[kh * g * hd..(kh + 1) * g * hd];
                         let (o, sc) = unsafe { (atts.part((r * nh + kh * g) * hd..(r * nh + (kh + 1) * g) * hd), scores[t].part(0..scores[t].len())) };
-                        simd::attend(q, k, v, &keys[r], hd, scale, sc, o);
+                        simd::attend(q, &kv, &keys[r], hd, scale, sc, o);
                     }
                 }
             });
@@ -647,32 +684,40 @@ mod simd {
         _mm512_scalef_ps(y, n)
     }
 
-    /// Attention of the `g` query heads `q` [g][hd] that share one KV head, over the keys `keys` (slot indices)
-    /// of `k`, `v` [slots][hd]: out [g][hd] = softmax(q kᵀ · scale) v. `scores`: scratch of at least
-    /// g · keys.len().
-    #[allow(clippy::too_many_arguments)]
-    pub fn attend(q: &[f32], k: &[f32], v: &[f32], keys: &[u32], hd: usize, scale: f32, scores: &mut [f32], out: &mut [f32]) {
-        let g = q.len() / hd;
-        let n = keys.len();
-        assert!(q.len() == g * hd && out.len() == g * hd && scores.len() >= g * n);
-        assert!(keys.iter().all(|&j| (j as usize + 1) * hd <= k.len().min(v.len())));
-        // SAFETY: AVX-512F detected before native weights exist; every index was bounds-checked above
-        unsafe {
-            let (q, k, v, sc, o) = (q.as_ptr(), k.as_ptr(), v.as_ptr(), scores.as_mut_ptr(), out.as_mut_ptr());
-            match hd {
-                32 => attend_heads::<2>(q, k, v, keys, g, scale, sc, o),
-                48 => attend_heads::<3>(q, k, v, keys, g, scale, sc, o),
-                64 => attend_heads::<4>(q, k, v, keys, g, scale, sc, o),
-                80 => attend_heads::<5>(q, k, v, keys, g, scale, sc, o),
-                96 => attend_heads::<6>(q, k, v, keys, g, scale, sc, o),
-                128 => attend_heads::<8>(q, k, v, keys, g, scale, sc, o),
-                _ => attend_avx512(std::slice::from_raw_parts(q, g * hd), std::slice::from_raw_parts(k, k_len(keys, hd)), std::slice::from_raw_parts(v, k_len(keys, hd)), keys, hd, scale, scores, out),
-            }
-        }
+    /// Keys and values [slots][hd] of one KV head: `keys[..split]` (slot indices) are read from the first
+    /// pair of slabs, the rest from the second. Rows that hold copies of one prompt read its slots from one
+    /// row's slabs, which then stay in cache for the others (see [`crate::KvCache::shared_prefix`]).
+    pub struct Slabs<'a> {
+        pub k: [&'a [f32]; 2],
+        pub v: [&'a [f32]; 2],
+        pub split: usize,
     }
 
-    fn k_len(keys: &[u32], hd: usize) -> usize {
-        keys.iter().map(|&j| (j as usize + 1) * hd).max().unwrap_or(0)
+    /// Attention of the `g` query heads `q` [g][hd] that share one KV head, over the keys `keys` of `kv`:
+    /// out [g][hd] = softmax(q kᵀ · scale) v. `scores`: scratch of at least g · keys.len().
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend(q: &[f32], kv: &Slabs, keys: &[u32], hd: usize, scale: f32, scores: &mut [f32], out: &mut [f32]) {
+        let g = q.len() / hd;
+        let n = keys.len();
+        assert!(q.len() == g * hd && out.len() == g * hd && scores.len() >= g * n && kv.split <= n);
+        for (part, src) in [(&keys[..kv.split], 0), (&keys[kv.split..], 1)] {
+            assert!(part.iter().all(|&j| (j as usize + 1) * hd <= kv.k[src].len().min(kv.v[src].len())));
+        }
+        // SAFETY: AVX-512F detected before native weights exist; every index was bounds-checked above
+        unsafe {
+            let (q, sc, o) = (q.as_ptr(), scores.as_mut_ptr(), out.as_mut_ptr());
+            let (k, v) = ([kv.k[0].as_ptr(), kv.k[1].as_ptr()], [kv.v[0].as_ptr(), kv.v[1].as_ptr()]);
+            let split = kv.split;
+            match hd {
+                32 => attend_heads::<2>(q, k, v, keys, split, g, scale, sc, o),
+                48 => attend_heads::<3>(q, k, v, keys, split, g, scale, sc, o),
+                64 => attend_heads::<4>(q, k, v, keys, split, g, scale, sc, o),
+                80 => attend_heads::<5>(q, k, v, keys, split, g, scale, sc, o),
+                96 => attend_heads::<6>(q, k, v, keys, split, g, scale, sc, o),
+                128 => attend_heads::<8>(q, k, v, keys, split, g, scale, sc, o),
+                _ => attend_any(q, k, v, keys, split, hd, g, scale, sc, o),
+            }
+        }
     }
 
     /// Lane t = the sum of the lanes of `r[t]`: a transposing reduction of 16 vectors (4 rounds of shuffles
@@ -705,7 +750,7 @@ mod simd {
     /// reduced together ([`sum_each`]), and the weighted sum of values accumulates in registers.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn attend_heads<const C: usize>(q: *const f32, k: *const f32, v: *const f32, keys: &[u32], g: usize, scale: f32, scores: *mut f32, out: *mut f32) {
+    unsafe fn attend_heads<const C: usize>(q: *const f32, k: [*const f32; 2], v: [*const f32; 2], keys: &[u32], split: usize, g: usize, scale: f32, scores: *mut f32, out: *mut f32) {
         let hd = C * 16;
         let n = keys.len();
         let scale_v = _mm512_set1_ps(scale);
@@ -722,7 +767,7 @@ mod simd {
                 let cnt = (n - jn).min(16);
                 for (t, p) in part.iter_mut().enumerate() {
                     *p = if t < cnt {
-                        let kj = k.add(*keys.get_unchecked(jn + t) as usize * hd);
+                        let kj = k[usize::from(jn + t >= split)].add(*keys.get_unchecked(jn + t) as usize * hd);
                         let mut acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kj));
                         for (c, x) in qv.iter().enumerate().skip(1) {
                             acc = _mm512_fmadd_ps(*x, _mm512_loadu_ps(kj.add(c * 16)), acc);
@@ -753,7 +798,7 @@ mod simd {
             for (jn, &j) in keys.iter().enumerate() {
                 // the normalised weight, as softmax-then-matmul computes it
                 let p = _mm512_mul_ps(_mm512_set1_ps(*row.add(jn)), inv);
-                let vj = v.add(j as usize * hd);
+                let vj = v[usize::from(jn >= split)].add(j as usize * hd);
                 for (c, a) in acc.iter_mut().enumerate() {
                     *a = _mm512_fmadd_ps(p, _mm512_loadu_ps(vj.add(c * 16)), *a);
                 }
@@ -766,15 +811,13 @@ mod simd {
 
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn attend_avx512(q: &[f32], k: &[f32], v: &[f32], keys: &[u32], hd: usize, scale: f32, scores: &mut [f32], out: &mut [f32]) {
-        let g = q.len() / hd;
+    unsafe fn attend_any(qp: *const f32, kp: [*const f32; 2], vp: [*const f32; 2], keys: &[u32], split: usize, hd: usize, g: usize, scale: f32, sp: *mut f32, op: *mut f32) {
         let n = keys.len();
-        let (qp, kp, vp, sp, op) = (q.as_ptr(), k.as_ptr(), v.as_ptr(), scores.as_mut_ptr(), out.as_mut_ptr());
         let full = hd / 16;
         let tail = tail_mask(hd % 16);
         // scores: each key row read once for all g heads
         for (jn, &j) in keys.iter().enumerate() {
-            let kj = kp.add(j as usize * hd);
+            let kj = kp[usize::from(jn >= split)].add(j as usize * hd);
             for qi in 0..g {
                 let qh = qp.add(qi * hd);
                 let mut acc = _mm512_setzero_ps();
@@ -807,11 +850,11 @@ mod simd {
             }
         }
         // Σ p v, each value row read once for all g heads
-        for x in out.iter_mut() {
+        for x in std::slice::from_raw_parts_mut(op, g * hd) {
             *x = 0.0;
         }
         for (jn, &j) in keys.iter().enumerate() {
-            let vj = vp.add(j as usize * hd);
+            let vj = vp[usize::from(jn >= split)].add(j as usize * hd);
             for qi in 0..g {
                 let p = _mm512_set1_ps(*sp.add(qi * n + jn));
                 let o = op.add(qi * hd);
@@ -900,8 +943,13 @@ mod simd {
     pub fn exp_shifted(_: &[f32], _: f32, _: &mut [f32]) -> f32 {
         unreachable!("native decoding is x86-64 only")
     }
+    pub struct Slabs<'a> {
+        pub k: [&'a [f32]; 2],
+        pub v: [&'a [f32]; 2],
+        pub split: usize,
+    }
     #[allow(clippy::too_many_arguments)]
-    pub fn attend(_: &[f32], _: &[f32], _: &[f32], _: &[u32], _: usize, _: f32, _: &mut [f32], _: &mut [f32]) {
+    pub fn attend(_: &[f32], _: &Slabs, _: &[u32], _: usize, _: f32, _: &mut [f32], _: &mut [f32]) {
         unreachable!("native decoding is x86-64 only")
     }
     pub fn silu_mul(_: &[f32], _: &[f32], _: &mut [f32]) {
@@ -976,7 +1024,20 @@ mod tests {
                     let scale = 1.0 / (hd as f32).sqrt();
                     let mut scores = vec![0f32; g * keys.len()];
                     let mut out = vec![0f32; g * hd];
-                    simd::attend(&q, &k, &v, &keys, hd, scale, &mut scores, &mut out);
+                    // the first keys from one pair of slabs, the rest from another: each holds NaN where the
+                    // other's keys are, so reading a key from the wrong one shows
+                    let split = keys.len() / 3;
+                    let poison = |x: &[f32], js: &[u32]| {
+                        let mut x = x.to_vec();
+                        for &j in js {
+                            x[j as usize * hd..(j as usize + 1) * hd].fill(f32::NAN);
+                        }
+                        x
+                    };
+                    let (k0, v0) = (poison(&k, &keys[split..]), poison(&v, &keys[split..]));
+                    let (k1, v1) = (poison(&k, &keys[..split]), poison(&v, &keys[..split]));
+                    let kv = simd::Slabs { k: [&k0, &k1], v: [&v0, &v1], split };
+                    simd::attend(&q, &kv, &keys, hd, scale, &mut scores, &mut out);
                     for qi in 0..g {
                         let s: Vec<f64> = keys
                             .iter()
