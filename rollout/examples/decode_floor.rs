@@ -1,6 +1,6 @@
-//! Where generation time goes: the model's `forward_cached` + argmax alone (no engine; on the parameters and on
-//! the engine's fused, packed `decode_weights`) against `Engine::generate` (prefill, sampling, bookkeeping),
-//! fp32, one thread, prompts of 40 tokens, 128 new tokens.
+//! Where generation time goes: the model's `forward_cached` + argmax alone (no engine; on the parameters, on the
+//! fused, MKL-packed libtorch copy and on the native step's weights, `decode_weights_with`) against
+//! `Engine::generate` (prefill, sampling, bookkeeping), fp32, one thread, prompts of 40 tokens, 128 new tokens.
 //!
 //!     cargo run --release -p rollout --example decode_floor -- /tmp/bench-assets/models/tiny 16
 use model::{KvCache, Model};
@@ -25,8 +25,9 @@ fn main() {
     });
     let _g = tch::no_grad_guard();
     let steps = 128;
-    let mut weights = m.net.decode_weights();
-    weights.prepare_rows(b);
+    let mut fused = m.net.decode_weights_with(None);
+    fused.prepare_rows(b);
+    let native = m.net.decode_weights_with(Some(1));
     for _rep in 0..3 {
         let cap = 40 + steps;
         let mut cache = KvCache::new(&m.net.cfg, b, cap, Kind::Float, Device::Cpu);
@@ -44,28 +45,33 @@ fn main() {
             let _ = p.g_add_scalar_(1);
         }
         let dt = t.elapsed().as_secs_f64() / steps as f64;
-        // the same on the engine's fused, packed copy of the weights
-        let mut cache = KvCache::new(&m.net.cfg, b, cap, Kind::Float, Device::Cpu);
-        let mut p = Tensor::full([b, 1], 40, (Kind::Int64, Device::Cpu));
-        let t = Instant::now();
-        let l = m.net.forward_cached_with(&ids, &pos, &mask.narrow(1, 0, 40), &mut cache, Some(&weights));
-        let mut tok = l.select(1, 39).argmax(-1, false);
-        for _ in 0..steps - 1 {
-            let len = cache.len();
-            let l = m.net.forward_cached_with(&tok.view([-1, 1]), &p, &mask.narrow(1, 0, len + 1), &mut cache, Some(&weights)).squeeze_dim(1);
-            tok = l.argmax(-1, false);
-            let _ = p.g_add_scalar_(1);
-        }
-        let dt_fused = t.elapsed().as_secs_f64() / steps as f64;
+        // the same on the fused, packed libtorch copy and on the native step's weights
+        let run = |weights: &model::DecodeWeights| {
+            let mut cache = KvCache::new(&m.net.cfg, b, cap, Kind::Float, Device::Cpu);
+            let mut p = Tensor::full([b, 1], 40, (Kind::Int64, Device::Cpu));
+            let t = Instant::now();
+            let l = m.net.forward_cached_with(&ids, &pos, &mask.narrow(1, 0, 40), &mut cache, Some(weights));
+            let mut tok = l.select(1, 39).argmax(-1, false);
+            for _ in 0..steps - 1 {
+                let len = cache.len();
+                let l = m.net.forward_cached_with(&tok.view([-1, 1]), &p, &mask.narrow(1, 0, len + 1), &mut cache, Some(weights)).squeeze_dim(1);
+                tok = l.argmax(-1, false);
+                let _ = p.g_add_scalar_(1);
+            }
+            t.elapsed().as_secs_f64() / steps as f64
+        };
+        let (dt_fused, dt_native) = (run(&fused), run(&native));
         let e = Engine::new(&m.net, EngineConfig::default()).unwrap();
         let reqs: Vec<Request> = (0..b).map(|i| Request { prompt_ids: vec![1 + i; 40], n: 1, params: SamplingParams { max_new_tokens: steps as usize, ignore_eos: true, seed: Some(1), ..Default::default() } }).collect();
         let t2 = Instant::now();
         e.generate(&reqs).unwrap();
         let dt2 = t2.elapsed().as_secs_f64();
         println!(
-            "batch {b}: model forward_cached + argmax {:.3} ms/token-step, on fused/packed weights {:.3}; Engine::generate {:.3} ms/token-step (all with the prefill)",
+            "batch {b}: model forward_cached + argmax {:.3} ms/token-step, on fused/packed weights {:.3}, native {:.3} (native: {}); Engine::generate {:.3} ms/token-step (all with the prefill)",
             dt * 1000.0,
             dt_fused * 1000.0,
+            dt_native * 1000.0,
+            native.is_native(),
             dt2 * 1000.0 / steps as f64
         );
     }

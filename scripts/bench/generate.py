@@ -2,7 +2,7 @@
 """Generation speed: whet's rollout engine vs Hugging Face transformers' generate, same model files, prompts,
 batch shapes and lengths (fixed length: EOS ignored, T=1.0 sampling, no top-k/top-p), in one run.
 
-    python3 scripts/bench/generate.py [--models tiny,small] [--rounds 3] [--repeats 3] [--threads 1]
+    python3 scripts/bench/generate.py [--models tiny,small] [--rounds 3] [--repeats 3] [--threads N]
 
 * Models: the random-init Qwen2 "tiny" (4M) and "small" (26M) that ../shared/bench/trl/assets.py writes to
   /tmp/bench-assets (built here when missing, with the venv's python).
@@ -12,8 +12,9 @@ batch shapes and lengths (fixed length: EOS ignored, T=1.0 sampling, no top-k/to
   repeated 8 times, left-padded); whet receives 4 requests with n = 8 (one prefill per prompt).
 * Each measurement is a fresh process (peak RSS = its VmHWM), `--repeats` timed calls after one warm-up;
   the two sides alternate for `--rounds` rounds, and the table reports the median over all timed calls.
-* Same torch thread count (--threads) and dtype (--dtype float32|bfloat16) on both sides, OMP_WAIT_POLICY=PASSIVE
-  as in ../shared/bench/trl.
+* Same torch thread count (--threads, default: every core this process may use, which is also torch's default)
+  and dtype (--dtype float32|bfloat16) on both sides, OMP_WAIT_POLICY=PASSIVE as in ../shared/bench/trl. whet's
+  native CPU decode step (fp32) runs on that many threads too.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both sides")
     ap.add_argument("--python", default=VENV_PY, help="python with torch + transformers")
     ap.add_argument("--whet-bin", default=None, help="rollout-bench binary (default: cargo build --release)")
