@@ -6,15 +6,16 @@
 //! rows it reads a small model's weights at a third of one core's memory bandwidth), and each of the ~20
 //! operators of a layer costs microseconds of dispatch, which for a 4M-parameter model is more than its
 //! arithmetic. Here the projections are a GEMM kernel for few rows over weights packed once per `generate`
-//! (16-column panels, software-prefetched, in huge pages where the kernel allows), and RMSNorm, rotary
+//! (32-column panels, software-prefetched, in huge pages where the kernel allows), and RMSNorm, rotary
 //! embeddings, grouped-query attention over the KV cache, SwiGLU and the residuals are plain loops over the
 //! same buffers, with no tensor made between them. The arithmetic is the eager path's (same formulas, fp32,
 //! reductions in another order): logits agree to ~1e-6 (tested in `tests/parity.rs`).
 //!
 //! Used by [`crate::Transformer::forward_cached_with`] for one-token steps when the decode weights were
 //! built natively ([`crate::Transformer::decode_weights`]: CPU, fp32, no autocast, AVX-512 present). With
-//! several threads (libtorch's intra-op count) a step's products are shared out by panels and its attention
-//! by (row, KV head) pairs over a pool of our own ([`pool`]). `WHET_NATIVE_DECODE=0` turns it off.
+//! several threads (libtorch's intra-op count) a step's products are shared out by panels and everything
+//! row-wise (norms, rotations, attention, SwiGLU) by rows over a pool of our own ([`pool`]).
+//! `WHET_NATIVE_DECODE=0` turns it off.
 
 mod pool;
 
@@ -66,6 +67,8 @@ impl Aligned {
             // hardware prefetch stops and the TLB misses) every 2 MiB instead of every 4 KiB. Advice only.
             unsafe { madvise(ptr as *mut _, layout.size(), 14) };
         }
+        // initialised (zero) before any slice of it exists
+        unsafe { std::ptr::write_bytes(ptr, 0, len) };
         Aligned { ptr, len, layout }
     }
     fn as_slice(&self) -> &[f32] {
@@ -364,6 +367,8 @@ impl NativeWeights {
         let b = ids.size()[0] as usize;
         let past = cache.len() as usize;
         let cap = cache.capacity() as usize;
+        assert_eq!(cache.batch() as usize, b, "a cache of {} rows for a step of {b}", cache.batch());
+        assert_eq!(key_mask.size(), [b as i64, past as i64 + 1], "key mask [rows, cached + 1]");
         let (nh, nkv, hd, h, inter) = (self.n_head, self.n_kv, self.head_dim, self.hidden, self.inter);
         let g = nh / nkv;
         let qkv_w = (nh + 2 * nkv) * hd;
@@ -509,7 +514,7 @@ impl NativeWeights {
                         // SAFETY: own slots (this thread's row) and slots of another row below that row's
                         // write slot; no thread writes either during the reads
                         let kv = unsafe {
-                            simd::Slabs {
+                            Slabs {
                                 k: [kc.read(rep_base..rep_base + shared_end * hd), kc.read(base..base + total * hd)],
                                 v: [vc.read(rep_base..rep_base + shared_end * hd), vc.read(base..base + total * hd)],
                                 split,
@@ -566,8 +571,18 @@ pub fn exp_minus_max(x: &[f32], out: &mut [f32]) -> (f32, f32) {
     (max, simd::exp_shifted(x, max, out))
 }
 
+/// Keys and values [slots][hd] of one KV head: `keys[..split]` (slot indices) are read from the first pair of
+/// slabs, the rest from the second. Rows that hold copies of one prompt read its slots from one row's slabs,
+/// which then stay in cache for the others (see [`crate::KvCache::shared_prefix`]).
+pub(crate) struct Slabs<'a> {
+    pub k: [&'a [f32]; 2],
+    pub v: [&'a [f32]; 2],
+    pub split: usize,
+}
+
 #[cfg(target_arch = "x86_64")]
 mod simd {
+    use super::Slabs;
     use std::arch::x86_64::*;
 
     pub fn detected() -> bool {
@@ -682,15 +697,6 @@ mod simd {
         }
         let y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0));
         _mm512_scalef_ps(y, n)
-    }
-
-    /// Keys and values [slots][hd] of one KV head: `keys[..split]` (slot indices) are read from the first
-    /// pair of slabs, the rest from the second. Rows that hold copies of one prompt read its slots from one
-    /// row's slabs, which then stay in cache for the others (see [`crate::KvCache::shared_prefix`]).
-    pub struct Slabs<'a> {
-        pub k: [&'a [f32]; 2],
-        pub v: [&'a [f32]; 2],
-        pub split: usize,
     }
 
     /// Attention of the `g` query heads `q` [g][hd] that share one KV head, over the keys `keys` of `kv`:
@@ -943,11 +949,7 @@ mod simd {
     pub fn exp_shifted(_: &[f32], _: f32, _: &mut [f32]) -> f32 {
         unreachable!("native decoding is x86-64 only")
     }
-    pub struct Slabs<'a> {
-        pub k: [&'a [f32]; 2],
-        pub v: [&'a [f32]; 2],
-        pub split: usize,
-    }
+    use super::Slabs;
     #[allow(clippy::too_many_arguments)]
     pub fn attend(_: &[f32], _: &Slabs, _: &[u32], _: usize, _: f32, _: &mut [f32], _: &mut [f32]) {
         unreachable!("native decoding is x86-64 only")
@@ -1036,7 +1038,7 @@ mod tests {
                     };
                     let (k0, v0) = (poison(&k, &keys[split..]), poison(&v, &keys[split..]));
                     let (k1, v1) = (poison(&k, &keys[..split]), poison(&v, &keys[..split]));
-                    let kv = simd::Slabs { k: [&k0, &k1], v: [&v0, &v1], split };
+                    let kv = Slabs { k: [&k0, &k1], v: [&v0, &v1], split };
                     simd::attend(&q, &kv, &keys, hd, scale, &mut scores, &mut out);
                     for qi in 0..g {
                         let s: Vec<f64> = keys

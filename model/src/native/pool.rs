@@ -20,6 +20,8 @@ struct Shared {
     done: AtomicUsize,
     /// Workers waiting on `wake`.
     sleeping: AtomicUsize,
+    /// A worker's job panicked in the current region.
+    panicked: AtomicBool,
     stop: AtomicBool,
     lock: Mutex<()>,
     wake: Condvar,
@@ -42,6 +44,7 @@ impl Pool {
             job: UnsafeCell::new(None),
             done: AtomicUsize::new(0),
             sleeping: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             lock: Mutex::new(()),
             wake: Condvar::new(),
@@ -74,9 +77,16 @@ impl Pool {
             let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
             s.wake.notify_all();
         }
-        f(0);
+        // the workers borrow `f`: wait for them even if this thread's share panics, then pass the panic on
+        let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(0)));
         while s.done.load(Ordering::Acquire) < self.workers.len() {
             std::hint::spin_loop();
+        }
+        if let Err(p) = mine {
+            std::panic::resume_unwind(p);
+        }
+        if s.panicked.swap(false, Ordering::AcqRel) {
+            panic!("a native decode worker panicked (its message is above)");
         }
     }
 }
@@ -112,7 +122,9 @@ fn worker(s: &Shared, index: usize) {
         seen = epoch;
         // SAFETY: set before the epoch was published and kept until every worker reports done
         let job = unsafe { (*s.job.get()).expect("a region's job") };
-        unsafe { (*job)(index) };
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { (*job)(index) })).is_err() {
+            s.panicked.store(true, Ordering::Release);
+        }
         s.done.fetch_add(1, Ordering::Release);
     }
 }
@@ -158,6 +170,17 @@ mod tests {
             }
             assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 200), "{threads} threads");
         }
+        // a panic in any thread's share reaches the caller once every thread is done, and the pool goes on
+        let pool = Pool::new(2);
+        for bad in [0usize, 1] {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pool.run(&|i| assert!(i != bad, "share {i}"))));
+            assert!(r.is_err());
+        }
+        let hits = AtomicUsize::new(0);
+        pool.run(&|_| {
+            hits.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(hits.load(Ordering::Relaxed), 2);
         // shares cover the range once, in order
         for n in [0usize, 1, 5, 17] {
             for t in [1usize, 2, 3, 4] {
