@@ -473,7 +473,7 @@ impl Transformer {
     pub fn decode_weights_with(&self, native: Option<usize>) -> DecodeWeights {
         let _g = tch::no_grad_guard();
         if let Some(threads) = native.filter(|_| crate::native::supports(self.device(), self.kind(), self.autocast_kind())) {
-            return DecodeWeights { inner: DecodeInner::Native(self.native_weights(threads)) };
+            return DecodeWeights { inner: DecodeInner::Native(Box::new(self.native_weights(threads))) };
         }
         let cast = |t: &Tensor| match self.autocast_kind() {
             Some(k) if t.kind() != k => t.detach().to_kind(k),
@@ -558,7 +558,7 @@ enum DecodeInner {
     /// libtorch operators on fused (and possibly MKL-packed) copies.
     Torch { layers: Vec<DecodeLayer>, lm_head: Linear },
     /// The native CPU step.
-    Native(crate::native::NativeWeights),
+    Native(Box<crate::native::NativeWeights>),
 }
 
 struct DecodeLayer {

@@ -692,7 +692,7 @@ mod simd {
         let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
         let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
         let mut p = _mm512_set1_ps(1.987_569_1e-4);
-        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
             p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
         }
         let y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0));
@@ -830,7 +830,7 @@ mod simd {
                 for c in 0..full {
                     acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh.add(c * 16)), _mm512_loadu_ps(kj.add(c * 16)), acc);
                 }
-                if hd % 16 != 0 {
+                if !hd.is_multiple_of(16) {
                     acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, qh.add(full * 16)), _mm512_maskz_loadu_ps(tail, kj.add(full * 16)), acc);
                 }
                 *sp.add(qi * n + jn) = _mm512_reduce_add_ps(acc) * scale;
@@ -867,7 +867,7 @@ mod simd {
                 for c in 0..full {
                     _mm512_storeu_ps(o.add(c * 16), _mm512_fmadd_ps(p, _mm512_loadu_ps(vj.add(c * 16)), _mm512_loadu_ps(o.add(c * 16))));
                 }
-                if hd % 16 != 0 {
+                if !hd.is_multiple_of(16) {
                     let (oc, vc) = (o.add(full * 16), vj.add(full * 16));
                     _mm512_mask_storeu_ps(oc, tail, _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(tail, vc), _mm512_maskz_loadu_ps(tail, oc)));
                 }
