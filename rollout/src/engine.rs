@@ -8,8 +8,11 @@
 //!   positions, so that activations of long prompts stay near 256 MiB; the output head runs on the last
 //!   position only), then the cache rows are repeated `n` times for the group's samples.
 //! * **Decoding**: one forward per step for all live rows, on a fused copy of the projection weights
-//!   (`model::Transformer::decode_weights`; `fuse_weights`); sampling happens on the device with per-row
-//!   parameters ([`crate::sampler`]); one small host transfer per step reads the tokens and log-probabilities.
+//!   (`model::Transformer::decode_weights`; `fuse_weights`) — on an AVX-512 CPU in fp32 the native decode step
+//!   (`model::native`: one call per step, our own kernels, libtorch's thread count); sampling happens with
+//!   per-row parameters ([`crate::sampler`]: tensor operations on the device, on the host for CPU logits); one
+//!   small host transfer per step reads the tokens and log-probabilities. The samples of one prompt share its
+//!   cached slots (`KvCache::shared_prefix`), which the native step reads once for all of them.
 //! * **Finished rows stop costing compute**: once `compact_fraction` of the rows have finished, they are dropped
 //!   from the cache, the mask and the positions (`KvCache::select_rows`).
 //! * **Slot refill** (`slot_refill`): after such a drop, queued groups join the running batch as far as
@@ -55,9 +58,9 @@ pub struct EngineConfig {
     /// gets logits.
     pub prefill_chunk: usize,
     /// Decode with a per-call copy of the projection weights laid out for speed (q/k/v and gate/up
-    /// concatenated, cast to the autocast dtype: `model::Transformer::decode_weights`). Costs the bytes of
-    /// the attention and MLP weights while `generate` runs; `false` decodes on the parameters themselves.
-    /// Default true.
+    /// concatenated, cast to the autocast dtype; on an AVX-512 CPU in fp32 packed for the native decode step:
+    /// `model::Transformer::decode_weights`). Costs the bytes of the attention and MLP weights while `generate`
+    /// runs; `false` decodes on the parameters themselves with libtorch's operators. Default true.
     pub fuse_weights: bool,
     /// Slot refill: when finished rows leave the batch (see `compact_fraction`), sequences still waiting
     /// join it, their prompts encoded on their own and their cache rows merged in, within `max_batch_seqs`

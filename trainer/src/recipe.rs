@@ -41,7 +41,8 @@ pub struct GenerationSpec {
     /// Queued sequences join a running batch when finished ones leave it.
     pub slot_refill: bool,
     /// Decode on a per-call fused copy of the projection weights (faster; costs the attention and MLP weights'
-    /// bytes while sampling).
+    /// bytes while sampling); on an AVX-512 CPU in fp32 the copy is packed for the native decode step
+    /// (`WHET_NATIVE_DECODE=0` keeps libtorch's operators).
     pub fuse_weights: bool,
 }
 
