@@ -574,6 +574,7 @@ pub fn exp_minus_max(x: &[f32], out: &mut [f32]) -> (f32, f32) {
 /// Keys and values [slots][hd] of one KV head: `keys[..split]` (slot indices) are read from the first pair of
 /// slabs, the rest from the second. Rows that hold copies of one prompt read its slots from one row's slabs,
 /// which then stay in cache for the others (see [`crate::KvCache::shared_prefix`]).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct Slabs<'a> {
     pub k: [&'a [f32]; 2],
     pub v: [&'a [f32]; 2],
@@ -941,9 +942,6 @@ mod simd {
     }
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn panel_product(_: usize, _: &[f32], _: &[f32], _: usize, _: *mut f32, _: usize, _: usize, _: Option<&[f32]>, _: usize) {
-        unreachable!("native decoding is x86-64 only")
-    }
-    pub fn dot(_: &[f32], _: &[f32]) -> f32 {
         unreachable!("native decoding is x86-64 only")
     }
     pub fn exp_shifted(_: &[f32], _: f32, _: &mut [f32]) -> f32 {
