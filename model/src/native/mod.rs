@@ -607,22 +607,17 @@ mod simd {
         // SAFETY: AVX-512F was detected (`detected`, checked before any native weights exist); the bounds
         // were checked above.
         unsafe {
-            match rows {
-                1 => kernel::<1>(x, p, k, y, ldy, b, cols),
-                2 => kernel::<2>(x, p, k, y, ldy, b, cols),
-                3 => kernel::<3>(x, p, k, y, ldy, b, cols),
-                4 => kernel::<4>(x, p, k, y, ldy, b, cols),
-                5 => kernel::<5>(x, p, k, y, ldy, b, cols),
-                6 => kernel::<6>(x, p, k, y, ldy, b, cols),
-                7 => kernel::<7>(x, p, k, y, ldy, b, cols),
-                8 => kernel::<8>(x, p, k, y, ldy, b, cols),
-                9 => kernel::<9>(x, p, k, y, ldy, b, cols),
-                10 => kernel::<10>(x, p, k, y, ldy, b, cols),
-                11 => kernel::<11>(x, p, k, y, ldy, b, cols),
-                12 => kernel::<12>(x, p, k, y, ldy, b, cols),
-                13 => kernel::<13>(x, p, k, y, ldy, b, cols),
-                _ => kernel::<14>(x, p, k, y, ldy, b, cols),
+            // one instance of the kernel per row count, so that its accumulators are registers
+            const _: () = assert!(super::ROWS == 14, "by_rows lists 1 to ROWS");
+            macro_rules! by_rows {
+                ($($n:literal)+) => {
+                    match rows {
+                        $($n => kernel::<$n>(x, p, k, y, ldy, b, cols),)+
+                        _ => unreachable!("1 to ROWS rows"),
+                    }
+                };
             }
+            by_rows!(1 2 3 4 5 6 7 8 9 10 11 12 13 14)
         }
     }
 
