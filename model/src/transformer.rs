@@ -471,9 +471,19 @@ impl Transformer {
     /// asked for and this network and CPU support it ([`crate::native`]: CPU, fp32, no autocast, AVX-512);
     /// `None`: the libtorch copy.
     pub fn decode_weights_with(&self, native: Option<usize>) -> DecodeWeights {
+        match (native, crate::native::Isa::detected()) {
+            (Some(threads), Some(isa)) => self.decode_weights_native(threads, isa),
+            _ => self.decode_weights_native(0, crate::native::Isa::Portable),
+        }
+    }
+
+    /// [`Transformer::decode_weights`] packed for the native step's `isa` kernels on `threads` threads (0: the
+    /// libtorch copy), where this network and CPU support them; else the libtorch copy. For tests and
+    /// measurements of one set of kernels.
+    pub fn decode_weights_native(&self, threads: usize, isa: crate::native::Isa) -> DecodeWeights {
         let _g = tch::no_grad_guard();
-        if let Some(threads) = native.filter(|_| crate::native::supports(self.device(), self.kind(), self.autocast_kind())) {
-            return DecodeWeights { inner: DecodeInner::Native(Box::new(self.native_weights(threads))) };
+        if threads > 0 && crate::native::supports(self.device(), self.kind(), self.autocast_kind(), isa) {
+            return DecodeWeights { inner: DecodeInner::Native(Box::new(self.native_weights(threads, isa))) };
         }
         let cast = |t: &Tensor| match self.autocast_kind() {
             Some(k) if t.kind() != k => t.detach().to_kind(k),
@@ -506,7 +516,7 @@ impl Transformer {
         DecodeWeights { inner: DecodeInner::Torch { layers, lm_head: Linear { w: cast(&self.lm_head), b: None, packed: None } } }
     }
 
-    fn native_weights(&self, threads: usize) -> crate::native::NativeWeights {
+    fn native_weights(&self, threads: usize, isa: crate::native::Isa) -> crate::native::NativeWeights {
         fn split<'a>(ls: &[&'a Linear]) -> (Vec<&'a Tensor>, Option<Vec<&'a Tensor>>) {
             let b = ls[0].b.is_some().then(|| ls.iter().map(|l| l.b.as_ref().expect("all or no biases")).collect());
             (ls.iter().map(|l| &l.w).collect(), b)
@@ -537,7 +547,7 @@ impl Transformer {
                 }
             })
             .collect();
-        crate::native::NativeWeights::new(&self.cfg, parts, &self.norm.w, &self.lm_head, &self.embed, &self.rope, threads)
+        crate::native::NativeWeights::new(&self.cfg, parts, &self.norm.w, &self.lm_head, &self.embed, &self.rope, threads, isa)
     }
 }
 

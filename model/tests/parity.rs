@@ -99,10 +99,14 @@ fn kv_cache_decoding_equals_full_forward() {
         // concatenated: `decode_weights`)
         let weights = m.net.decode_weights_with(None);
         assert!(!weights.is_native());
-        // and on the native CPU step (model::native), where this CPU has AVX-512, on one thread and on three
+        // and on the native CPU step (model::native): this CPU's kernels on one thread and on three, and every
+        // other set of kernels it can run (AVX2, the portable loops) on two
         let native = m.net.decode_weights_with(Some(1));
         let native3 = m.net.decode_weights_with(Some(3));
         assert_eq!(native.is_native(), model::native::available());
+        use model::native::Isa;
+        let others: Vec<_> = [Isa::Avx2, Isa::Portable].into_iter().filter(|i| i.supported()).map(|i| m.net.decode_weights_native(2, i)).collect();
+        assert!(others.iter().all(|w| w.is_native()));
         // a prefill that asks for the last position's logits only (in two chunks) gives those of the full forward
         let mut cache = KvCache::new(&m.net.cfg, ids.size()[0], t, Kind::Float, Device::Cpu);
         let (first, last) = tch::no_grad(|| {
@@ -113,7 +117,7 @@ fn kv_cache_decoding_equals_full_forward() {
         assert_eq!(cache.len(), 8);
         let d = (last.unwrap() - full.select(1, 7)).abs().max().double_value(&[]);
         assert!(d <= 1e-5, "{fam} prefill: {d}");
-        for fused in [None, Some(&weights), Some(&native), Some(&native3)] {
+        for fused in [None, Some(&weights), Some(&native), Some(&native3)].into_iter().chain(others.iter().map(Some)) {
             let inc = decode_incrementally(&m, ids, pos, mask, prefill, fused);
             let d = (&inc - &full).abs().masked_fill(&valid.logical_not(), 0.0).max().double_value(&[]);
             let how = fused.map_or("parameters", |w| if w.is_native() { "native" } else { "fused" });

@@ -18,6 +18,7 @@
 //! `WHET_NATIVE_DECODE=0` turns it off.
 
 mod pool;
+mod portable;
 
 use crate::config::ModelConfig;
 use pool::{share, Pool};
@@ -25,15 +26,128 @@ use crate::kv_cache::KvCache;
 use std::sync::OnceLock;
 use tch::{Device, Kind, Tensor};
 
-/// Whether this CPU and environment allow the native decode step.
+/// Whether this CPU and environment allow the native decode step ([`Isa::detected`]).
 pub fn available() -> bool {
-    static A: OnceLock<bool> = OnceLock::new();
-    *A.get_or_init(|| std::env::var("WHET_NATIVE_DECODE").map_or(true, |v| v != "0") && simd::detected())
+    Isa::detected().is_some()
 }
 
-/// Whether a network with these weights can decode natively (before any thread-count choice).
-pub(crate) fn supports(device: Device, kind: Kind, autocast: Option<Kind>) -> bool {
-    device == Device::Cpu && kind == Kind::Float && autocast.is_none() && available()
+/// The kernels a native step runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// Intrinsics for AVX-512F (`simd`).
+    Avx512,
+    /// AVX2 + FMA (`portable::avx2`: the product in intrinsics, the rest plain loops vectorised by the
+    /// compiler); opt-in, see [`Isa::detected`].
+    Avx2,
+    /// The plain loops for the baseline target (`portable::base`): every CPU, slowly; for tests.
+    Portable,
+}
+
+/// Runs one kernel of `isa`'s set with the same arguments (AVX2 exists on x86-64 only).
+macro_rules! dispatch {
+    ($isa:expr, $f:ident($($a:expr),*)) => {
+        match $isa {
+            Isa::Avx512 => simd::$f($($a),*),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => portable::avx2::$f($($a),*),
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx2 => unreachable!("AVX2 is x86-64 only"),
+            Isa::Portable => portable::base::$f($($a),*),
+        }
+    };
+}
+
+impl Isa {
+    /// The kernels native steps run: AVX-512 where present; `None` elsewhere (libtorch's operators) and under
+    /// `WHET_NATIVE_DECODE=0`. `WHET_NATIVE_ISA=avx2` (where AVX2 + FMA exist) or `portable` picks those
+    /// kernels instead. The AVX2 kernels are tested but opt-in: on the AVX-512 machine they were measured on
+    /// they only match libtorch's MKL path, and no AVX2-only CPU was at hand to measure them where they would
+    /// be the default.
+    pub fn detected() -> Option<Isa> {
+        static D: OnceLock<Option<Isa>> = OnceLock::new();
+        *D.get_or_init(|| {
+            if std::env::var("WHET_NATIVE_DECODE").is_ok_and(|v| v == "0") {
+                return None;
+            }
+            match std::env::var("WHET_NATIVE_ISA").as_deref() {
+                Ok("avx2") if Isa::Avx2.supported() => Some(Isa::Avx2),
+                Ok("portable") => Some(Isa::Portable),
+                _ => Isa::Avx512.supported().then_some(Isa::Avx512),
+            }
+        })
+    }
+
+    /// Whether this CPU can run these kernels.
+    pub fn supported(self) -> bool {
+        match self {
+            Isa::Avx512 => simd::detected(),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx2 => false,
+            Isa::Portable => true,
+        }
+    }
+
+    /// Rows per call of the product kernel.
+    fn rows(self) -> usize {
+        match self {
+            Isa::Avx512 => ROWS,
+            _ => portable::ROWS,
+        }
+    }
+
+    /// `y[r · ldy + c]` = (`x` [rows][k] × `panel` [k][32])[r][c] + `bias[c]` for c < `cols`.
+    ///
+    /// SAFETY: `y` must be valid for writes of `y_len` floats, and no other thread may access the elements
+    /// written.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn panel_product(self, rows: usize, x: &[f32], panel: &[f32], k: usize, y: *mut f32, y_len: usize, ldy: usize, bias: Option<&[f32]>, cols: usize) {
+        assert!((1..=self.rows()).contains(&rows) && (1..=PANEL).contains(&cols));
+        assert!(x.len() >= rows * k && panel.len() >= PANEL * k && y_len >= (rows - 1) * ldy + cols && bias.is_none_or(|b| b.len() >= cols));
+        let b = bias.map_or(std::ptr::null(), |b| b.as_ptr());
+        // SAFETY: the ISA was checked (`supported`) before these weights were packed; bounds above
+        unsafe { dispatch!(self, panel_product(rows, x.as_ptr(), panel.as_ptr(), k, y, ldy, b, cols)) }
+    }
+
+    /// Attention of the query heads `q` [g][hd] sharing one KV head over `keys` of `kv` (see [`Slabs`]):
+    /// out [g][hd] = softmax(q kᵀ · scale) v; `scores`: scratch of at least g · keys.len().
+    #[allow(clippy::too_many_arguments)]
+    fn attend(self, q: &[f32], kv: &Slabs, keys: &[u32], hd: usize, scale: f32, scores: &mut [f32], out: &mut [f32]) {
+        let g = q.len() / hd;
+        assert!(q.len() == g * hd && out.len() == g * hd && scores.len() >= g * keys.len() && kv.split <= keys.len());
+        for (part, src) in [(&keys[..kv.split], 0), (&keys[kv.split..], 1)] {
+            assert!(part.iter().all(|&j| (j as usize + 1) * hd <= kv.k[src].len().min(kv.v[src].len())));
+        }
+        // SAFETY: as in `panel_product`
+        unsafe { dispatch!(self, attend(q, kv, keys, hd, scale, scores, out)) }
+    }
+
+    /// out = e^(x − shift), exactly 0 where x = −∞; returns Σ out.
+    fn exp_shifted(self, x: &[f32], shift: f32, out: &mut [f32]) -> f32 {
+        assert_eq!(x.len(), out.len());
+        // SAFETY: as in `panel_product`
+        unsafe { dispatch!(self, exp_shifted(x, shift, out)) }
+    }
+
+    /// out = silu(gate) · up.
+    fn silu_mul(self, gate: &[f32], up: &[f32], out: &mut [f32]) {
+        assert!(gate.len() == up.len() && up.len() == out.len());
+        // SAFETY: as in `panel_product`
+        unsafe { dispatch!(self, silu_mul(gate, up, out)) }
+    }
+
+    /// out = x / sqrt(mean(x²) + eps) · w (the normalisation first, then the weight, as ATen's `rms_norm`).
+    fn rms_norm(self, x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+        assert!(x.len() == w.len() && w.len() == out.len());
+        // SAFETY: as in `panel_product`
+        unsafe { dispatch!(self, rms_norm(x, w, eps, out)) }
+    }
+}
+
+/// Whether a network with these weights can decode natively with `isa`.
+pub(crate) fn supports(device: Device, kind: Kind, autocast: Option<Kind>, isa: Isa) -> bool {
+    device == Device::Cpu && kind == Kind::Float && autocast.is_none() && isa.supported()
 }
 
 /// A 64-byte (2 MiB when large, advised as a transparent huge page) aligned f32 buffer.
@@ -157,7 +271,7 @@ impl Packed {
     }
 
     /// `y` [m, n] = `x` [m, k] Wᵀ + b, the panels shared out over the pool's threads.
-    fn forward(&self, pool: &Pool, arena: &Aligned, x: &[f32], m: usize, y: &mut [f32]) {
+    fn forward(&self, isa: Isa, pool: &Pool, arena: &Aligned, x: &[f32], m: usize, y: &mut [f32]) {
         let (n, k) = (self.n, self.k);
         let np = n.div_ceil(PANEL);
         let panels = &arena.as_slice()[self.off..self.off + np * PANEL * k];
@@ -171,13 +285,13 @@ impl Packed {
                 // between them
                 let mut s = 0;
                 while s < m {
-                    let rows = (m - s).min(ROWS);
+                    let rows = (m - s).min(isa.rows());
                     // SAFETY: thread t writes only the columns of its own panels: `cols` values per row, rows
                     // `n` apart, inside the buffer (checked by panel_product)
                     unsafe {
                         let off = s * n + p * PANEL;
                         let (y, len) = out.at(off);
-                        simd::panel_product(rows, &x[s * k..(s + rows) * k], &panels[p * k * PANEL..(p + 1) * k * PANEL], k, y, len, n, bias, cols);
+                        isa.panel_product(rows, &x[s * k..(s + rows) * k], &panels[p * k * PANEL..(p + 1) * k * PANEL], k, y, len, n, bias, cols);
                     }
                     s += rows;
                 }
@@ -221,6 +335,7 @@ pub struct NativeWeights {
     scratch: std::sync::Mutex<Scratch>,
     /// The threads of a step (torch's intra-op thread count when the weights were packed).
     pool: Pool,
+    isa: Isa,
 }
 
 /// Buffers of a step, kept between steps (fresh ones of a few hundred KB would be new pages every step).
@@ -295,7 +410,8 @@ pub(crate) struct LayerParts<'a> {
 }
 
 impl NativeWeights {
-    pub(crate) fn new(cfg: &ModelConfig, layers: Vec<LayerParts>, norm: &Tensor, head: &Tensor, embed: &Tensor, rope: &crate::rope::Rope, threads: usize) -> NativeWeights {
+    pub(crate) fn new(cfg: &ModelConfig, layers: Vec<LayerParts>, norm: &Tensor, head: &Tensor, embed: &Tensor, rope: &crate::rope::Rope, threads: usize, isa: Isa) -> NativeWeights {
+        assert!(isa.supported(), "{isa:?} kernels on a CPU without them");
         let (inv_freq, inv_freq_long, rope_scaling) = rope.host_tables();
         let pool = Pool::new(threads);
         let _g = tch::no_grad_guard();
@@ -343,6 +459,7 @@ impl NativeWeights {
             rotary_dim: rope.rotary_dim as usize,
             scratch: Default::default(),
             pool,
+            isa,
         }
     }
 
@@ -460,18 +577,18 @@ impl NativeWeights {
         // Each layer: products shared out by panels; everything row-wise (norms, rotations, cache writes,
         // attention, SwiGLU, residuals) shared out by rows, one parallel region per stretch between products.
         let threads = self.pool.threads();
-        let eps = self.eps;
+        let (eps, isa) = (self.eps, self.isa);
         let (xs, xns) = (Shared::new(x), Shared::new(xn));
         let first_norm = self.layers.first().map_or(&self.norm, |l| &l.input_norm);
         // SAFETY (every region below): thread t touches only rows share(b, t, threads) of each buffer, and a
         // row's cache slots
         self.pool.run(&|t| {
             for r in share(b, t, threads) {
-                unsafe { simd::rms_norm(xs.part(r * h..(r + 1) * h), first_norm, eps, xns.part(r * h..(r + 1) * h)) };
+                unsafe { isa.rms_norm(xs.part(r * h..(r + 1) * h), first_norm, eps, xns.part(r * h..(r + 1) * h)) };
             }
         });
         for (li, l) in self.layers.iter().enumerate() {
-            l.qkv.forward(&self.pool, &self.arena, xn, b, qkv);
+            l.qkv.forward(self.isa, &self.pool, &self.arena, xn, b, qkv);
             let (kc, vc) = cache.layer_mut(li);
             let kc = Shared(kc.data_ptr() as *mut f32, b * nkv * cap * hd);
             let vc = Shared(vc.data_ptr() as *mut f32, b * nkv * cap * hd);
@@ -486,7 +603,7 @@ impl NativeWeights {
                         let w = if head < nh { l.q_norm.as_ref() } else { l.k_norm.as_ref() };
                         if let Some(w) = w {
                             normed.copy_from_slice(v);
-                            simd::rms_norm(&normed, w, eps, v);
+                            isa.rms_norm(&normed, w, eps, v);
                         }
                         // x·cos + rotate_half(x)·sin, rotate_half as a roll by half against the signed sin
                         rot.copy_from_slice(&v[..rd]);
@@ -522,41 +639,41 @@ impl NativeWeights {
                         };
                         let q = &row[kh * g * hd..(kh + 1) * g * hd];
                         let (o, sc) = unsafe { (atts.part((r * nh + kh * g) * hd..(r * nh + (kh + 1) * g) * hd), scores[t].part(0..scores[t].len())) };
-                        simd::attend(q, &kv, &keys[r], hd, scale, sc, o);
+                        isa.attend(q, &kv, &keys[r], hd, scale, sc, o);
                     }
                 }
             });
-            l.o.forward(&self.pool, &self.arena, att, b, proj);
+            l.o.forward(self.isa, &self.pool, &self.arena, att, b, proj);
             let (projs, gus, acts) = (Shared::new(proj), Shared::new(gu), Shared::new(act));
             self.pool.run(&|t| {
                 for r in share(b, t, threads) {
                     let (xr, pr) = unsafe { (xs.part(r * h..(r + 1) * h), projs.part(r * h..(r + 1) * h)) };
                     xr.iter_mut().zip(pr.iter()).for_each(|(a, p)| *a += p);
-                    unsafe { simd::rms_norm(xr, &l.post_norm, eps, xns.part(r * h..(r + 1) * h)) };
+                    unsafe { isa.rms_norm(xr, &l.post_norm, eps, xns.part(r * h..(r + 1) * h)) };
                 }
             });
-            l.gate_up.forward(&self.pool, &self.arena, xn, b, gu);
+            l.gate_up.forward(self.isa, &self.pool, &self.arena, xn, b, gu);
             self.pool.run(&|t| {
                 for r in share(b, t, threads) {
                     let row = unsafe { gus.part(r * 2 * inter..(r + 1) * 2 * inter) };
-                    unsafe { simd::silu_mul(&row[..inter], &row[inter..], acts.part(r * inter..(r + 1) * inter)) };
+                    unsafe { isa.silu_mul(&row[..inter], &row[inter..], acts.part(r * inter..(r + 1) * inter)) };
                 }
             });
-            l.down.forward(&self.pool, &self.arena, act, b, proj);
+            l.down.forward(self.isa, &self.pool, &self.arena, act, b, proj);
             // the residual, then the next layer's input norm (the final norm after the last layer)
             let next_norm = self.layers.get(li + 1).map_or(&self.norm, |n| &n.input_norm);
             self.pool.run(&|t| {
                 for r in share(b, t, threads) {
                     let (xr, pr) = unsafe { (xs.part(r * h..(r + 1) * h), projs.part(r * h..(r + 1) * h)) };
                     xr.iter_mut().zip(pr.iter()).for_each(|(a, p)| *a += p);
-                    unsafe { simd::rms_norm(xr, next_norm, eps, xns.part(r * h..(r + 1) * h)) };
+                    unsafe { isa.rms_norm(xr, next_norm, eps, xns.part(r * h..(r + 1) * h)) };
                 }
             });
         }
         let logits = Tensor::empty([b as i64, 1, self.vocab as i64], (Kind::Float, Device::Cpu));
         {
             let out = unsafe { std::slice::from_raw_parts_mut(logits.data_ptr() as *mut f32, b * self.vocab) };
-            self.head.forward(&self.pool, &self.arena, xn, b, out);
+            self.head.forward(self.isa, &self.pool, &self.arena, xn, b, out);
         }
         cache.advance(1);
         logits
@@ -566,9 +683,9 @@ impl NativeWeights {
 /// `out[i] = e^(x[i] − max x)` (exactly 0 where `x[i]` is −∞); returns `(max, Σ out)`. The numerator and
 /// denominator of softmax, for [`available`] CPUs only (the rollout crate's sampler on the CPU).
 pub fn exp_minus_max(x: &[f32], out: &mut [f32]) -> (f32, f32) {
-    assert!(available(), "native kernels need AVX-512");
+    let isa = Isa::detected().expect("exp_minus_max is for CPUs with native kernels (available())");
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    (max, simd::exp_shifted(x, max, out))
+    (max, isa.exp_shifted(x, max, out))
 }
 
 /// Keys and values [slots][hd] of one KV head: `keys[..split]` (slot indices) are read from the first pair of
@@ -594,18 +711,11 @@ mod simd {
     /// tuned on (Xeon, L3-resident weights) took a 16-row product over a 26M-parameter model from 14 to 7 ms.
     const PREFETCH: usize = 3072;
 
-    /// `y[r · ldy + c]` = (`x` [rows][k] × `panel` [k][32])[r][c] + `bias[c]` for c < `cols`; only those
-    /// elements of `y` (valid for `y_len` floats) are written.
-    ///
-    /// SAFETY: `y` must be valid for writes of `y_len` floats, and no other thread may access the elements
-    /// written.
+    /// `y[r · ldy + c]` = (`x` [rows][k] × `panel` [k][32])[r][c] + `bias[c]` (null: none) for c < `cols`.
+    /// SAFETY: AVX-512F present; the pointers valid for what is read and written (`Isa::panel_product`
+    /// checks the bounds).
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn panel_product(rows: usize, x: &[f32], panel: &[f32], k: usize, y: *mut f32, y_len: usize, ldy: usize, bias: Option<&[f32]>, cols: usize) {
-        assert!((1..=super::ROWS).contains(&rows) && (1..=32).contains(&cols));
-        assert!(x.len() >= rows * k && panel.len() >= 32 * k && y_len >= (rows - 1) * ldy + cols && bias.is_none_or(|b| b.len() >= cols));
-        let (x, p, b) = (x.as_ptr(), panel.as_ptr(), bias.map_or(std::ptr::null(), |b| b.as_ptr()));
-        // SAFETY: AVX-512F was detected (`detected`, checked before any native weights exist); the bounds
-        // were checked above.
+    pub unsafe fn panel_product(rows: usize, x: *const f32, p: *const f32, k: usize, y: *mut f32, ldy: usize, b: *const f32, cols: usize) {
         unsafe {
             // one instance of the kernel per row count, so that its accumulators are registers
             const _: () = assert!(super::ROWS == 14, "by_rows lists 1 to ROWS");
@@ -936,7 +1046,7 @@ mod simd {
         false
     }
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn panel_product(_: usize, _: &[f32], _: &[f32], _: usize, _: *mut f32, _: usize, _: usize, _: Option<&[f32]>, _: usize) {
+    pub unsafe fn panel_product(_: usize, _: *const f32, _: *const f32, _: usize, _: *mut f32, _: usize, _: *const f32, _: usize) {
         unreachable!("native decoding is x86-64 only")
     }
     pub fn exp_shifted(_: &[f32], _: f32, _: &mut [f32]) -> f32 {
@@ -972,12 +1082,13 @@ mod tests {
             .collect()
     }
 
+    /// Every set of kernels this CPU can run (the portable one always).
+    fn isas() -> Vec<Isa> {
+        [Isa::Avx512, Isa::Avx2, Isa::Portable].into_iter().filter(|i| i.supported()).collect()
+    }
+
     #[test]
     fn packed_product_equals_the_plain_one() {
-        if !available() {
-            eprintln!("skipped: no AVX-512 on this CPU");
-            return;
-        }
         // column counts that are not multiples of 16, row counts across every block size, a bias
         for &(n, k) in &[(40usize, 24usize), (16, 7), (33, 130)] {
             let w = Tensor::from_slice(&values(n * k, n as u64)).view([n as i64, k as i64]);
@@ -991,21 +1102,28 @@ mod tests {
             for (m, pool) in [1usize, 2, 3, 5, 8, 15, 16, 17, 31, 35].into_iter().flat_map(|m| pools.iter().map(move |p| (m, p))) {
                 let x = values(m * k, m as u64 + 7);
                 let mut y = vec![0f32; m * n];
-                p.forward(pool, &arena, &x, m, &mut y);
                 let want = Tensor::from_slice(&x).view([m as i64, k as i64]).linear(&w, Some(&b));
-                let got = Tensor::from_slice(&y).view([m as i64, n as i64]);
-                let d = (got - want).abs().max().double_value(&[]);
-                assert!(d < 1e-5, "n {n} k {k} m {m} threads {}: {d}", pool.threads());
+                let mut first: Option<Vec<f32>> = None;
+                for isa in isas() {
+                    p.forward(isa, pool, &arena, &x, m, &mut y);
+                    let got = Tensor::from_slice(&y).view([m as i64, n as i64]);
+                    let d = (got - &want).abs().max().double_value(&[]);
+                    assert!(d < 1e-5, "{isa:?} n {n} k {k} m {m} threads {}: {d}", pool.threads());
+                    // every kernel adds the same products in the same order
+                    assert_eq!(first.get_or_insert_with(|| y.clone()), &y, "{isa:?} n {n} k {k} m {m}");
+                }
             }
         }
     }
 
     #[test]
     fn attention_equals_softmax_of_scores_times_values() {
-        if !available() {
-            eprintln!("skipped: no AVX-512 on this CPU");
-            return;
+        for isa in isas() {
+            attention_case(isa);
         }
+    }
+
+    fn attention_case(isa: Isa) {
         // head sizes with register kernels (64, 96, 128) and without (40), 1–4 query heads per KV head,
         // key lists with holes and of lengths around the 16-key blocks
         for &hd in &[64usize, 96, 128, 40] {
@@ -1032,7 +1150,7 @@ mod tests {
                     let (k0, v0) = (poison(&k, &keys[split..]), poison(&v, &keys[split..]));
                     let (k1, v1) = (poison(&k, &keys[..split]), poison(&v, &keys[..split]));
                     let kv = Slabs { k: [&k0, &k1], v: [&v0, &v1], split };
-                    simd::attend(&q, &kv, &keys, hd, scale, &mut scores, &mut out);
+                    isa.attend(&q, &kv, &keys, hd, scale, &mut scores, &mut out);
                     for qi in 0..g {
                         let s: Vec<f64> = keys
                             .iter()
@@ -1044,7 +1162,7 @@ mod tests {
                         for d in 0..hd {
                             let want: f64 = keys.iter().zip(&e).map(|(&j, p)| p / z * v[j as usize * hd + d] as f64).sum();
                             let got = out[qi * hd + d] as f64;
-                            assert!((got - want).abs() < 1e-5, "hd {hd} g {g} len {len} head {qi} dim {d}: {got} vs {want}");
+                            assert!((got - want).abs() < 1e-5, "{isa:?} hd {hd} g {g} len {len} head {qi} dim {d}: {got} vs {want}");
                         }
                     }
                 }
