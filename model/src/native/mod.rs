@@ -410,6 +410,7 @@ pub(crate) struct LayerParts<'a> {
 }
 
 impl NativeWeights {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(cfg: &ModelConfig, layers: Vec<LayerParts>, norm: &Tensor, head: &Tensor, embed: &Tensor, rope: &crate::rope::Rope, threads: usize, isa: Isa) -> NativeWeights {
         assert!(isa.supported(), "{isa:?} kernels on a CPU without them");
         let (inv_freq, inv_freq_long, rope_scaling) = rope.host_tables();
