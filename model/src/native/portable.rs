@@ -22,13 +22,7 @@ fn exp_lanes(x: [f32; L]) -> [f32; L] {
         let r = (-n).mul_add(0.693_359_4, v);
         let r = (-n).mul_add(-2.121_944_4e-4, r);
         let mut p = 1.987_569_1e-4f32;
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            1.666_666_5e-1,
-            0.5,
-        ] {
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
             p = p.mul_add(r, c);
         }
         let y = (p * r).mul_add(r, r) + 1.0;
@@ -113,15 +107,7 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 
 /// `MR` rows of `x` times a 32-column panel, as `super::simd::kernel`.
 #[inline(always)]
-unsafe fn kernel<const MR: usize>(
-    x: *const f32,
-    p: *const f32,
-    k: usize,
-    y: *mut f32,
-    ldy: usize,
-    bias: *const f32,
-    cols: usize,
-) {
+unsafe fn kernel<const MR: usize>(x: *const f32, p: *const f32, k: usize, y: *mut f32, ldy: usize, bias: *const f32, cols: usize) {
     let mut acc = [[0f32; 32]; MR];
     for kk in 0..k {
         let w = &*(p.add(kk * 32) as *const [f32; 32]);
@@ -141,16 +127,7 @@ unsafe fn kernel<const MR: usize>(
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn panel_product(
-    rows: usize,
-    x: *const f32,
-    p: *const f32,
-    k: usize,
-    y: *mut f32,
-    ldy: usize,
-    bias: *const f32,
-    cols: usize,
-) {
+unsafe fn panel_product(rows: usize, x: *const f32, p: *const f32, k: usize, y: *mut f32, ldy: usize, bias: *const f32, cols: usize) {
     match rows {
         1 => kernel::<1>(x, p, k, y, ldy, bias, cols),
         _ => kernel::<2>(x, p, k, y, ldy, bias, cols),
@@ -158,15 +135,7 @@ unsafe fn panel_product(
 }
 
 #[inline(always)]
-fn attend(
-    q: &[f32],
-    kv: &Slabs,
-    keys: &[u32],
-    hd: usize,
-    scale: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
+fn attend(q: &[f32], kv: &Slabs, keys: &[u32], hd: usize, scale: f32, scores: &mut [f32], out: &mut [f32]) {
     let g = q.len() / hd;
     let n = keys.len();
     let slab = |jn: usize| usize::from(jn >= kv.split);
