@@ -103,8 +103,8 @@ impl RowSampling {
         let (b, v) = (b as usize, v as usize);
         assert_eq!(self.host.len(), b, "sampling parameters for {} rows, logits for {b}", self.host.len());
         let lf = logits.to_kind(Kind::Float).contiguous();
-        let mut all = vec![0f32; b * v];
-        lf.copy_data(&mut all, b * v);
+        // SAFETY: a contiguous fp32 CPU tensor of b × v values, alive for this call (no host copy of it)
+        let all = unsafe { std::slice::from_raw_parts(lf.data_ptr() as *const f32, b * v) };
         let (mut ids, mut lp_sampled, mut lp_model) = (Vec::with_capacity(b), Vec::with_capacity(b), Vec::with_capacity(b));
         let (mut e, mut scaled, mut probs) = (vec![0f32; v], vec![0f32; v], vec![0f32; v]);
         for (r, p) in self.host.iter().enumerate() {
@@ -151,7 +151,13 @@ impl RowSampling {
                         }
                     }
                 }
-                let (_, z) = model::native::exp_minus_max(&scaled, &mut probs);
+                // a row without temperature or filters has `scaled` = `l`: its exponentials are those above
+                let z = if p.temperature == 1.0 && p.top_k >= v as i64 && p.top_p >= 1.0 && p.min_p <= 0.0 {
+                    probs.copy_from_slice(&e);
+                    sum
+                } else {
+                    model::native::exp_minus_max(&scaled, &mut probs).1
+                };
                 let inv = 1.0 / z;
                 let target = u[r] as f32;
                 let mut cum = 0f32;
