@@ -71,16 +71,10 @@ impl Rope {
         }
     }
 
-    /// The inverse frequencies (short, and LongRoPE's long ones) and the attention scaling, on the host (for
+    /// The inverse frequencies (short, and LongRoPE's long ones) and the attention scaling (for
     /// [`crate::native`], which computes the same angles per row: fp32 position × fp32 inverse frequency).
-    pub(crate) fn host_tables(&self) -> (Vec<f32>, Option<Vec<f32>>, f32) {
-        let v = |t: &Tensor| {
-            let t = t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
-            let mut out = vec![0f32; t.numel()];
-            t.copy_data(&mut out, t.numel());
-            out
-        };
-        (v(&self.inv_freq), self.inv_freq_long.as_ref().map(|(t, _)| v(t)), self.attention_scaling as f32)
+    pub(crate) fn tables(&self) -> (&Tensor, Option<&Tensor>, f64) {
+        (&self.inv_freq, self.inv_freq_long.as_ref().map(|(t, _)| t), self.attention_scaling)
     }
 
     pub fn has_long(&self) -> bool {

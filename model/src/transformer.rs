@@ -473,18 +473,29 @@ impl Transformer {
     pub fn decode_weights_with(&self, native: Option<usize>) -> DecodeWeights {
         match (native, crate::native::Isa::detected()) {
             (Some(threads), Some(isa)) => self.decode_weights_native(threads, isa),
-            _ => self.decode_weights_native(0, crate::native::Isa::Portable),
+            _ => self.fused_decode_weights(),
         }
     }
 
-    /// [`Transformer::decode_weights`] packed for the native step's `isa` kernels on `threads` threads (0: the
-    /// libtorch copy), where this network and CPU support them; else the libtorch copy. For tests and
-    /// measurements of one set of kernels.
+    /// Whether [`Transformer::decode_weights`] packs for the native step (this CPU's kernels, this network).
+    pub fn decodes_natively(&self) -> bool {
+        crate::native::Isa::detected().is_some_and(|isa| crate::native::supports(self.device(), self.kind(), self.autocast_kind(), isa))
+    }
+
+    /// [`Transformer::decode_weights`] packed for the native step's `isa` kernels on `threads` threads, where
+    /// this network and CPU support them; else the libtorch copy. For tests and measurements of one set of
+    /// kernels.
     pub fn decode_weights_native(&self, threads: usize, isa: crate::native::Isa) -> DecodeWeights {
-        let _g = tch::no_grad_guard();
         if threads > 0 && crate::native::supports(self.device(), self.kind(), self.autocast_kind(), isa) {
+            let _g = tch::no_grad_guard();
             return DecodeWeights { inner: DecodeInner::Native(Box::new(self.native_weights(threads, isa))) };
         }
+        self.fused_decode_weights()
+    }
+
+    /// The libtorch copy of [`Transformer::decode_weights`].
+    fn fused_decode_weights(&self) -> DecodeWeights {
+        let _g = tch::no_grad_guard();
         let cast = |t: &Tensor| match self.autocast_kind() {
             Some(k) if t.kind() != k => t.detach().to_kind(k),
             _ => t.detach(),

@@ -200,7 +200,7 @@ impl Drop for Aligned {
 }
 
 fn to_vec(t: &Tensor) -> Vec<f32> {
-    let t = t.detach().to_kind(Kind::Float).contiguous().view([-1]);
+    let t = t.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous().view([-1]);
     let mut v = vec![0f32; t.numel()];
     t.copy_data(&mut v, t.numel());
     v
@@ -413,7 +413,8 @@ impl NativeWeights {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(cfg: &ModelConfig, layers: Vec<LayerParts>, norm: &Tensor, head: &Tensor, embed: &Tensor, rope: &crate::rope::Rope, threads: usize, isa: Isa) -> NativeWeights {
         assert!(isa.supported(), "{isa:?} kernels on a CPU without them");
-        let (inv_freq, inv_freq_long, rope_scaling) = rope.host_tables();
+        let (inv_freq, inv_freq_long, rope_scaling) = rope.tables();
+        let (inv_freq, inv_freq_long, rope_scaling) = (to_vec(inv_freq), inv_freq_long.map(to_vec), rope_scaling as f32);
         let pool = Pool::new(threads);
         let _g = tch::no_grad_guard();
         // every matrix in one arena, in the order a step reads them

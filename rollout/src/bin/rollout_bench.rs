@@ -64,7 +64,7 @@ fn run() -> Result<(), String> {
     let prompts: Vec<Vec<i64>> = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", prompts_path.display()))?;
     let m = Model::load(&model_dir, Some(kind), device).map_err(|e| e.to_string())?;
     // whether decode steps run on model::native (what the engine's decode_weights picks)
-    let native = fuse && m.net.decode_weights().is_native();
+    let native = fuse && m.net.decodes_natively();
     // one process for several batch sizes (the first k prompts each), to load the model once
     let batches = batches.unwrap_or_else(|| vec![prompts.len()]);
     if let Some(&k) = batches.iter().find(|&&k| k == 0 || k > prompts.len()) {
