@@ -58,6 +58,13 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 #[inline(always)]
 fn exp_shifted(x: &[f32], shift: f32, out: &mut [f32]) -> f32 {
+    out.copy_from_slice(x);
+    exp_shifted_in_place(out, shift)
+}
+
+/// v ← e^(v − shift), exactly 0 where v = −∞ (filtered tokens, masked keys); returns Σ v.
+#[inline(always)]
+fn exp_shifted_in_place(x: &mut [f32], shift: f32) -> f32 {
     let mut sum = [0f32; L];
     let mut i = 0;
     while i < x.len() {
@@ -69,9 +76,8 @@ fn exp_shifted(x: &[f32], shift: f32, out: &mut [f32]) -> f32 {
         let e = exp_lanes(s);
         let n = (x.len() - i).min(L);
         for l in 0..n {
-            // exactly 0 for −∞ (filtered tokens, masked keys)
             let e = if v[l] == f32::NEG_INFINITY { 0.0 } else { e[l] };
-            out[i + l] = e;
+            x[i + l] = e;
             sum[l] += e;
         }
         i += L;
@@ -147,8 +153,7 @@ fn attend(q: &[f32], kv: &Slabs, keys: &[u32], hd: usize, scale: f32, scores: &m
             row[jn] = dot(qh, &kv.k[slab(jn)][j * hd..(j + 1) * hd]) * scale;
         }
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let copy = row.to_vec();
-        let inv = 1.0 / exp_shifted(&copy, max, row);
+        let inv = 1.0 / exp_shifted_in_place(row, max);
         let o = &mut out[qi * hd..(qi + 1) * hd];
         o.fill(0.0);
         for (jn, &j) in keys.iter().enumerate() {
