@@ -108,3 +108,36 @@ fn resuming_a_changed_recipe_is_refused_unless_forced() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("resumed at step 3") && stderr.contains("killing at step:0:5"), "{stderr}");
 }
+
+/// Every precision mode resumes bit-identically: bf16 weights with fp32 master weights (its master copy is
+/// checkpointed), Kahan compensation (its buffer is checkpointed), stochastic rounding (its random bits are a
+/// function of the seed, step and parameter) and direct rounding, and bf16 AdamW moments.
+#[test]
+fn killed_bf16_runs_resume_bit_identically_in_every_precision_mode() {
+    let root = tempfile::tempdir().unwrap();
+    let modes = [
+        "dtype = \"bfloat16\"\n",
+        "dtype = \"bfloat16\"\nweight_update = \"kahan\"\n",
+        "dtype = \"bfloat16\"\nweight_update = \"stochastic_rounding\"\noptimizer_dtype = \"bfloat16\"\n",
+        "dtype = \"bfloat16\"\nweight_update = \"direct\"\n",
+    ];
+    for (m, extra) in modes.iter().enumerate() {
+        let recipe = format!("{}{extra}{REST}", common::TINY_MODEL);
+        let reference = common::setup(root.path(), &format!("ref{m}"), &recipe);
+        let out = train(&reference, None);
+        assert!(out.status.success(), "{extra}: {}", String::from_utf8_lossy(&out.stderr));
+        let want = final_weights(&reference);
+        for (i, kills) in [&["step:0:8"][..], &["ckpt-write:0:6", "step:1:4"][..]].iter().enumerate() {
+            let d = common::setup(root.path(), &format!("m{m}-s{i}"), &recipe);
+            for k in kills.iter() {
+                let out = train(&d, Some(k));
+                assert!(!out.status.success(), "{extra}{k}: the run was not killed");
+            }
+            let out = train(&d, None);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success() && stderr.contains("resumed at step"), "{extra}{kills:?}: resume failed\n{stderr}");
+            assert!(!stderr.contains("starting it from the weights"), "{extra}{kills:?}: precision state not restored\n{stderr}");
+            assert!(final_weights(&d) == want, "{extra}{kills:?}: final weights differ from the uninterrupted run");
+        }
+    }
+}

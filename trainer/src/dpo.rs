@@ -636,7 +636,7 @@ fn train(ctx: &Ctx, index: usize, name: &str, records: &[Record], tokenize: &Tok
     };
 
     let mut sampler = Sampler::single(pairs.len(), SamplerConfig { seed: ctx.recipe.run.seed.wrapping_add(index as u64), shuffle: true, num_epochs: None, drop_last: false })?;
-    let mut opt = optim.optimizer(model);
+    let mut opt = optim.optimizer(ctx, model);
     let (start, mut tokens) = crate::stage::restore(resume, &mut opt, &mut sampler, name, total)?;
 
     let held = HeldOut::new(eval)?;
@@ -720,6 +720,7 @@ fn train(ctx: &Ctx, index: usize, name: &str, records: &[Record], tokenize: &Tok
         let lr = optim.lr_at(step, total);
         opt.step(lr);
         opt.zero_grad();
+        crate::stage::guard_updates(ctx, name, &mut opt, lr, &bar);
         let loss = st.loss;
         if !loss.is_finite() {
             bail!("[{name}] loss became {loss} at step {}: lower the learning rate", step + 1);
@@ -731,7 +732,8 @@ fn train(ctx: &Ctx, index: usize, name: &str, records: &[Record], tokenize: &Tok
         if done % ctx.recipe.run.log_every.max(1) == 0 || done == total || done == start + 1 {
             let mut rec = obj(json!({"stage": index, "stage_name": name, "step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                 "rewards_chosen": cr, "rewards_rejected": rj, "rewards_margin": cr - rj, "rewards_accuracy": st.acc / np,
-                "pairs": st.pairs, "step_s": dt, "epoch": sampler.epoch(), "tokens_per_s": step_tokens as f64 / dt}));
+                "pairs": st.pairs, "step_s": dt, "epoch": sampler.epoch(), "tokens_per_s": step_tokens as f64 / dt,
+                "update_lost_frac": opt.lost_fraction()}));
             if a.rpo_alpha > 0.0 {
                 rec.insert("nll".into(), json!(st.nll));
             }

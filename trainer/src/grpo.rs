@@ -621,7 +621,7 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
         eprintln!("[{name}] dropped {too_long} prompts longer than max_prompt_length = {}", s.max_prompt_length);
     }
     let optim = s.optim();
-    let mut opt = optim.optimizer(model);
+    let mut opt = optim.optimizer(ctx, model);
     let mut st: GrpoState = match resume {
         Some(c) => {
             opt.load(&c.optimizer_path())?;
@@ -855,6 +855,7 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
                 grad_norm = opt.clip_grad_norm(optim.max_grad_norm);
                 opt.step(lr);
                 opt.zero_grad();
+                crate::stage::guard_updates(ctx, &name, &mut opt, lr, &bar);
             }
         } else {
             st.steps_skipped += 1;
@@ -887,7 +888,7 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
             "grad_norm": grad_norm, "lr": lr, "temperature": temperature, "groups": n_groups as usize, "gen_rounds": rounds,
             "groups_dropped_zero_std": dropped_zero, "groups_dropped_over_budget": dropped_budget, "train_tokens": n_tok, "forward_tokens": forward_tokens,
             "time_generate_s": t_gen, "time_score_s": t_score, "time_train_s": t_train, "step_s": dt,
-            "tokens_per_s": total_tokens as f64 / t_gen.max(1e-9)});
+            "tokens_per_s": total_tokens as f64 / t_gen.max(1e-9), "update_lost_frac": opt.lost_fraction()});
         if done % ctx.recipe.run.log_every.max(1) == 0 || done == total || done == 1 {
             bar.println(&format!(
                 "[{name}] step {done}/{total} reward {rmean:.3} acc {:.1}% len {len_mean:.1} clip {:.3} kl {:.4} T {temperature:.2} ({t_gen:.1}s gen, {t_train:.1}s train)",
@@ -1035,7 +1036,7 @@ mod tests {
             adam: crate::optim::AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
             max_grad_norm: 0.0,
         };
-        let mut opt = args.optimizer(&model);
+        let mut opt = args.optimizer_with(&model, Default::default());
         let prompt = vec![3i64, 4, 5];
         let mk = |c: &[i64]| {
             let mut ids = prompt.clone();

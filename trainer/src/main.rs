@@ -11,6 +11,7 @@ mod faults;
 mod loss;
 mod metrics;
 mod optim;
+mod precision;
 mod plot;
 mod progress;
 mod recipe;

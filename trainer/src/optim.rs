@@ -11,6 +11,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use tch::{Kind, Tensor};
 
+use crate::precision::{rounding_key, Slot, UpdatePrecision};
+
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdamWConfig {
     pub beta1: f64,
@@ -21,11 +23,25 @@ pub struct AdamWConfig {
 
 pub struct AdamW {
     pub cfg: AdamWConfig,
-    /// Parameters in a fixed order, with their names and whether weight decay applies.
-    params: Vec<(String, Tensor, bool)>,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
+    params: Vec<Param>,
     pub step: i64,
+    precision: UpdatePrecision,
+    /// Of the last step: elements whose update was lost to precision, and elements with a non-zero update.
+    lost: (i64, i64),
+    /// The lost-update warning was printed (once per optimizer, i.e. per stage).
+    warned: bool,
+}
+
+/// A parameter with its optimizer state.
+struct Param {
+    name: String,
+    p: Tensor,
+    /// Weight decay applies (see [`decays`]).
+    decay: bool,
+    m: Tensor,
+    v: Tensor,
+    /// What low-precision weights need to take updates (fp32 master, Kahan compensation).
+    slot: Slot,
 }
 
 /// Norms and biases get no weight decay (as TRL / transformers' Trainer do).
@@ -34,42 +50,83 @@ pub fn decays(name: &str) -> bool {
 }
 
 impl AdamW {
-    pub fn new(params: Vec<(String, Tensor)>, cfg: AdamWConfig) -> AdamW {
-        let m = params.iter().map(|(_, p)| Tensor::zeros_like(p).to_kind(Kind::Float)).collect();
-        let v = params.iter().map(|(_, p)| Tensor::zeros_like(p).to_kind(Kind::Float)).collect();
-        let params = params.into_iter().map(|(n, p)| (n.clone(), p, decays(&n))).collect();
-        AdamW { cfg, params, m, v, step: 0 }
+    pub fn new(params: Vec<(String, Tensor)>, cfg: AdamWConfig, precision: UpdatePrecision) -> AdamW {
+        let state = precision.state.kind();
+        let params = params
+            .into_iter()
+            .map(|(name, p)| Param {
+                decay: decays(&name),
+                m: Tensor::zeros(p.size(), (state, p.device())),
+                v: Tensor::zeros(p.size(), (state, p.device())),
+                slot: Slot::new(&p, precision.update),
+                name,
+                p,
+            })
+            .collect();
+        AdamW { cfg, params, step: 0, precision, lost: (0, 0), warned: false }
     }
 
-    /// One update at learning rate `lr` from the gradients currently held by the parameters.
+    /// One update at learning rate `lr` from the gradients currently held by the parameters. The moments and
+    /// the update are computed in fp32 whatever the dtypes of the weights and the state.
     pub fn step(&mut self, lr: f64) {
         self.step += 1;
         let t = self.step as f64;
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
         let bc1 = 1.0 - b1.powf(t);
         let bc2_sqrt = (1.0 - b2.powf(t)).sqrt();
+        let (seed, step) = (self.precision.seed, self.step);
+        let mut lost = vec![];
         tch::no_grad(|| {
-            for (i, (_, p, decay)) in self.params.iter_mut().enumerate() {
-                let g = p.grad();
+            for (i, q) in self.params.iter_mut().enumerate() {
+                let g = q.p.grad();
                 if !g.defined() {
                     continue;
                 }
                 let g = g.to_kind(Kind::Float);
-                if *decay && self.cfg.weight_decay != 0.0 {
-                    let _ = p.g_mul_scalar_(1.0 - lr * self.cfg.weight_decay);
-                }
-                let _ = self.m[i].g_mul_scalar_(b1).g_add_(&(&g * (1.0 - b1)));
-                let _ = self.v[i].g_mul_scalar_(b2).g_add_(&(g.square() * (1.0 - b2)));
-                let denom = (self.v[i].sqrt() / bc2_sqrt) + self.cfg.eps;
-                let update = (&self.m[i] / denom) * (-lr / bc1);
-                let _ = p.g_add_(&update.to_kind(p.kind()));
+                let m = moment(&mut q.m, |m| m.g_mul_scalar_(b1).g_add_(&(&g * (1.0 - b1))));
+                let v = moment(&mut q.v, |v| v.g_mul_scalar_(b2).g_add_(&(g.square() * (1.0 - b2))));
+                let denom = (v.sqrt() / bc2_sqrt) + self.cfg.eps;
+                let update = (m / denom) * (-lr / bc1);
+                let decay = if q.decay && self.cfg.weight_decay != 0.0 { 1.0 - lr * self.cfg.weight_decay } else { 1.0 };
+                let lost_mask = q.slot.apply(&mut q.p, &update, decay, rounding_key(seed, step, i));
+                lost.push(Tensor::stack(&[lost_mask.sum(Kind::Int64), update.ne(0.0).sum(Kind::Int64)], 0));
             }
         });
+        self.lost = if lost.is_empty() {
+            (0, 0)
+        } else {
+            let c: Vec<i64> = Vec::try_from(Tensor::stack(&lost, 0).sum_dim_intlist(0, false, Kind::Int64)).unwrap_or_default();
+            (c[0], c[1])
+        };
+    }
+
+    /// The fraction of the last step's non-zero updates that precision lost (0 before any step).
+    pub fn lost_fraction(&self) -> f64 {
+        self.lost.0 as f64 / self.lost.1.max(1) as f64
+    }
+
+    /// The lost-update guard: a warning, the first time a step lost more than 1% of its non-zero updates to
+    /// the weights' precision.
+    pub fn lost_update_warning(&mut self, lr: f64) -> Option<String> {
+        let frac = self.lost_fraction();
+        if self.warned || frac <= 0.01 {
+            return None;
+        }
+        self.warned = true;
+        let kind = self.params.first().map(|q| q.p.kind()).unwrap_or(Kind::Float);
+        let how = match (kind, self.precision.update) {
+            (Kind::Float | Kind::Double, _) => format!("{kind:?} weights: lr {lr:.1e} is below their resolution"),
+            (_, u) => format!(
+                "{kind:?} weights, [model] weight_update = \"{}\", lr {lr:.1e}; \"master_fp32\" (the default), \"kahan\" or \"stochastic_rounding\" keep them",
+                u.name()
+            ),
+        };
+        Some(format!("warning: step {} lost {:.1}% of its weight updates to rounding ({how})", self.step, 100.0 * frac))
     }
 
     pub fn zero_grad(&mut self) {
-        for (_, p, _) in &mut self.params {
-            p.zero_grad();
+        for q in &mut self.params {
+            q.p.zero_grad();
         }
     }
 
@@ -77,7 +134,7 @@ impl AdamW {
     /// (coefficient min(1, max_norm / (norm + 1e-6)), as torch.nn.utils.clip_grad_norm_). Returns the norm
     /// before clipping.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
-        let grads: Vec<Tensor> = self.params.iter().map(|(_, p, _)| p.grad()).filter(|g| g.defined()).collect();
+        let grads: Vec<Tensor> = self.params.iter().map(|q| q.p.grad()).filter(|g| g.defined()).collect();
         if grads.is_empty() {
             return 0.0;
         }
@@ -97,12 +154,16 @@ impl AdamW {
         total_f
     }
 
-    /// Saves moments and step (safetensors; names `m.<param>`, `v.<param>`, `step`).
+    /// Saves moments, step and the precision state (safetensors; names `m.<param>`, `v.<param>`, `step`, and
+    /// `master.<param>` for fp32 master weights or `kahan.<param>` for Kahan compensation).
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut ts: Vec<(String, Tensor)> = vec![("step".into(), Tensor::from_slice(&[self.step]))];
-        for (i, (n, _, _)) in self.params.iter().enumerate() {
-            ts.push((format!("m.{n}"), self.m[i].shallow_clone()));
-            ts.push((format!("v.{n}"), self.v[i].shallow_clone()));
+        for q in &self.params {
+            ts.push((format!("m.{}", q.name), q.m.shallow_clone()));
+            ts.push((format!("v.{}", q.name), q.v.shallow_clone()));
+            if let Some((prefix, t)) = q.slot.state() {
+                ts.push((format!("{prefix}.{}", q.name), t.shallow_clone()));
+            }
         }
         model::weights::write_safetensors(path, &ts, None)?;
         Ok(())
@@ -115,16 +176,48 @@ impl AdamW {
             .collect();
         let step = map.get("step").with_context(|| format!("{}: no `step`", path.display()))?;
         self.step = step.int64_value(&[0]);
-        for (i, (n, p, _)) in self.params.iter().enumerate() {
-            for (key, dst) in [(format!("m.{n}"), &mut self.m[i]), (format!("v.{n}"), &mut self.v[i])] {
+        let mut rebuilt = 0;
+        for q in self.params.iter_mut() {
+            let size = q.p.size();
+            let mut dsts = vec![(format!("m.{}", q.name), &mut q.m), (format!("v.{}", q.name), &mut q.v)];
+            if let Some((k, t)) = q.slot.state_mut().map(|(prefix, t)| (format!("{prefix}.{}", q.name), t)) {
+                if map.contains_key(&k) {
+                    dsts.push((k, t));
+                } else {
+                    // written before master weights existed (or with another weight_update): start from the weights
+                    rebuilt += 1;
+                }
+            }
+            for (key, dst) in dsts {
                 let src = map.get(&key).with_context(|| format!("{}: missing `{key}`", path.display()))?;
-                if src.size() != p.size() {
-                    bail!("{}: `{key}` has shape {:?}, parameter has {:?}", path.display(), src.size(), p.size());
+                if src.size() != size {
+                    bail!("{}: `{key}` has shape {:?}, parameter has {:?}", path.display(), src.size(), size);
                 }
                 tch::no_grad(|| dst.copy_(src));
             }
         }
+        if rebuilt > 0 {
+            eprintln!(
+                "warning: {} has no {} state for {rebuilt} parameter(s) (written with another weight_update); starting it from the weights",
+                path.display(),
+                self.precision.update.name()
+            );
+        }
         Ok(())
+    }
+}
+
+/// Updates a moment in fp32 and returns its fp32 value: in place when the state is fp32, else through an fp32
+/// copy that is rounded back into the stored state.
+fn moment(state: &mut Tensor, update: impl FnOnce(&mut Tensor) -> Tensor) -> Tensor {
+    if state.kind() == Kind::Float {
+        let _ = update(state);
+        state.shallow_clone()
+    } else {
+        let mut m = state.to_kind(Kind::Float);
+        let _ = update(&mut m);
+        state.copy_(&m);
+        m
     }
 }
 
@@ -172,7 +265,7 @@ mod tests {
         let w2 = w.detach().copy().set_requires_grad(true);
         let b2 = b.detach().copy().set_requires_grad(true);
         let cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
-        let mut ours = AdamW::new(vec![("w".into(), w2.shallow_clone()), ("b_weight".into(), b2.shallow_clone())], cfg);
+        let mut ours = AdamW::new(vec![("w".into(), w2.shallow_clone()), ("b_weight".into(), b2.shallow_clone())], cfg, Default::default());
         let x = Tensor::randn([4, 5], (Kind::Float, Device::Cpu));
         for _ in 0..5 {
             reference.zero_grad();
@@ -190,7 +283,7 @@ mod tests {
     fn clipping_scales_to_max_norm_and_reports_the_norm() {
         let p = Tensor::from_slice(&[3.0f32, 4.0]).set_requires_grad(true);
         (&p * &p).sum(Kind::Float).backward(); // grad = 2p = (6, 8), norm 10
-        let mut opt = AdamW::new(vec![("p".into(), p.shallow_clone())], AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 });
+        let mut opt = AdamW::new(vec![("p".into(), p.shallow_clone())], AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }, Default::default());
         let n = opt.clip_grad_norm(5.0);
         assert!((n - 10.0).abs() < 1e-5);
         let g: Vec<f32> = Vec::try_from(p.grad()).unwrap();

@@ -9,6 +9,8 @@ use data::{DataConfig, TokenizeConfig};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+use crate::precision::{StateDtype, UpdatePrecision, WeightUpdate};
+
 
 /// A whole recipe.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
@@ -83,7 +85,8 @@ pub struct ModelSpec {
     /// random models. Default: the model directory.
     #[serde(default)]
     pub tokenizer: Option<String>,
-    /// Weights dtype: float32, bfloat16 or float16.
+    /// The dtype weights are held and computed in: float32, bfloat16 or float16. With bfloat16 or float16
+    /// the optimizer still accumulates updates precisely (see `weight_update`).
     #[serde(default = "default_dtype")]
     pub dtype: String,
     /// Device: cpu, cuda, cuda:N or auto.
@@ -91,10 +94,26 @@ pub struct ModelSpec {
     pub device: String,
     /// Mixed precision (accelerate's `mixed_precision`, TRL's `bf16 = true`): "bf16" keeps fp32 weights and
     /// AdamW state and runs forward passes (training, sampling, evaluation) under bfloat16 autocast; "no"
-    /// computes in `dtype` (the default: `dtype = "bfloat16"` alone holds bf16 weights, as transformers'
-    /// `torch_dtype=torch.bfloat16` does, which halves weight and optimizer memory).
+    /// (default) computes in `dtype`.
     #[serde(default)]
     pub mixed_precision: Option<String>,
+    /// How optimizer updates reach bfloat16 / float16 weights (`dtype`): "master_fp32" (default: fp32 master
+    /// weights accumulate every update and the low-precision weights used by forward, backward and sampling
+    /// are refreshed from them after each step; Megatron's and verl's scheme), "kahan" (Kahan-compensated
+    /// updates with a compensation buffer in the weights' dtype: 2 bytes a parameter instead of 4),
+    /// "stochastic_rounding" (bfloat16 only: unbiased random rounding, seeded by the run seed and step, no
+    /// extra memory) or "direct" (round to nearest, as plain bf16 training: an update below half a bf16 ulp,
+    /// 0.2–0.4% of the weight, is lost, and at RL learning rates almost all are). Not used with fp32 weights.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub weight_update: WeightUpdate,
+    /// dtype of AdamW's two moments: "float32" (default) or "bfloat16" (half the optimizer memory; the
+    /// update itself is still computed in fp32).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub optimizer_dtype: StateDtype,
+}
+
+fn is_default<T: Default + PartialEq>(x: &T) -> bool {
+    *x == T::default()
 }
 
 impl ModelSpec {
@@ -104,6 +123,27 @@ impl ModelSpec {
         match self.mixed_precision.as_deref() {
             Some("bf16") => Ok((tch::Kind::Float, Some(tch::Kind::BFloat16))),
             _ => Ok((kind, None)),
+        }
+    }
+
+    /// How the optimizer updates the weights (the run seed seeds stochastic rounding).
+    pub fn update_precision(&self, seed: u64) -> UpdatePrecision {
+        UpdatePrecision { update: self.weight_update, state: self.optimizer_dtype, seed }
+    }
+
+    /// Problems with the precision keys.
+    fn validate_precision(&self, origin: &str, p: &mut Vec<String>) {
+        let Ok((kind, _)) = self.precision(tch::Device::Cpu) else { return };
+        let update = self.weight_update;
+        if kind == tch::Kind::Float && update != WeightUpdate::default() {
+            let why = if self.mixed_precision.as_deref() == Some("bf16") { "mixed_precision = \"bf16\" keeps fp32 weights" } else { "the weights are float32" };
+            p.push(format!(
+                "{origin}: [model] weight_update = \"{}\" applies to bfloat16 or float16 weights, but {why}: leave weight_update out, or set dtype = \"bfloat16\"",
+                update.name()
+            ));
+        }
+        if kind == tch::Kind::Half && update == WeightUpdate::StochasticRounding {
+            p.push(format!("{origin}: [model] weight_update = \"stochastic_rounding\" needs dtype = \"bfloat16\" (float16 weights: use \"master_fp32\" or \"kahan\")"));
         }
     }
 }
@@ -223,6 +263,15 @@ impl Stage {
             Stage::Dpo(s) => s.gradient_checkpointing,
             Stage::RolloutDpo(s) => s.gradient_checkpointing,
             Stage::Grpo(s) => s.gradient_checkpointing,
+        }
+    }
+    /// The stage's optimizer keys.
+    pub fn optim(&self) -> crate::stage::OptimArgs {
+        match self {
+            Stage::Sft(s) => s.optim(),
+            Stage::Dpo(s) => s.optim(),
+            Stage::RolloutDpo(s) => s.optim(),
+            Stage::Grpo(s) => s.optim(),
         }
     }
     pub fn kind(&self) -> &'static str {
@@ -579,6 +628,7 @@ pub fn validate(r: &Recipe, origin: &str) -> Vec<String> {
         (Some("bf16"), _) => {}
         (Some(m), _) => p.push(format!("{origin}: [model] mixed_precision: unknown value \"{m}\" (expected \"bf16\" or \"no\")")),
     }
+    r.model.validate_precision(origin, &mut p);
     if let Some(cfg) = &r.model.config {
         if let Err(e) = model::ModelConfig::from_json(cfg.clone(), &format!("{origin} [model.config]")) {
             p.push(e.to_string());

@@ -107,16 +107,26 @@ fn base_model(r: &Recipe, output: &Path, kind: Kind, device: Device) -> Result<M
 /// The dry-run plan: stages, steps, tokens and a memory estimate.
 fn plan(r: &Recipe) -> String {
     let mut s = String::new();
+    // the dtype weights are held in (fp32 under bf16 mixed precision)
+    let device = model::runtime::parse_device(&r.model.device).unwrap_or(Device::Cpu);
+    let kind = r.model.precision(device).map(|(k, _)| k).unwrap_or(Kind::Float);
+    let precision = r.model.update_precision(r.run.seed);
     let params = r.model.config.as_ref().and_then(|c| model::ModelConfig::from_json(c.clone(), "").ok()).map(|c| c.num_parameters());
     let params = params.or_else(|| r.model.path.as_ref().filter(|p| p.is_dir()).and_then(|p| model::ModelConfig::from_path(p).ok()).map(|c| c.num_parameters()));
     if let Some(n) = params {
-        // the dtype weights are held in (fp32 under bf16 mixed precision)
-        let device = model::runtime::parse_device(&r.model.device).unwrap_or(Device::Cpu);
-        let kind = r.model.precision(device).map(|(k, _)| k).unwrap_or(Kind::Float);
-        let w = n as f64 * kind.elt_size_in_bytes() as f64;
-        // weights + grads (model dtype) + AdamW moments (fp32)
-        let train = w * 2.0 + n as f64 * 8.0;
-        s.push_str(&format!("model: {:.1} M parameters; weights {:.2} GB, training state ≈ {:.2} GB before activations\n", n as f64 / 1e6, w / 1e9, train / 1e9));
+        let [w, extra, g, m] = crate::precision::bytes_per_parameter(kind, &precision);
+        let gb = |b: usize| n as f64 * b as f64 / 1e9;
+        s.push_str(&format!(
+            "model: {:.1} M parameters; weights {:.2} GB, training state ≈ {:.2} GB before activations ({w} B weights + {extra} B {} + {g} B gradients + {m} B AdamW moments per parameter)\n",
+            n as f64 / 1e6,
+            gb(w),
+            gb(w + extra + g + m),
+            match crate::precision::Slot::kind_for(kind, precision.update) {
+                Some(Kind::Float) => "fp32 master",
+                Some(_) => "Kahan compensation",
+                None => "update state",
+            }
+        ));
     }
     for (i, st) in r.stage.iter().enumerate() {
         match st {
@@ -144,6 +154,7 @@ fn plan(r: &Recipe) -> String {
             Stage::RolloutDpo(x) => s.push_str(&format!("stage {} {:?} (rollout_dpo): {}\n", i + 1, st.name(i), x.plan())),
             Stage::Grpo(x) => s.push_str(&format!("stage {} {:?} (grpo): {}\n", i + 1, st.name(i), x.plan())),
         }
+        s.push_str(&format!("  precision: {}\n", crate::precision::describe_resolution(kind, &precision, st.optim().lr)));
     }
     s
 }
@@ -172,6 +183,15 @@ pub fn run(recipe_path: &Path, overrides: &[String], output: Option<PathBuf>, op
     eprintln!("whet {}: {}", env!("CARGO_PKG_VERSION"), model::runtime::describe(device));
     if let Some(a) = autocast {
         eprintln!("mixed precision: fp32 weights and optimizer state, {a:?} autocast in forward passes");
+    } else if kind != Kind::Float {
+        let p = r.model.update_precision(r.run.seed);
+        let [w, extra, g, m] = crate::precision::bytes_per_parameter(kind, &p);
+        eprintln!(
+            "precision: {kind:?} weights, weight_update = \"{}\", AdamW moments in {:?} ({} bytes of training state per parameter)",
+            p.update.name(),
+            p.state.kind(),
+            w + extra + g + m
+        );
     }
     // data parallel: rank 0 prepares the shared files (tokenizer, converted GGUF, metrics) first
     if !comm.is_main() {

@@ -145,7 +145,7 @@ pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<
 
     let mut sampler = Sampler::single(rows.len(), SamplerConfig { seed: ctx.recipe.run.seed.wrapping_add(index as u64), shuffle: true, num_epochs: None, drop_last: false })?;
     let optim = s.optim();
-    let mut opt = optim.optimizer(model);
+    let mut opt = optim.optimizer(ctx, model);
     let (start, mut tokens) = crate::stage::restore(resume, &mut opt, &mut sampler, &name, total)?;
 
     let held = HeldOut::new(&s.eval)?;
@@ -196,6 +196,7 @@ pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<
         let lr = optim.lr_at(step, total);
         opt.step(lr);
         opt.zero_grad();
+        crate::stage::guard_updates(ctx, &name, &mut opt, lr, &bar);
         let mut loss_sum = [loss_sum];
         crate::data_parallel::sum(ctx, &mut loss_sum)?;
         let loss = loss_sum[0] / n_tok as f64;
@@ -207,7 +208,7 @@ pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<
         if done % ctx.recipe.run.log_every.max(1) == 0 || done == total {
             ctx.metrics.log(obj(json!({"stage": index, "stage_name": name, "step": done, "loss": loss, "lr": lr,
                 "grad_norm": grad_norm, "loss_tokens": n_tok, "step_s": dt, "epoch": sampler.epoch(),
-                "tokens_per_s": step_rows_tokens / dt})))?;
+                "tokens_per_s": step_rows_tokens / dt, "update_lost_frac": opt.lost_fraction()})))?;
             bar.println(&format!("[{name}] step {done}/{total} loss {loss:.4} lr {lr:.2e} grad_norm {grad_norm:.3} ({:.2} s/step)", dt));
         }
         bar.step(done, loss, step_rows_tokens / dt);

@@ -11,6 +11,7 @@ use tch::Tensor;
 
 use crate::checkpoint::{self, TrainState};
 use crate::optim::{AdamW, AdamWConfig, Schedule};
+use crate::precision::UpdatePrecision;
 use crate::recipe::{EvalSpec, SyntheticSpec};
 use crate::run::Ctx;
 
@@ -138,13 +139,17 @@ impl OptimArgs {
         crate::optim::lr_at(self.schedule, self.lr, step, total, self.warmup(total), self.min_lr_ratio)
     }
 
-    /// AdamW over all the model's parameters (gradients switched on).
-    pub fn optimizer(&self, model: &Model) -> AdamW {
+    /// AdamW over all the model's parameters (gradients switched on), with the run's update precision.
+    pub fn optimizer(&self, ctx: &Ctx, model: &Model) -> AdamW {
+        self.optimizer_with(model, ctx.recipe.model.update_precision(ctx.recipe.run.seed))
+    }
+
+    pub fn optimizer_with(&self, model: &Model, precision: UpdatePrecision) -> AdamW {
         let params: Vec<(String, Tensor)> = model.net.params.iter().map(|(n, t)| (n.to_string(), t.shallow_clone())).collect();
         for (_, p) in &params {
             let _ = p.shallow_clone().requires_grad_(true);
         }
-        AdamW::new(params, self.adam)
+        AdamW::new(params, self.adam, precision)
     }
 }
 
@@ -287,6 +292,15 @@ impl Progress {
         }
         save_checkpoint(ctx, &self.state(ctx, self.total, true), model, None)?;
         Ok(())
+    }
+}
+
+/// The lost-update guard after an optimizer step: prints its warning once per stage (rank 0).
+pub fn guard_updates(ctx: &Ctx, name: &str, opt: &mut AdamW, lr: f64, bar: &crate::progress::Bar) {
+    if let Some(w) = opt.lost_update_warning(lr) {
+        if ctx.comm.is_main() {
+            bar.println(&format!("[{name}] {w}"));
+        }
     }
 }
 
