@@ -716,13 +716,10 @@ fn train(ctx: &Ctx, index: usize, name: &str, records: &[Record], tokenize: &Tok
         let [loss, nll, chosen, rejected, accuracy, n, stepped] = sums;
         (st.loss, st.nll, st.chosen, st.rejected, st.acc, st.pairs, step_tokens) = (loss, nll, chosen, rejected, accuracy, n as usize, stepped as usize);
         tokens += step_tokens as u64;
-        let grad_norm = opt.clip_grad_norm(optim.max_grad_norm);
         let lr = optim.lr_at(step, total);
-        opt.step(lr);
-        opt.zero_grad();
-        crate::stage::guard_updates(ctx, name, &mut opt, lr, &bar);
+        let (grad_norm, stepped) = crate::stage::optimizer_step(ctx, name, &mut opt, &optim, lr, step + 1, &bar)?;
         let loss = st.loss;
-        if !loss.is_finite() {
+        if !loss.is_finite() && stepped {
             bail!("[{name}] loss became {loss} at step {}: lower the learning rate", step + 1);
         }
         let np = st.pairs.max(1) as f64;

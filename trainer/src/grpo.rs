@@ -824,6 +824,7 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
         let old_lp = cur_lp.filter(|_| s.num_iterations > 1);
         let (mut loss_sum, mut clip_sum, mut kl_sum, mut ent_sum, mut grad_norm) = (0.0, 0.0, 0.0, 0.0, 0.0);
         let mut forward_tokens = 0usize; // tokens through the network per update (prompt sharing lowers it)
+        let mut stepped = true; // every optimizer step of the update was taken (none skipped for a non-finite gradient)
         let lr = optim.lr_at(step, total);
         let lcfg = LossCfg {
             clip,
@@ -852,10 +853,9 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
                 }
                 acc.finish();
                 crate::data_parallel::sync_grads(ctx, model)?;
-                grad_norm = opt.clip_grad_norm(optim.max_grad_norm);
-                opt.step(lr);
-                opt.zero_grad();
-                crate::stage::guard_updates(ctx, &name, &mut opt, lr, &bar);
+                let (norm, took) = crate::stage::optimizer_step(ctx, &name, &mut opt, &optim, lr, step + 1, &bar)?;
+                grad_norm = norm;
+                stepped &= took;
             }
         } else {
             st.steps_skipped += 1;
@@ -865,7 +865,7 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
         let mut sums = [loss_sum, clip_sum, kl_sum, ent_sum];
         crate::data_parallel::sum(ctx, &mut sums)?;
         let [loss_sum, clip_sum, kl_sum, ent_sum] = sums;
-        if !loss_sum.is_finite() {
+        if !loss_sum.is_finite() && stepped {
             bail!("[{name}] loss became {loss_sum} at step {}: lower the learning rate", step + 1);
         }
 

@@ -30,6 +30,8 @@ pub struct AdamW {
     lost: (i64, i64),
     /// The lost-update warning was printed (once per optimizer, i.e. per stage).
     warned: bool,
+    /// Steps skipped for a non-finite gradient: in all, and in a row up to the last step.
+    pub skipped: (usize, usize),
 }
 
 /// A parameter with its optimizer state.
@@ -63,13 +65,14 @@ impl AdamW {
                 p,
             })
             .collect();
-        AdamW { cfg, params, step: 0, precision, lost: (0, 0), warned: false }
+        AdamW { cfg, params, step: 0, precision, lost: (0, 0), warned: false, skipped: (0, 0) }
     }
 
     /// One update at learning rate `lr` from the gradients currently held by the parameters. The moments and
     /// the update are computed in fp32 whatever the dtypes of the weights and the state.
     pub fn step(&mut self, lr: f64) {
         self.step += 1;
+        self.skipped.1 = 0;
         let t = self.step as f64;
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
         let bc1 = 1.0 - b1.powf(t);
@@ -98,6 +101,14 @@ impl AdamW {
             let c: Vec<i64> = Vec::try_from(Tensor::stack(&lost, 0).sum_dim_intlist(0, false, Kind::Int64)).unwrap_or_default();
             (c[0], c[1])
         };
+    }
+
+    /// Drops the gradients of a step that is not taken (a non-finite gradient norm): weights, moments and the
+    /// step count stay as they were. Returns the steps skipped in a row.
+    pub fn skip(&mut self) -> usize {
+        self.zero_grad();
+        self.skipped = (self.skipped.0 + 1, self.skipped.1 + 1);
+        self.skipped.1
     }
 
     /// The fraction of the last step's non-zero updates that precision lost (0 before any step).

@@ -148,6 +148,15 @@ impl ModelSpec {
     }
 }
 
+/// `[run] nonfinite`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NonFinite {
+    #[default]
+    Skip,
+    Stop,
+}
+
 fn default_dtype() -> String {
     "float32".into()
 }
@@ -177,6 +186,11 @@ pub struct RunSpec {
     /// Keep the newest K mid-stage checkpoints (stage-final models are always kept).
     #[serde(default = "default_keep")]
     pub keep_last: usize,
+    /// When a step's gradient norm is NaN or infinite: "skip" (default) leaves the weights and optimizer state
+    /// as they were and prints a counted warning (the run stops after 10 such steps in a row); "stop" ends the
+    /// run at once. Either way a non-finite gradient never reaches the weights.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub nonfinite: NonFinite,
     /// Where metrics go besides `metrics.jsonl` (TRL's `report_to`): "tensorboard", "wandb", "all" or "none",
     /// a string or a list. Default: TensorBoard, plus Weights & Biases when `WANDB_API_KEY` is set.
     #[serde(default, deserialize_with = "crate::wandb::string_or_list")]
@@ -221,6 +235,7 @@ impl Default for RunSpec {
             log_every: 10,
             save_every: 0,
             keep_last: 2,
+            nonfinite: NonFinite::Skip,
             report_to: None,
             wandb_project: None,
             wandb_entity: None,
@@ -394,6 +409,7 @@ pub const HARMLESS_KEYS: &[&str] = &[
     "run.threads",
     "run.save_every",
     "run.keep_last",
+    "run.output_dir",
     "run.report_to",
     "run.wandb_project",
     "run.wandb_entity",

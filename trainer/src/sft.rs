@@ -192,15 +192,12 @@ pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<
         acc.finish();
         tokens += step_rows_tokens as u64;
         crate::data_parallel::sync_grads(ctx, model)?;
-        let grad_norm = opt.clip_grad_norm(optim.max_grad_norm);
         let lr = optim.lr_at(step, total);
-        opt.step(lr);
-        opt.zero_grad();
-        crate::stage::guard_updates(ctx, &name, &mut opt, lr, &bar);
+        let (grad_norm, stepped) = crate::stage::optimizer_step(ctx, &name, &mut opt, &optim, lr, step + 1, &bar)?;
         let mut loss_sum = [loss_sum];
         crate::data_parallel::sum(ctx, &mut loss_sum)?;
         let loss = loss_sum[0] / n_tok as f64;
-        if !loss.is_finite() {
+        if !loss.is_finite() && stepped {
             bail!("[{name}] loss became {loss} at step {}: lower the learning rate", step + 1);
         }
         let dt = t0.elapsed().as_secs_f64();

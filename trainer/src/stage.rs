@@ -295,6 +295,37 @@ impl Progress {
     }
 }
 
+/// Steps skipped in a row for non-finite gradients before the run stops.
+const MAX_SKIPPED_IN_A_ROW: usize = 10;
+
+/// Clips the gradients (all-reduced already) and takes an optimizer step at `lr` — unless their norm is NaN or
+/// infinite: then the step is skipped, leaving weights and optimizer state as they were, with a counted
+/// warning, or the run stops, as `[run] nonfinite` says (the decision is the same on every rank: the norm is
+/// of the summed gradients). Returns the norm before clipping and whether the step was taken.
+pub fn optimizer_step(ctx: &Ctx, name: &str, opt: &mut AdamW, optim: &OptimArgs, lr: f64, step: usize, bar: &crate::progress::Bar) -> Result<(f64, bool)> {
+    let norm = opt.clip_grad_norm(optim.max_grad_norm);
+    if norm.is_finite() {
+        opt.step(lr);
+        opt.zero_grad();
+        guard_updates(ctx, name, opt, lr, bar);
+        return Ok((norm, true));
+    }
+    let in_a_row = opt.skip();
+    let hint = "lower the learning rate or check the data; no checkpoint holds a non-finite weight";
+    match ctx.recipe.run.nonfinite {
+        crate::recipe::NonFinite::Stop => bail!("[{name}] the gradient norm is {norm} at step {step}: stopped ([run] nonfinite = \"stop\"); {hint}"),
+        crate::recipe::NonFinite::Skip if in_a_row >= MAX_SKIPPED_IN_A_ROW => {
+            bail!("[{name}] the gradient norm was non-finite in {in_a_row} steps in a row (up to step {step}): stopped; {hint}")
+        }
+        crate::recipe::NonFinite::Skip => {
+            if ctx.comm.is_main() {
+                bar.println(&format!("[{name}] warning: the gradient norm is {norm} at step {step}: step skipped, weights unchanged ({} skipped so far)", opt.skipped.0));
+            }
+        }
+    }
+    Ok((norm, false))
+}
+
 /// The lost-update guard after an optimizer step: prints its warning once per stage (rank 0).
 pub fn guard_updates(ctx: &Ctx, name: &str, opt: &mut AdamW, lr: f64, bar: &crate::progress::Bar) {
     if let Some(w) = opt.lost_update_warning(lr) {
@@ -324,6 +355,17 @@ pub fn obj(v: Value) -> Map<String, Value> {
     }
 }
 
+/// Refuses to checkpoint weights holding NaN or infinity (a resume would start from them).
+fn check_finite(model: &Model, name: &str, step: usize) -> Result<()> {
+    for (n, t) in model.net.params.iter() {
+        let bad = tch::no_grad(|| t.isfinite().logical_not().sum(tch::Kind::Int64).int64_value(&[]));
+        if bad > 0 {
+            bail!("[{name}] step {step}: {bad} non-finite value(s) in {n}; no checkpoint written (the previous one is intact)");
+        }
+    }
+    Ok(())
+}
+
 /// Writes a checkpoint of the stage (model, optimizer when mid-stage, state), prunes old ones and passes the
 /// fault-injection points the resume tests use.
 /// Data parallel: rank 0 writes (the replicas are identical) and every rank waits at a barrier after.
@@ -337,6 +379,7 @@ fn save_checkpoint(ctx: &Ctx, state: &TrainState, model: &Model, opt: Option<&Ad
 
 fn write_checkpoint(ctx: &Ctx, state: &TrainState, model: &Model, opt: Option<&AdamW>) -> Result<PathBuf> {
     let (index, done) = (state.stage, state.step);
+    check_finite(model, &state.stage_name, done)?;
     let dir = checkpoint::write(&ctx.output, state, |d| {
         model.save(&d.join("model"), &model::weights::SaveOptions { source_dir: Some(&ctx.tok_dir), ..Default::default() })?;
         if let Some(opt) = opt.filter(|_| !state.stage_complete) {

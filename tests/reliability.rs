@@ -1,0 +1,86 @@
+//! Reliability under bad numerics and moved outputs (issue 15): a non-finite gradient never reaches the
+//! weights and no checkpoint holds a non-finite weight; `[run] nonfinite = "stop"` ends the run in one line;
+//! a moved output directory still resumes.
+
+mod common;
+
+use std::path::Path;
+use tch::Tensor;
+
+const NAN_RECIPE: &str = r#"
+[model]
+config = { model_type = "llama", vocab_size = 260, hidden_size = 32, intermediate_size = 64, num_hidden_layers = 2, num_attention_heads = 4, max_position_embeddings = 256 }
+tokenizer = "builtin:bytes"
+device = "cpu"
+
+[run]
+seed = 1
+threads = 1
+log_every = 1
+save_every = 2
+
+[[stage]]
+kind = "sft"
+synthetic = { count = 100 }
+tokenize = { max_length = 64 }
+max_steps = 8
+batch_size = 8
+lr = 1e30
+"#;
+
+/// Every checkpoint's weights are finite.
+fn assert_checkpoints_finite(out: &Path) {
+    let mut n = 0;
+    for e in std::fs::read_dir(out.join("checkpoints")).unwrap().flatten() {
+        let f = e.path().join("model/model.safetensors");
+        if !f.exists() {
+            continue;
+        }
+        for (name, t) in Tensor::read_safetensors(&f).unwrap() {
+            let bad = t.isfinite().logical_not().sum(tch::Kind::Int64).int64_value(&[]);
+            assert_eq!(bad, 0, "{}: {bad} non-finite values in {name}", f.display());
+        }
+        n += 1;
+    }
+    assert!(n > 0, "no checkpoint written in {}", out.display());
+}
+
+#[test]
+fn a_non_finite_gradient_never_reaches_the_weights() {
+    let root = tempfile::tempdir().unwrap();
+    let d = common::setup(root.path(), "skip", NAN_RECIPE);
+    let out = common::train(&d, None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // lr 1e30 blows the weights up at step 1; from then on the gradients are NaN and every step is skipped
+    assert!(stderr.contains("step skipped, weights unchanged (1 skipped so far)"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_checkpoints_finite(&d.join("out"));
+    // and a resume from those checkpoints works
+    let out = common::train(&d, None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // "stop": one line, exit status 1, the checkpoints written so far are intact
+    let d = common::setup(root.path(), "stop", &NAN_RECIPE.replace("save_every = 2", "save_every = 1\nnonfinite = \"stop\""));
+    let out = common::train(&d, None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap();
+    assert!(last.starts_with("error: [sft0] the gradient norm is NaN at step 2: stopped ([run] nonfinite = \"stop\")"), "{stderr}");
+    assert_checkpoints_finite(&d.join("out"));
+}
+
+#[test]
+fn a_moved_output_directory_resumes() {
+    let root = tempfile::tempdir().unwrap();
+    let recipe = NAN_RECIPE.replace("lr = 1e30", "lr = 1e-3");
+    let d = common::setup(root.path(), "first", &recipe);
+    let out = common::train(&d, Some("after-ckpt:0:4"));
+    assert!(!out.status.success());
+    // the whole directory moves (recipe and outputs); --output names the new place
+    let moved = root.path().join("moved");
+    std::fs::rename(&d, &moved).unwrap();
+    let out = common::train(&moved, None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.contains("resumed at step 4/8"), "{stderr}");
+}
