@@ -157,6 +157,15 @@ impl ModelConfig {
         let hidden_size = r.int("hidden_size")?;
         let num_attention_heads = r.int("num_attention_heads")?;
         let num_key_value_heads = r.int_or("num_key_value_heads", num_attention_heads)?;
+        let explicit_head_dim = get(&v, "head_dim").is_some_and(|x| !x.is_null());
+        if !explicit_head_dim && num_attention_heads > 0 && hidden_size % num_attention_heads != 0 {
+            return Err(ModelError::Config {
+                path: origin.into(),
+                msg: format!(
+                    "hidden_size ({hidden_size}) is not a multiple of num_attention_heads ({num_attention_heads}): give `head_dim` explicitly (transformers refuses this config)"
+                ),
+            });
+        }
         let head_dim = r.int_or("head_dim", hidden_size / num_attention_heads.max(1))?;
         if num_attention_heads <= 0 || num_key_value_heads <= 0 || num_attention_heads % num_key_value_heads != 0 {
             return Err(ModelError::Config {
@@ -242,7 +251,14 @@ impl ModelConfig {
         if cfg.rotary_dim % 2 != 0 || cfg.rotary_dim > cfg.head_dim {
             return Err(ModelError::Config {
                 path: origin.into(),
-                msg: format!("rotary dimension {} (head_dim × partial_rotary_factor) must be even and ≤ head_dim", cfg.rotary_dim),
+                msg: {
+                    let head = if explicit_head_dim {
+                        format!("head_dim {}", cfg.head_dim)
+                    } else {
+                        format!("head_dim {} = hidden_size {} / num_attention_heads {}", cfg.head_dim, cfg.hidden_size, cfg.num_attention_heads)
+                    };
+                    format!("rotary dimension {} ({head}, × partial_rotary_factor {partial}) must be even and ≤ head_dim", cfg.rotary_dim)
+                },
             });
         }
         Ok(cfg)

@@ -617,6 +617,8 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
     let total = s.total_steps();
     let rewards = rewards::RewardSet::from_config(&s.reward)?;
     let (problems, too_long) = load_problems(ctx, s)?;
+    let longest = problems.iter().map(|p| p.ids.len()).max().unwrap_or(0);
+    crate::stage::check_positions(model, &name, longest + s.max_completion_length, "the longest prompt + max_completion_length")?;
     if too_long > 0 {
         eprintln!("[{name}] dropped {too_long} prompts longer than max_prompt_length = {}", s.max_prompt_length);
     }

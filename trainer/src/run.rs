@@ -104,6 +104,23 @@ fn base_model(r: &Recipe, output: &Path, kind: Kind, device: Device) -> Result<M
     Ok(Model::load(path, Some(kind), device)?)
 }
 
+/// Refuses a tokenizer with more ids than the model has embedding rows (an id past them would index out of
+/// the embedding in the first forward), once for every stage kind.
+fn check_vocabulary(ctx: &Ctx, model: &Model) -> Result<()> {
+    let (ids, rows) = (ctx.tok.vocab_size() as i64, model.net.cfg.vocab_size);
+    if ids > rows {
+        let model_at = match (&ctx.recipe.model.path, &ctx.recipe.model.config) {
+            (Some(p), _) => format!("{}/config.json", p.display()),
+            _ => "[model] config".to_string(),
+        };
+        bail!(
+            "the tokenizer in {} has {ids} token ids but the model's vocab_size is {rows} ({model_at}): ids from {rows} on have no embedding row; use the model's own tokenizer or set vocab_size to at least {ids}",
+            ctx.tok_dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// The dry-run plan: stages, steps, tokens and a memory estimate.
 fn plan(r: &Recipe) -> String {
     let mut s = String::new();
@@ -234,6 +251,7 @@ pub fn run(recipe_path: &Path, overrides: &[String], output: Option<PathBuf>, op
     if ctx.comm.is_main() {
         ctx.comm.barrier()?;
     }
+    check_vocabulary(&ctx, &model)?;
     if first >= r.stage.len() {
         eprintln!("all {} stage(s) already done in {}", r.stage.len(), output.display());
     }

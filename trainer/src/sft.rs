@@ -21,7 +21,8 @@ pub(crate) struct Row {
     pub pos: Option<Vec<i64>>,
 }
 
-fn rows(ctx: &Ctx, s: &SftStage) -> Result<(Vec<Row>, String)> {
+/// The training rows, a line describing them, and the longest row's length.
+fn rows(ctx: &Ctx, s: &SftStage) -> Result<(Vec<Row>, String, usize)> {
     let examples: Vec<TokenizedExample> = match (&s.data, &s.synthetic) {
         (Some(d), _) => {
             let cache = ctx.output.join("cache");
@@ -39,6 +40,8 @@ fn rows(ctx: &Ctx, s: &SftStage) -> Result<(Vec<Row>, String)> {
         bail!("no training examples left after tokenization (check max_length and loss_on)");
     }
     let n_ex = examples.len();
+    let longest = examples.iter().map(|e| e.input_ids.len()).max().unwrap_or(0);
+    let longest = if s.packing { longest.max(s.tokenize.max_length) } else { longest };
     if s.packing {
         let packed = data::pack(&examples, s.tokenize.max_length, ctx.tok.pad_id)?;
         let info = format!("{} examples packed into {} rows of {} ({:.1}% efficiency)", n_ex, packed.rows.len(), packed.seq_len, 100.0 * packed.efficiency);
@@ -56,10 +59,10 @@ fn rows(ctx: &Ctx, s: &SftStage) -> Result<(Vec<Row>, String)> {
                 Row { ids: r.input_ids.iter().map(|&x| x as i64).collect(), labels, pos: Some(r.position_ids.iter().map(|&x| x as i64).collect()) }
             })
             .collect();
-        Ok((rows, info))
+        Ok((rows, info, longest))
     } else {
         let rows = examples.into_iter().map(|e| Row { ids: e.input_ids.iter().map(|&x| x as i64).collect(), labels: e.labels, pos: None }).collect();
-        Ok((rows, format!("{n_ex} examples, padded per micro-batch")))
+        Ok((rows, format!("{n_ex} examples, padded per micro-batch"), longest))
     }
 }
 
@@ -134,7 +137,8 @@ fn eval_rows(ctx: &Ctx, s: &SftStage, records: &[Record]) -> Result<Vec<Row>> {
 
 pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<&Checkpoint>) -> Result<f64> {
     let name = ctx.recipe.stage[index].name(index);
-    let (rows, info) = rows(ctx, s)?;
+    let (rows, info, longest) = rows(ctx, s)?;
+    crate::stage::check_positions(model, &name, longest, if s.packing { "a packed row (tokenize.max_length)" } else { "the longest training row" })?;
     // data parallel: each step draws world × accum micro-batches; this rank trains on its `accum` of them
     let accum = crate::data_parallel::local_accum(ctx, &name, s.grad_accum, resume)?;
     let world_micro = accum * ctx.comm.world();

@@ -153,6 +153,16 @@ impl OptimArgs {
     }
 }
 
+/// Refuses rows longer than the model's positions (rotary positions past `max_position_embeddings` are
+/// untrained): `what` says where the length `longest` comes from.
+pub fn check_positions(model: &Model, name: &str, longest: usize, what: &str) -> Result<()> {
+    let max = model.net.cfg.max_position_embeddings;
+    if longest as i64 > max {
+        bail!("[{name}] {what} is {longest} tokens, more than the model's max_position_embeddings ({max}); shorten the rows or use a model with more positions");
+    }
+    Ok(())
+}
+
 /// Problems with an `[eval]` table.
 pub fn validate_eval(e: &Option<EvalSpec>, at: &str, p: &mut Vec<String>) {
     if let Some(e) = e {
