@@ -41,6 +41,9 @@ pub struct Tokenizer {
     pub bos_id: Option<u32>,
     /// Padding id: `pad_token`, else the eos id, else 0.
     pub pad_id: u32,
+    /// The longest token string of the vocabulary in bytes (at least the bytes any one token covers), so that
+    /// a text of more than `n × max_token_bytes` bytes has more than `n` tokens whatever it holds.
+    pub max_token_bytes: usize,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -72,7 +75,8 @@ impl Tokenizer {
         let eos_id = eos_token.as_deref().and_then(|t| inner.token_to_id(t));
         let bos_id = tok("bos_token").and_then(|t| inner.token_to_id(&t));
         let pad_id = tok("pad_token").and_then(|t| inner.token_to_id(&t)).or(eos_id).unwrap_or(0);
-        Ok(Tokenizer { inner, hash, eos_token, eos_id, bos_id, pad_id })
+        let max_token_bytes = inner.get_vocab(true).keys().map(|k| k.len()).max().unwrap_or(1).max(1);
+        Ok(Tokenizer { inner, hash, eos_token, eos_id, bos_id, pad_id, max_token_bytes })
     }
 
     /// Loads a `tokenizer.json` file (and the `tokenizer_config.json` next to it, when present).
@@ -302,6 +306,37 @@ fn apply_truncation(mut ex: TokenizedExample, cfg: &TokenizeConfig) -> Outcome {
     Ok((ex, truncated))
 }
 
+/// Encodes `text` with offsets, reading only as much of a text far over `max_length` tokens as truncation
+/// keeps: a text of more than 2 × max_length × `max_token_bytes` bytes surely has more than max_length tokens,
+/// so `drop` judges it without tokenizing (returns `None`), `right` tokenizes a prefix of that many bytes and
+/// `left` a suffix (offsets still index `text`). The first (last) max_length tokens of the cut text are those
+/// of the whole unless one pre-token (a run without spaces) straddles the cut. A 50 MB row costs a string
+/// scan, not gigabytes of tokenizer state.
+fn encode_bounded(tok: &Tokenizer, text: &str, cfg: &TokenizeConfig, add_special: bool) -> Result<Option<(Vec<u32>, Offsets)>> {
+    let bound = cfg.max_length.saturating_mul(tok.max_token_bytes).saturating_mul(2).max(1);
+    if text.len() <= bound {
+        return tok.encode_with_offsets(text, add_special).map(Some);
+    }
+    match cfg.truncation {
+        Truncation::Drop => Ok(None),
+        Truncation::Right => {
+            let mut cut = bound;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            tok.encode_with_offsets(&text[..cut], add_special).map(Some)
+        }
+        Truncation::Left => {
+            let mut start = text.len() - bound;
+            while !text.is_char_boundary(start) {
+                start += 1;
+            }
+            let (ids, offsets) = tok.encode_with_offsets(&text[start..], add_special)?;
+            Ok(Some((ids, offsets.into_iter().map(|(a, b)| (a + start, b + start)).collect())))
+        }
+    }
+}
+
 /// The byte span of `full` that assistant turn `i` (its content and end-of-turn token) occupies.
 fn assistant_span(template: &ChatTemplate, messages: &[Message], i: usize, full: &str, cfg: &TokenizeConfig) -> Result<(usize, usize)> {
     let opts = crate::template::RenderOptions { add_generation_prompt: true, tools: None, extra: cfg.template_kwargs.clone() };
@@ -366,7 +401,7 @@ fn label_spans(ids: &[u32], offsets: &[(usize, usize)], spans: &[(usize, usize)]
 pub fn tokenize_conversation(tok: &Tokenizer, template: &ChatTemplate, messages: &[Message], cfg: &TokenizeConfig) -> Result<Outcome> {
     let opts = crate::template::RenderOptions { add_generation_prompt: false, tools: None, extra: cfg.template_kwargs.clone() };
     let full = template.render_with(messages, &opts)?;
-    let (ids, offsets) = tok.encode_with_offsets(&full, false)?;
+    let Some((ids, offsets)) = encode_bounded(tok, &full, cfg, false)? else { return Ok(Err(Dropped::TooLong)) };
     let assistant: Vec<usize> = messages.iter().enumerate().filter(|(_, m)| m.role == "assistant").map(|(i, _)| i).collect();
     let turns: Vec<usize> = match cfg.loss_on {
         LossOn::All => {
@@ -401,8 +436,8 @@ pub fn tokenize_prompt_completion(
         return tokenize_conversation(tok, t, &msgs, &c);
     }
     let text: Vec<&str> = prompt.iter().map(|m| m.content.as_str()).collect();
-    let p = tok.encode(&text.join("\n"), true)?;
-    let mut c = tok.encode(completion, false)?;
+    let bounded = |t: &str, special: bool| -> Result<Option<Vec<u32>>> { Ok(encode_bounded(tok, t, cfg, special)?.map(|(ids, _)| ids)) };
+    let (Some(p), Some(mut c)) = (bounded(&text.join("\n"), true)?, bounded(completion, false)?) else { return Ok(Err(Dropped::TooLong)) };
     if cfg.add_eos {
         c.extend(tok.eos_id);
     }

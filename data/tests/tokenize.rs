@@ -81,6 +81,33 @@ fn truncation_policies() {
 }
 
 #[test]
+fn far_over_long_rows_are_judged_from_a_bounded_cut() {
+    let tok = common::tiny_tokenizer();
+    let t = ChatTemplate::from_str(common::CHATML, &[]).unwrap();
+    // 600 KB of assistant text: far past 2 × max_length × max_token_bytes bytes
+    let mut c = conv();
+    c[3] = Message::assistant("hello ! ".repeat(75_000));
+    let n = 40;
+    assert!(c[3].content.len() > 2 * n * tok.max_token_bytes * 100);
+    let full = tokenize_conversation(&tok, &t, &c, &TokenizeConfig { max_length: 1 << 30, ..Default::default() }).unwrap().unwrap().0;
+    for (trunc, want) in [(Truncation::Right, 0..n), (Truncation::Left, full.len() - n..full.len())] {
+        let cfg = TokenizeConfig { max_length: n, truncation: trunc, loss_on: LossOn::All, ..Default::default() };
+        let (ex, cut) = tokenize_conversation(&tok, &t, &c, &cfg).unwrap().unwrap();
+        assert!(cut);
+        assert_eq!(ex.input_ids, full.input_ids[want.clone()], "{trunc:?}");
+        // labels too: the assistant spans are located in the whole render, offsets of a suffix shifted
+        let cfg = TokenizeConfig { loss_on: LossOn::AllAssistant, ..cfg };
+        let (ex, _) = tokenize_conversation(&tok, &t, &c, &cfg).unwrap().unwrap();
+        let all = tokenize_conversation(&tok, &t, &c, &TokenizeConfig { max_length: 1 << 30, ..Default::default() }).unwrap().unwrap().0;
+        assert_eq!(ex.labels, all.labels[want], "{trunc:?}");
+    }
+    // dropped without tokenizing: a 50 MB row is judged by its length
+    c[3] = Message::assistant("hello ! ".repeat(6_500_000));
+    let drop = TokenizeConfig { max_length: n, truncation: Truncation::Drop, ..Default::default() };
+    assert_eq!(tokenize_conversation(&tok, &t, &c, &drop).unwrap().unwrap_err(), data::tokenize::Dropped::TooLong);
+}
+
+#[test]
 fn preference_pairs_share_the_prompt() {
     let tok = common::tiny_tokenizer();
     let t = ChatTemplate::from_str(common::CHATML, &[]).unwrap();

@@ -22,22 +22,34 @@ pub(crate) struct Row {
 }
 
 /// The training rows, a line describing them, and the longest row's length.
-fn rows(ctx: &Ctx, s: &SftStage) -> Result<(Vec<Row>, String, usize)> {
-    let examples: Vec<TokenizedExample> = match (&s.data, &s.synthetic) {
+fn rows(ctx: &Ctx, index: usize, s: &SftStage) -> Result<(Vec<Row>, String, usize)> {
+    let (examples, stats, source): (Vec<TokenizedExample>, data::tokenize::TokenizeStats, String) = match (&s.data, &s.synthetic) {
         (Some(d), _) => {
             let cache = ctx.output.join("cache");
             let ds = data::tokenize::tokenize_dataset(d, &ctx.tok, ctx.template.as_ref(), &s.tokenize, Some(&cache))
                 .with_context(|| format!("tokenizing {}", d.path.display()))?;
-            ds.examples
+            (ds.examples, ds.stats, d.path.display().to_string())
         }
         (None, Some(spec)) => {
             let records = crate::stage::synthetic(spec)?.conversations(spec.start, spec.count);
-            data::tokenize::tokenize_records(&ctx.tok, ctx.template.as_ref(), &records, &s.tokenize)?.0
+            let (ex, stats) = data::tokenize::tokenize_records(&ctx.tok, ctx.template.as_ref(), &records, &s.tokenize)?;
+            (ex, stats, "the synthetic conversations".into())
         }
         (None, None) => bail!("the stage has no data"),
     };
+    let name = ctx.recipe.stage[index].name(index);
+    let t = &s.tokenize;
+    if stats.truncated + stats.dropped_too_long + stats.dropped_no_loss > 0 && ctx.comm.is_main() {
+        eprintln!(
+            "[{name}] {source}: of {} records, {} truncated to max_length = {} (truncation = {}), {} dropped as longer than max_length, {} dropped with no loss token left",
+            stats.records, stats.truncated, t.max_length, json!(t.truncation), stats.dropped_too_long, stats.dropped_no_loss
+        );
+    }
     if examples.is_empty() {
-        bail!("no training examples left after tokenization (check max_length and loss_on)");
+        bail!(
+            "{source}: no training examples ({} records read; {} longer than max_length = {}, {} with no loss token under loss_on = {})",
+            stats.records, stats.dropped_too_long, t.max_length, stats.dropped_no_loss, json!(t.loss_on)
+        );
     }
     let n_ex = examples.len();
     let longest = examples.iter().map(|e| e.input_ids.len()).max().unwrap_or(0);
@@ -137,7 +149,7 @@ fn eval_rows(ctx: &Ctx, s: &SftStage, records: &[Record]) -> Result<Vec<Row>> {
 
 pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<&Checkpoint>) -> Result<f64> {
     let name = ctx.recipe.stage[index].name(index);
-    let (rows, info, longest) = rows(ctx, s)?;
+    let (rows, info, longest) = rows(ctx, index, s)?;
     crate::stage::check_positions(model, &name, longest, if s.packing { "a packed row (tokenize.max_length)" } else { "the longest training row" })?;
     // data parallel: each step draws world × accum micro-batches; this rank trains on its `accum` of them
     let accum = crate::data_parallel::local_accum(ctx, &name, s.grad_accum, resume)?;

@@ -101,6 +101,9 @@ fn open_file(path: &Path, format: Format, columns: Option<&[String]>) -> Result<
 
 /// Streams records: rows are read lazily (Parquet row group by row group) and mapped one by one.
 pub fn stream_records(config: &DataConfig) -> Result<Box<dyn Iterator<Item = Result<Record>> + Send>> {
+    if std::fs::metadata(&config.path).is_ok_and(|m| m.is_file() && m.len() == 0) {
+        return Err(crate::DataError::Config(format!("{}: the file is empty (0 bytes): no records to read", config.path.display())));
+    }
     let cols = config.columns()?;
     let mapper = Mapper::new(config)?;
     let it = rows(config, Some(&cols))?.map(move |r| r.and_then(|row| mapper.map(&row)));
