@@ -141,3 +141,36 @@ fn killed_bf16_runs_resume_bit_identically_in_every_precision_mode() {
         }
     }
 }
+
+/// `--resume auto` passes over a damaged newest checkpoint (optimizer state deleted, model file truncated,
+/// state.json corrupt) with a warning naming it, resumes from the newest intact one, and still ends
+/// bit-identical to the uninterrupted run.
+#[test]
+fn resume_falls_back_past_a_damaged_checkpoint() {
+    let root = tempfile::tempdir().unwrap();
+    let reference = setup(root.path(), "reference");
+    assert!(train(&reference, None).status.success());
+    let want = final_weights(&reference);
+    let damages: [(&str, fn(&Path)); 3] = [
+        ("optimizer.safetensors", |c| std::fs::remove_file(c.join("optimizer.safetensors")).unwrap()),
+        ("model/model.safetensors", |c| {
+            let f = c.join("model/model.safetensors");
+            let len = std::fs::metadata(&f).unwrap().len();
+            std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len / 2).unwrap();
+        }),
+        ("state.json", |c| std::fs::write(c.join("state.json"), "{\"stage\": 0, \"ste").unwrap()),
+    ];
+    for (i, (what, damage)) in damages.iter().enumerate() {
+        let d = setup(root.path(), &format!("damaged{i}"));
+        assert!(!train(&d, Some("step:0:8")).status.success());
+        let newest = d.join("out/checkpoints/s00-step0000006");
+        damage(&newest);
+        let out = train(&d, None);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{what}: {stderr}");
+        let warning = stderr.lines().find(|l| l.starts_with("warning: checkpoint") && l.contains("s00-step0000006 is damaged")).unwrap_or_else(|| panic!("{what}: no warning\n{stderr}"));
+        assert!(warning.contains(what.split('/').next_back().unwrap()), "{what}: {warning}");
+        assert!(stderr.contains("resumed at step 3/12"), "{what}: {stderr}");
+        assert!(final_weights(&d) == want, "{what}: final weights differ from the uninterrupted run");
+    }
+}

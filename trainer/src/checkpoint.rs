@@ -87,23 +87,96 @@ fn read(dir: &Path) -> Result<Checkpoint> {
 }
 
 /// Complete checkpoints, oldest first (by stage, then step, the stage-final one last). Leftover temporary
-/// directories from an interrupted write are removed.
+/// directories from an interrupted write are removed; a directory whose state.json does not parse is left
+/// out (see [`scan`]).
 pub fn list(output: &Path) -> Result<Vec<Checkpoint>> {
+    Ok(scan(output).0)
+}
+
+/// Like [`list`], and the directories left out with what is wrong with their state.json.
+pub fn scan(output: &Path) -> (Vec<Checkpoint>, Vec<(PathBuf, String)>) {
     let root = root(output);
-    let mut out = vec![];
-    let Ok(rd) = std::fs::read_dir(&root) else { return Ok(out) };
+    let (mut out, mut bad) = (vec![], vec![]);
+    let Ok(rd) = std::fs::read_dir(&root) else { return (out, bad) };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
         if name.starts_with(".tmp-") {
             let _ = std::fs::remove_dir_all(e.path());
             continue;
         }
-        if e.path().join("state.json").is_file() {
-            out.push(read(&e.path())?);
+        if name.starts_with('.') || !e.path().is_dir() {
+            continue;
+        }
+        match read(&e.path()) {
+            Ok(c) => out.push(c),
+            Err(err) => bad.push((e.path(), format!("{err:#}"))),
         }
     }
     out.sort_by_key(|c| (c.state.stage, c.state.stage_complete, c.state.step));
-    Ok(out)
+    (out, bad)
+}
+
+/// The newest checkpoint whose files are intact, and a warning line for each damaged one passed over (or
+/// seen: a state.json that does not parse cannot be placed in order).
+pub fn latest_intact(output: &Path) -> (Option<Checkpoint>, Vec<String>) {
+    let (mut all, bad) = scan(output);
+    let mut warnings: Vec<String> = bad.iter().map(|(d, why)| format!("checkpoint {} is damaged ({why}); not resuming from it", d.display())).collect();
+    while let Some(c) = all.pop() {
+        match c.damage() {
+            None => return (Some(c), warnings),
+            Some(why) => warnings.push(format!("checkpoint {} is damaged ({why}); resuming from an older one", c.dir.display())),
+        }
+    }
+    (None, warnings)
+}
+
+impl Checkpoint {
+    /// What is wrong with the checkpoint's files, if anything: the model's config.json and weight files
+    /// (every safetensors file's size against its header), and a mid-stage checkpoint's optimizer state.
+    pub fn damage(&self) -> Option<String> {
+        let model = self.model_dir();
+        if let Err(e) = std::fs::read_to_string(model.join("config.json")).map_err(|e| e.to_string()).and_then(|t| serde_json::from_str::<serde_json::Value>(&t).map_err(|e| e.to_string())) {
+            return Some(format!("model/config.json: {e}"));
+        }
+        let weights: Vec<PathBuf> = std::fs::read_dir(&model)
+            .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "safetensors")).collect())
+            .unwrap_or_default();
+        if weights.is_empty() {
+            return Some("model/ has no .safetensors file".into());
+        }
+        let mut files = weights;
+        if !self.state.stage_complete {
+            files.push(self.optimizer_path());
+        }
+        files.iter().find_map(|f| check_safetensors(f).err().map(|e| format!("{}: {e}", f.strip_prefix(&self.dir).unwrap_or(f).display())))
+    }
+}
+
+/// Checks a safetensors file's framing: an 8-byte header length, a JSON header, and exactly as many data
+/// bytes as the header's largest offset (a truncated or padded file fails).
+fn check_safetensors(path: &Path) -> std::result::Result<(), String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let len = f.metadata().map_err(|e| e.to_string())?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).map_err(|_| format!("{len} bytes: too short for a header"))?;
+    let n = u64::from_le_bytes(n);
+    if n > len.saturating_sub(8) {
+        return Err(format!("header of {n} bytes in a {len}-byte file"));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| e.to_string())?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header).map_err(|e| format!("header is not JSON: {e}"))?;
+    let end = header
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .filter_map(|(_, v)| v.get("data_offsets")?.get(1)?.as_u64())
+        .max()
+        .unwrap_or(0);
+    if 8 + n + end != len {
+        return Err(format!("{len} bytes where the header describes {}", 8 + n + end));
+    }
+    Ok(())
 }
 
 /// Loads the checkpoint at `path` (a checkpoint directory).

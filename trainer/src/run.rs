@@ -221,7 +221,15 @@ pub fn run(recipe_path: &Path, overrides: &[String], output: Option<PathBuf>, op
     // Where to start.
     let ckpt: Option<Checkpoint> = match &opts.resume {
         Resume::Never => None,
-        Resume::Auto => checkpoint::list(&output)?.pop(),
+        Resume::Auto => {
+            let (c, warnings) = checkpoint::latest_intact(&output);
+            if comm.is_main() {
+                for w in warnings {
+                    eprintln!("warning: {w}");
+                }
+            }
+            c
+        }
         Resume::Path(p) => Some(checkpoint::open(p)?),
     };
     if let Some(c) = &ckpt {
