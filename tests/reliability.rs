@@ -84,3 +84,27 @@ fn a_moved_output_directory_resumes() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && stderr.contains("resumed at step 4/8"), "{stderr}");
 }
+
+#[test]
+fn starting_over_keeps_the_previous_runs_metrics() {
+    let root = tempfile::tempdir().unwrap();
+    let recipe = NAN_RECIPE.replace("lr = 1e30", "lr = 1e-3").replace("max_steps = 8", "max_steps = 2");
+    let d = common::setup(root.path(), "again", &recipe);
+    assert!(common::train(&d, None).status.success());
+    let first = std::fs::read_to_string(d.join("out/metrics.jsonl")).unwrap();
+    // a fresh start that then fails on its data: nothing of the first run is lost
+    std::fs::write(d.join("empty.jsonl"), "").unwrap();
+    std::fs::write(d.join("recipe.toml"), recipe.replace("synthetic = { count = 100 }", "data = { path = \"empty.jsonl\", messages = \"messages\" }")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_train"))
+        .arg("--recipe")
+        .arg(d.join("recipe.toml"))
+        .arg("--output")
+        .arg(d.join("out"))
+        .args(["--resume", "never"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.lines().last().unwrap().contains("the file is empty"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(d.join("out/metrics.jsonl.1")).unwrap(), first);
+    assert!(d.join("out/checkpoints/s00-final/model/model.safetensors").exists());
+}

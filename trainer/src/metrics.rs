@@ -38,7 +38,13 @@ impl Metrics {
                 }
                 model::weights::write_atomic(&path, body.as_bytes())?;
             }
-            None if path.exists() => std::fs::remove_file(&path)?,
+            // a fresh start: the previous run's lines are kept, under the next free metrics.jsonl.N
+            None if path.exists() => {
+                let n = (1..).find(|n| !output.join(format!("metrics.jsonl.{n}")).exists()).unwrap_or(1);
+                let kept = output.join(format!("metrics.jsonl.{n}"));
+                std::fs::rename(&path, &kept).with_context(|| format!("moving {} to {}", path.display(), kept.display()))?;
+                eprintln!("the previous run's metrics.jsonl is now {}", kept.display());
+            }
             _ => {}
         }
         let tensorboard = match crate::tensorboard::EventWriter::create(&output.join("tensorboard")) {
