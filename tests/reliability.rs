@@ -108,3 +108,30 @@ fn starting_over_keeps_the_previous_runs_metrics() {
     assert_eq!(std::fs::read_to_string(d.join("out/metrics.jsonl.1")).unwrap(), first);
     assert!(d.join("out/checkpoints/s00-final/model/model.safetensors").exists());
 }
+
+/// `[model] path = "x.gguf"` on a fresh output directory: converted before its tokenizer is read; a truncated
+/// file is reported as a GGUF problem, not as a missing tokenizer.
+#[test]
+fn a_gguf_model_path_works_from_a_fresh_directory() {
+    let root = tempfile::tempdir().unwrap();
+    let gguf = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/gguf/tiny-llama.gguf");
+    let recipe = |p: &Path| {
+        format!(
+            "[model]\npath = \"{}\"\ndevice = \"cpu\"\n\n[run]\nthreads = 1\n\n[[stage]]\nkind = \"sft\"\nsynthetic = {{ count = 20 }}\ntokenize = {{ max_length = 64 }}\nmax_steps = 1\nbatch_size = 2\n",
+            p.display()
+        )
+    };
+    let d = common::setup(root.path(), "gguf", &recipe(&gguf));
+    let out = common::train(&d, None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(d.join("out/checkpoints/s00-final/model/tokenizer.json").exists());
+
+    let bytes = std::fs::read(&gguf).unwrap();
+    let cut = root.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let d = common::setup(root.path(), "cut", &recipe(&cut));
+    let out = common::train(&d, None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap();
+    assert!(!out.status.success() && last.contains("converting the GGUF file") && last.contains("truncated"), "{stderr}");
+}

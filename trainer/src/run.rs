@@ -68,6 +68,16 @@ fn tokenizer_dir(r: &Recipe, output: &Path) -> Result<PathBuf> {
     }
 }
 
+/// The Hugging Face directory a `.gguf` `[model] path` converts to (once, on first use).
+fn converted_gguf(gguf: &Path, output: &Path) -> Result<PathBuf> {
+    let dir = gguf_dir(gguf, output);
+    if !dir.join("config.json").exists() {
+        eprintln!("converting {} to {}", gguf.display(), dir.display());
+        model::gguf::convert_to_hf(gguf, &dir).with_context(|| format!("[model] path {}: converting the GGUF file", gguf.display()))?;
+    }
+    Ok(dir)
+}
+
 fn gguf_dir(gguf: &Path, output: &Path) -> PathBuf {
     output.join("base-model").join(gguf.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default())
 }
@@ -94,12 +104,7 @@ fn base_model(r: &Recipe, output: &Path, kind: Kind, device: Device) -> Result<M
     }
     let path = r.model.path.as_ref().context("[model] path")?;
     if path.is_file() {
-        let dir = gguf_dir(path, output);
-        if !dir.join("config.json").exists() {
-            eprintln!("converting {} to {}", path.display(), dir.display());
-            model::gguf::convert_to_hf(path, &dir)?;
-        }
-        return Ok(Model::load(&dir, Some(kind), device)?);
+        return Ok(Model::load(&converted_gguf(path, output)?, Some(kind), device)?);
     }
     Ok(Model::load(path, Some(kind), device)?)
 }
@@ -245,6 +250,10 @@ pub fn run(recipe_path: &Path, overrides: &[String], output: Option<PathBuf>, op
         }
     }
     let resume_at = ckpt.as_ref().map(|c| (c.state.stage, c.state.step));
+    // a GGUF model brings its tokenizer: convert it before the tokenizer is read
+    if let Some(p) = r.model.path.as_ref().filter(|p| p.is_file()) {
+        converted_gguf(p, &output)?;
+    }
     let tok_dir = tokenizer_dir(&r, &output)?;
     let (tok, template) = Tokenizer::from_dir(&tok_dir).with_context(|| format!("loading the tokenizer from {}", tok_dir.display()))?;
     let metrics = if comm.is_main() { Metrics::open(&output, resume_at, &r)? } else { Metrics::disabled() };
