@@ -649,6 +649,7 @@ fn train(ctx: &Ctx, index: usize, name: &str, records: &[Record], tokenize: &Tok
     let chunk = a.loss_chunk as i64;
     let t_stage = Instant::now();
     let bar = crate::progress::Bar::new(name, start, total);
+    let mut health = crate::stage::Health::default();
     let mut extra = extra;
     if let Some(o) = extra.as_object_mut() {
         o.insert("ref_key".into(), json!(ref_key));
@@ -719,6 +720,7 @@ fn train(ctx: &Ctx, index: usize, name: &str, records: &[Record], tokenize: &Tok
         let lr = optim.lr_at(step, total);
         let (grad_norm, stepped) = crate::stage::optimizer_step(ctx, name, &mut opt, &optim, lr, step + 1, &bar)?;
         let loss = st.loss;
+        health.observe(ctx, name, step + 1, grad_norm, None, &bar);
         if !loss.is_finite() && stepped {
             bail!("[{name}] loss became {loss} at step {}: lower the learning rate", step + 1);
         }

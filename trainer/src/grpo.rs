@@ -680,6 +680,7 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
     let g = s.num_generations;
     let clip = s.clip();
     let bar = crate::progress::Bar::new(&name, start, total);
+    let mut health = crate::stage::Health::default();
     let t_stage = Instant::now();
     for step in start..total {
         let t0 = Instant::now();
@@ -867,6 +868,7 @@ pub fn run(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, resume: Option
         let mut sums = [loss_sum, clip_sum, kl_sum, ent_sum];
         crate::data_parallel::sum(ctx, &mut sums)?;
         let [loss_sum, clip_sum, kl_sum, ent_sum] = sums;
+        health.observe(ctx, &name, step + 1, grad_norm, None, &bar);
         if !loss_sum.is_finite() && stepped {
             bail!("[{name}] loss became {loss_sum} at step {}: lower the learning rate", step + 1);
         }

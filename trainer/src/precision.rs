@@ -376,7 +376,7 @@ mod tests {
         let mut p = Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
         let want = &p * 0.9 + &u;
         let mut slot = Slot::new(&p, WeightUpdate::Direct);
-        slot.apply(&mut p, &u, 0.9, 0);
+        let _ = slot.apply(&mut p, &u, 0.9, 0);
         assert!(p.equal(&want));
         // without decay: 1e-9 added to 3 is below fp32's resolution: lost; the zero update is not counted
         let mut p = Tensor::from_slice(&[1.0f32, 2.0, 3.0]);

@@ -180,6 +180,7 @@ pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<
     let pad = ctx.tok.pad_id as i64;
     let t_stage = Instant::now();
     let bar = crate::progress::Bar::new(&name, start, total);
+    let mut health = crate::stage::Health::default();
     for step in start..total {
         let t0 = Instant::now();
         let micro: Vec<Vec<&Row>> = (0..world_micro).map(|_| sampler.next_batch(s.batch_size).into_iter().map(|i| &rows[i]).collect()).collect();
@@ -213,6 +214,7 @@ pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<
         let mut loss_sum = [loss_sum];
         crate::data_parallel::sum(ctx, &mut loss_sum)?;
         let loss = loss_sum[0] / n_tok as f64;
+        health.observe(ctx, &name, step + 1, grad_norm, Some((loss, model.net.cfg.vocab_size)), &bar);
         if !loss.is_finite() && stepped {
             bail!("[{name}] loss became {loss} at step {}: lower the learning rate", step + 1);
         }

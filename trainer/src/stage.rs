@@ -336,6 +336,84 @@ pub fn optimizer_step(ctx: &Ctx, name: &str, opt: &mut AdamW, optim: &OptimArgs,
     Ok((norm, false))
 }
 
+/// Watches a stage's steps for training that is dead or diverging and says so once each: a gradient norm of
+/// exactly 0 for 3 steps in a row (nothing will change), a next-token loss sitting at ln(vocab) — the loss of a
+/// uniform prediction, where a destroyed model ends up — for 5 steps, a gradient norm 1000 times the stage's
+/// first.
+#[derive(Default)]
+pub struct Health {
+    zero: usize,
+    uniform: usize,
+    first_norm: Option<f64>,
+    warned: [bool; 3],
+}
+
+impl Health {
+    /// After optimizer step `step`: prints what [`Health::check`] finds (rank 0).
+    pub fn observe(&mut self, ctx: &Ctx, name: &str, step: usize, grad_norm: f64, loss_per_token: Option<(f64, i64)>, bar: &crate::progress::Bar) {
+        for msg in self.check(step, grad_norm, loss_per_token) {
+            if ctx.comm.is_main() {
+                bar.println(&format!("[{name}] warning: {msg}"));
+            }
+        }
+    }
+
+    /// The warnings due after step `step` (each at most once a stage): `loss_per_token` is the mean
+    /// next-token loss and the model's vocabulary size (SFT).
+    pub fn check(&mut self, step: usize, grad_norm: f64, loss_per_token: Option<(f64, i64)>) -> Vec<String> {
+        let mut out = vec![];
+        let mut say = |i: usize, msg: String| {
+            if !self.warned[i] {
+                out.push(msg);
+            }
+            self.warned[i] = true;
+        };
+        self.zero = if grad_norm == 0.0 { self.zero + 1 } else { 0 };
+        if self.zero >= 3 {
+            say(0, format!("the gradient norm has been exactly 0 for {} steps (up to step {step}): training is dead, nothing will change (a destroyed model, or no token carries the loss)", self.zero));
+        }
+        if let Some((loss, vocab)) = loss_per_token {
+            let uniform = (vocab as f64).ln();
+            self.uniform = if (loss - uniform).abs() < 1e-3 * uniform { self.uniform + 1 } else { 0 };
+            if self.uniform >= 5 {
+                say(1, format!("the loss has stayed at ln(vocab) = {uniform:.4}, a uniform prediction, for {} steps (up to step {step}): the model has stopped predicting; lower the learning rate", self.uniform));
+            }
+        }
+        if grad_norm.is_finite() && grad_norm > 0.0 {
+            let first = *self.first_norm.get_or_insert(grad_norm);
+            if grad_norm > 1000.0 * first {
+                say(2, format!("the gradient norm {grad_norm:.3e} at step {step} is over 1000 times the stage's first ({first:.3e}): training is diverging; lower the learning rate"));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Health;
+
+    #[test]
+    fn dead_and_diverging_training_is_reported_once() {
+        let mut h = Health::default();
+        let lnv = (260f64).ln();
+        // healthy: a random model's loss near ln(vocab) but not at it, norms of one size
+        for step in 1..=10 {
+            assert!(h.check(step, 2.0, Some((lnv * 0.99, 260))).is_empty());
+        }
+        assert!(h.check(11, 0.0, Some((lnv, 260))).is_empty());
+        assert!(h.check(12, 0.0, Some((lnv, 260))).is_empty());
+        let w = h.check(13, 0.0, Some((lnv, 260)));
+        assert!(w.len() == 1 && w[0].contains("exactly 0 for 3 steps"), "{w:?}");
+        assert!(h.check(14, 0.0, Some((lnv, 260))).is_empty());
+        let w = h.check(15, 0.0, Some((lnv, 260)));
+        assert!(w.len() == 1 && w[0].contains("ln(vocab) = 5.5607") && w[0].contains("for 5 steps"), "{w:?}");
+        let w = h.check(16, 2500.0, None);
+        assert!(w.len() == 1 && w[0].contains("diverging"), "{w:?}");
+        assert!(h.check(17, 1e9, Some((lnv, 260))).is_empty());
+    }
+}
+
 /// The lost-update guard after an optimizer step: prints its warning once per stage (rank 0).
 pub fn guard_updates(ctx: &Ctx, name: &str, opt: &mut AdamW, lr: f64, bar: &crate::progress::Bar) {
     if let Some(w) = opt.lost_update_warning(lr) {
