@@ -245,3 +245,13 @@ fn http_plugin_timeout_and_malformed() {
     let e = rs.score_batch(&batch(&["a", "b"])).err().unwrap().to_string();
     assert!(e.contains("1 rewards for a batch of 2"), "{e}");
 }
+
+#[test]
+fn http_plugin_at_a_closed_port_says_the_connection_was_refused() {
+    // a port nobody listens on: bind, note it, close
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{port}/score");
+    let rs = RewardSet::from_config(&[RewardConfig::Plugin(http_cfg(&url, OnFailure::Fail))]).unwrap();
+    let e = rs.score_batch(&batch(&["abc"])).err().unwrap().to_string();
+    assert!(e.contains(&url) && e.to_lowercase().contains("connection refused"), "{e}");
+}

@@ -433,6 +433,29 @@ fn key_line(text: &str, from: usize, key: &str) -> Option<usize> {
     })
 }
 
+/// The line (1-based) of the key, in the table whose header is on line `header`, holding the value that a
+/// serde "invalid type: string \"x\"" / "invalid value: integer `-1`" message names.
+fn value_line(text: &str, header: usize, msg: &str) -> Option<usize> {
+    let rest = msg.strip_prefix("invalid type: ").or_else(|| msg.strip_prefix("invalid value: "))?;
+    let literal = if let Some(r) = rest.strip_prefix("string \"") {
+        format!("\"{}\"", r.split('"').next()?)
+    } else {
+        let r = rest.split_once(' ')?.1;
+        let r = r.strip_prefix('`')?;
+        r.split('`').next()?.to_string()
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let in_table = lines.get(header.checked_sub(1)?)?.trim_start().starts_with('[');
+    if !in_table {
+        return None;
+    }
+    (header..lines.len()).take_while(|&i| !lines[i].trim_start().starts_with('[')).find_map(|i| {
+        let value = lines[i].split_once('=')?.1;
+        let value = value.split(" #").next()?.trim();
+        (value == literal).then_some(i + 1)
+    })
+}
+
 /// Levenshtein distance (for did-you-mean).
 fn distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
@@ -549,6 +572,9 @@ fn parse_with(text: &str, origin: &str, overrides: &[String], base: &Path, missi
                             if let Some(l) = key_line(&work, line, key) {
                                 line = l;
                             }
+                        } else if let Some(l) = value_line(&work, line, &msg) {
+                            // a wrong type or value: the line in that table holding the value serde names
+                            line = l;
                         }
                         let fatal = msg.starts_with("unknown variant") || msg.starts_with("missing field");
                         errors.push(format!("{origin}:{line}: {msg}"));

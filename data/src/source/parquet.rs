@@ -19,8 +19,8 @@ use crate::error::{DataError, Result};
 /// Rows per decoded record batch.
 pub const BATCH_ROWS: usize = 1024;
 
-/// Rows of a Parquet file, reading only `columns` (all when `None`; names not in the file are ignored here and
-/// reported as missing by the mapper).
+/// Rows of a Parquet file, reading only `columns` (all when `None`); a column the file lacks is an error that
+/// lists the file's columns.
 pub fn rows(path: &Path, columns: Option<&[String]>) -> Result<RowIter> {
     let file: Arc<str> = Arc::from(path.display().to_string());
     let perr = |e: &dyn std::fmt::Display| DataError::Parquet { file: file.to_string(), msg: e.to_string() };
@@ -29,6 +29,10 @@ pub fn rows(path: &Path, columns: Option<&[String]>) -> Result<RowIter> {
     let builder = match columns {
         Some(cols) => {
             let schema = builder.schema().clone();
+            if let Some(missing) = cols.iter().find(|c| schema.field_with_name(c).is_err()) {
+                let have: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+                return Err(DataError::Parquet { file: file.to_string(), msg: format!("no column `{missing}` (the file's columns: {})", have.join(", ")) });
+            }
             let idx: Vec<usize> =
                 schema.fields().iter().enumerate().filter(|(_, f)| cols.contains(f.name())).map(|(i, _)| i).collect();
             let mask = ProjectionMask::roots(builder.parquet_schema(), idx);

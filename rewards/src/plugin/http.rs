@@ -21,7 +21,7 @@ impl HttpBackend {
     }
 
     fn attempt(&self, request: &Value, n: usize, batch_id: u64) -> Result<Vec<RewardOutput>, String> {
-        let resp = self.client.post(&self.url).json(request).send().map_err(|e| format!("POST {}: {e}", self.url))?;
+        let resp = self.client.post(&self.url).json(request).send().map_err(|e| format!("POST {}: {}", self.url, with_causes(&e)))?;
         let status = resp.status();
         let body = resp.text().map_err(|e| format!("reading the response from {}: {e}", self.url))?;
         if !status.is_success() {
@@ -48,4 +48,20 @@ impl Backend for HttpBackend {
         }
         Err(format!("{} attempt(s) failed; last: {last}", self.retries + 1))
     }
+}
+
+/// An error with the chain of its causes ("error sending request …: … : Connection refused (os error 111)"):
+/// reqwest's own message does not say why a connection failed.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
 }
