@@ -26,7 +26,8 @@ pub struct AdamW {
     params: Vec<Param>,
     pub step: i64,
     precision: UpdatePrecision,
-    /// Of the last step: elements whose update was lost to precision, and elements with a non-zero update.
+    /// Of the last step: elements whose update fp32 arithmetic keeps, and of those the ones the weights'
+    /// storage lost (see precision::Slot::apply).
     lost: (i64, i64),
     /// The lost-update warning was printed (once per optimizer, i.e. per stage).
     warned: bool,
@@ -91,8 +92,8 @@ impl AdamW {
                 let denom = (v.sqrt() / bc2_sqrt) + self.cfg.eps;
                 let update = (m / denom) * (-lr / bc1);
                 let decay = if q.decay && self.cfg.weight_decay != 0.0 { 1.0 - lr * self.cfg.weight_decay } else { 1.0 };
-                let lost_mask = q.slot.apply(&mut q.p, &update, decay, rounding_key(seed, step, i));
-                lost.push(Tensor::stack(&[lost_mask.sum(Kind::Int64), update.ne(0.0).sum(Kind::Int64)], 0));
+                let (lost_n, kept_n) = q.slot.apply(&mut q.p, &update, decay, rounding_key(seed, step, i));
+                lost.push(Tensor::stack(&[lost_n, kept_n], 0));
             }
         });
         self.lost = if lost.is_empty() {
@@ -111,13 +112,14 @@ impl AdamW {
         self.skipped.1
     }
 
-    /// The fraction of the last step's non-zero updates that precision lost (0 before any step).
+    /// The fraction of the last step's updates (those fp32 arithmetic keeps) that the weights' precision lost
+    /// (0 before any step).
     pub fn lost_fraction(&self) -> f64 {
         self.lost.0 as f64 / self.lost.1.max(1) as f64
     }
 
-    /// The lost-update guard: a warning, the first time a step lost more than 1% of its non-zero updates to
-    /// the weights' precision.
+    /// The lost-update guard: a warning, the first time a step lost more than 1% of its updates to the
+    /// weights' precision.
     pub fn lost_update_warning(&mut self, lr: f64) -> Option<String> {
         let frac = self.lost_fraction();
         if self.warned || frac <= 0.01 {
@@ -125,13 +127,11 @@ impl AdamW {
         }
         self.warned = true;
         let kind = self.params.first().map(|q| q.p.kind()).unwrap_or(Kind::Float);
-        let how = match (kind, self.precision.update) {
-            (Kind::Float | Kind::Double, _) => format!("{kind:?} weights: lr {lr:.1e} is below their resolution"),
-            (_, u) => format!(
-                "{kind:?} weights, [model] weight_update = \"{}\", lr {lr:.1e}; \"master_fp32\" (the default), \"kahan\" or \"stochastic_rounding\" keep them",
-                u.name()
-            ),
-        };
+        // only low-precision weights under "direct" or "kahan" can lose updates (see precision::Slot::apply)
+        let how = format!(
+            "{kind:?} weights, [model] weight_update = \"{}\", lr {lr:.1e}; \"master_fp32\" (the default) or \"stochastic_rounding\" keep them",
+            self.precision.update.name()
+        );
         Some(format!("warning: step {} lost {:.1}% of its weight updates to rounding ({how})", self.step, 100.0 * frac))
     }
 

@@ -132,59 +132,65 @@ impl Slot {
     }
 
     /// Applies `p ← decay·p + update` (`update` in fp32, `decay` = 1 − lr·λ or 1) under this slot's rule.
-    /// Returns a boolean mask of the elements whose update was lost: non-zero, yet the value the optimizer
-    /// carries forward (the master, weights plus compensation, or the weights) did not change.
-    pub fn apply(&mut self, p: &mut Tensor, update: &Tensor, decay: f64, key: u64) -> Tensor {
-        let moved = update.ne(0.0);
+    /// Returns two counts (int64 scalars): the elements whose update fp32 arithmetic keeps (the new fp32 value
+    /// differs from the old), and of those, the ones the weights' storage lost (value and compensation
+    /// unchanged). Nothing is lost to fp32 weights or fp32 master weights by construction, nor to stochastic
+    /// rounding, which keeps every update in expectation; `direct` and `kahan` can lose updates.
+    pub fn apply(&mut self, p: &mut Tensor, update: &Tensor, decay: f64, key: u64) -> (Tensor, Tensor) {
         let scaled = |w: &Tensor| if decay != 1.0 { w * decay } else { w.copy() };
-        let lost = match self {
+        let device = p.device();
+        let none = || Tensor::zeros([], (Kind::Int64, device));
+        let count = |mask: &Tensor| mask.sum(Kind::Int64);
+        match self {
             Slot::Full => {
                 // the same arithmetic as p.mul_(decay).add_(update), in a copy to see what changed
                 let mut new = scaled(p);
                 let _ = new.g_add_(update);
-                let lost = new.eq_tensor(p);
+                let kept = count(&new.ne_tensor(p));
                 p.copy_(&new);
-                lost
+                (none(), kept)
             }
             Slot::Master(master) => {
                 let mut new = scaled(master);
                 let _ = new.g_add_(update);
-                let lost = new.eq_tensor(master);
+                let kept = count(&new.ne_tensor(master));
                 master.copy_(&new);
                 p.copy_(&new);
-                lost
+                (none(), kept)
             }
             Slot::Kahan(comp) => {
                 // Kahan summation: y = change + carried compensation; t = round(w + y); c = y − (t − w).
                 let w = p.to_kind(Kind::Float);
-                let mut change = scaled(&w);
-                let _ = change.g_add_(update).g_sub_(&w);
-                let y = change + comp.to_kind(Kind::Float);
+                let mut new = scaled(&w);
+                let _ = new.g_add_(update);
+                let kept = new.ne_tensor(&w);
+                let y = (&new - &w) + comp.to_kind(Kind::Float);
                 let t = (&w + &y).to_kind(p.kind());
                 let c = (&y - (t.to_kind(Kind::Float) - &w)).to_kind(p.kind());
-                let lost = t.eq_tensor(p).logical_and(&c.eq_tensor(comp));
+                let lost = kept.logical_and(&t.eq_tensor(p)).logical_and(&c.eq_tensor(comp));
                 p.copy_(&t);
                 comp.copy_(&c);
-                lost
+                (count(&lost), count(&kept))
             }
             Slot::Stochastic => {
                 let w = p.to_kind(Kind::Float);
                 let mut new = scaled(&w);
                 let _ = new.g_add_(update);
-                let lost = new.eq_tensor(&w);
+                let kept = count(&new.ne_tensor(&w));
                 p.copy_(&stochastic_round_bf16(&new, key));
-                lost
+                (none(), kept)
             }
             Slot::Direct => {
-                let mut new = scaled(&p.to_kind(Kind::Float));
+                let w = p.to_kind(Kind::Float);
+                let mut new = scaled(&w);
                 let _ = new.g_add_(update);
+                let kept = new.ne_tensor(&w);
                 let new = new.to_kind(p.kind());
-                let lost = new.eq_tensor(p);
+                let lost = kept.logical_and(&new.eq_tensor(p));
                 p.copy_(&new);
-                lost
+                (count(&lost), count(&kept))
             }
-        };
-        lost.logical_and(&moved)
+        }
     }
 }
 
@@ -343,7 +349,7 @@ mod tests {
         for step in 0..200 {
             let u = (Tensor::rand([4096], (Kind::Float, Device::Cpu)) * 0.2 + 0.9) * -lr;
             want += u.to_kind(Kind::Double);
-            lost += slot.apply(&mut p, &u, 1.0, rounding_key(9, step, 0)).sum(Kind::Int64).int64_value(&[]);
+            lost += slot.apply(&mut p, &u, 1.0, rounding_key(9, step, 0)).0.int64_value(&[]);
         }
         let carried = match &slot {
             Slot::Master(m) => m.to_kind(Kind::Double),
@@ -378,10 +384,20 @@ mod tests {
         let mut slot = Slot::new(&p, WeightUpdate::Direct);
         let _ = slot.apply(&mut p, &u, 0.9, 0);
         assert!(p.equal(&want));
-        // without decay: 1e-9 added to 3 is below fp32's resolution: lost; the zero update is not counted
+        // without decay fp32 keeps one update (1e-9 is below its resolution at 3, 0 is no update) and loses none
         let mut p = Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
-        let lost = slot.apply(&mut p, &u, 1.0, 0);
-        assert_eq!(Vec::<bool>::try_from(&lost).unwrap(), vec![false, false, true]);
+        let (lost, kept) = slot.apply(&mut p, &u, 1.0, 0);
+        assert_eq!((lost.int64_value(&[]), kept.int64_value(&[])), (0, 1));
+    }
+
+    #[test]
+    fn direct_rounding_counts_what_bf16_loses() {
+        // bf16 ulp at 1 is 2^-7: an update of 1e-3 is kept by fp32 and lost by bf16; 0.01 survives
+        let mut p = Tensor::from_slice(&[1.0f32, 1.0, 1.0]).to_kind(Kind::BFloat16);
+        let u = Tensor::from_slice(&[1e-3f32, 0.01, 0.0]);
+        let mut slot = Slot::new(&p, WeightUpdate::Direct);
+        let (lost, kept) = slot.apply(&mut p, &u, 1.0, 0);
+        assert_eq!((lost.int64_value(&[]), kept.int64_value(&[])), (1, 2));
     }
 
     #[test]
