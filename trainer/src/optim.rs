@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use tch::{Kind, Tensor};
 
-use crate::precision::{rounding_key, Slot, UpdatePrecision};
+use crate::precision::{dither_key, rounding_key, Slot, UpdatePrecision};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdamWConfig {
@@ -57,11 +57,12 @@ impl AdamW {
         let state = precision.state.kind();
         let params = params
             .into_iter()
-            .map(|(name, p)| Param {
+            .enumerate()
+            .map(|(i, (name, p))| Param {
                 decay: decays(&name),
                 m: Tensor::zeros(p.size(), (state, p.device())),
                 v: Tensor::zeros(p.size(), (state, p.device())),
-                slot: Slot::new(&p, precision.update),
+                slot: Slot::new(&p, precision.update, dither_key(precision.seed, i)),
                 name,
                 p,
             })

@@ -105,10 +105,12 @@ pub struct ModelSpec {
     /// extra memory) or "direct" (round to nearest, as plain bf16 training: an update below half a bf16 ulp,
     /// 0.2–0.4% of the weight, is lost, and at RL learning rates almost all are). Not used with fp32 weights.
     #[serde(default, skip_serializing_if = "is_default")]
+    #[schemars(extend("default" = "master_fp32"))]
     pub weight_update: WeightUpdate,
     /// dtype of AdamW's two moments: "float32" (default) or "bfloat16" (half the optimizer memory; the
     /// update itself is still computed in fp32).
     #[serde(default, skip_serializing_if = "is_default")]
+    #[schemars(extend("default" = "float32"))]
     pub optimizer_dtype: StateDtype,
 }
 
@@ -190,6 +192,7 @@ pub struct RunSpec {
     /// as they were and prints a counted warning (the run stops after 10 such steps in a row); "stop" ends the
     /// run at once. Either way a non-finite gradient never reaches the weights.
     #[serde(default, skip_serializing_if = "is_default")]
+    #[schemars(extend("default" = "skip"))]
     pub nonfinite: NonFinite,
     /// Where metrics go besides `metrics.jsonl` (TRL's `report_to`): "tensorboard", "wandb", "all" or "none",
     /// a string or a list. Default: TensorBoard, plus Weights & Biases when `WANDB_API_KEY` is set.

@@ -101,12 +101,13 @@ fn open_file(path: &Path, format: Format, columns: Option<&[String]>) -> Result<
 
 /// Streams records: rows are read lazily (Parquet row group by row group) and mapped one by one.
 pub fn stream_records(config: &DataConfig) -> Result<Box<dyn Iterator<Item = Result<Record>> + Send>> {
+    let cols = config.columns()?;
+    let mapper = Mapper::new(config)?;
+    let rows = rows(config, Some(&cols))?;
     if std::fs::metadata(&config.path).is_ok_and(|m| m.is_file() && m.len() == 0) {
         return Err(crate::DataError::Config(format!("{}: the file is empty (0 bytes): no records to read", config.path.display())));
     }
-    let cols = config.columns()?;
-    let mapper = Mapper::new(config)?;
-    let it = rows(config, Some(&cols))?.map(move |r| r.and_then(|row| mapper.map(&row)));
+    let it = rows.map(move |r| r.and_then(|row| mapper.map(&row)));
     Ok(match config.limit {
         Some(n) => Box::new(it.take(n)),
         None => Box::new(it),
