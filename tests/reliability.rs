@@ -135,3 +135,23 @@ fn a_gguf_model_path_works_from_a_fresh_directory() {
     let last = stderr.lines().last().unwrap();
     assert!(!out.status.success() && last.contains("converting the GGUF file") && last.contains("truncated"), "{stderr}");
 }
+
+/// Rows over `max_length` are counted and reported, not dropped or cut silently.
+#[test]
+fn over_long_rows_are_counted_and_reported() {
+    let root = tempfile::tempdir().unwrap();
+    let recipe = NAN_RECIPE.replace("lr = 1e30", "lr = 1e-3").replace("max_steps = 8", "max_steps = 1").replace("max_length = 64", "max_length = 40");
+    let run = |trunc: &str| {
+        let d = common::setup(root.path(), trunc, &recipe.replace("tokenize = {", &format!("tokenize = {{ truncation = \"{trunc}\",")));
+        let out = common::train(&d, None);
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    // every synthetic conversation is longer than 40 byte tokens: "left" keeps each one's end (the answer)
+    let (ok, stderr) = run("left");
+    let line = stderr.lines().find(|l| l.contains("the synthetic conversations: of 100 records")).unwrap_or_else(|| panic!("no report:\n{stderr}"));
+    assert!(ok && line.contains("100 truncated to max_length = 40 (truncation = \"left\"), 0 dropped"), "{stderr}");
+    // "drop" leaves nothing: one line says why
+    let (ok, stderr) = run("drop");
+    let last = stderr.lines().last().unwrap();
+    assert!(!ok && last.contains("no training examples (100 records read; 100 longer than max_length = 40"), "{stderr}");
+}
