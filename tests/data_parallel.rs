@@ -135,6 +135,23 @@ fn two_rank_sft_is_bitwise_one_process_with_the_same_global_batch() {
     assert_eq!(losses(&two).len(), 6);
 }
 
+/// bf16 weights with dithered fp32 master weights, and with stochastic rounding: the dither and the rounding
+/// bits depend on the seed, step and parameter only, so every rank draws the same and 2 ranks still equal one
+/// process bit for bit.
+#[test]
+fn two_rank_bf16_sft_is_bitwise_one_process_in_master_and_stochastic_modes() {
+    let root = tempfile::tempdir().unwrap();
+    for mode in ["master_fp32", "stochastic_rounding"] {
+        let body = format!("{}dtype = \"bfloat16\"\nweight_update = \"{mode}\"\n{SFT}", common::TINY_MODEL);
+        let one = setup(root.path(), &format!("one-{mode}"), &body);
+        let two = setup(root.path(), &format!("two-{mode}"), &body);
+        ok(&train(&one, None, &["--set", "stage.0.grad_accum=2"], &[]));
+        let log = ok(&train(&two, Some(2), &[], &[]));
+        assert!(log.contains("[sft] replicas identical on 2 ranks"), "{log}");
+        assert_eq!(weights(&one, 0), weights(&two, 0), "{mode}: 2-rank bf16 SFT differs from 1 process");
+    }
+}
+
 #[test]
 fn two_rank_grpo_is_bitwise_one_process_with_the_same_prompts_per_step() {
     let root = tempfile::tempdir().unwrap();
