@@ -208,18 +208,26 @@ impl Slot {
 /// first step, on average, while it starts equal to the loaded weights. Deterministic in `key`.
 pub fn dither(p: &Tensor, key: u64) -> Tensor {
     let kind = p.kind();
-    let mag = p.abs();
-    let bits = mag.view_dtype(Kind::Int16).to_kind(Kind::Int64);
-    let at = |b: Tensor| b.to_kind(Kind::Int16).view_dtype(kind).to_kind(Kind::Float);
-    let m = mag.to_kind(Kind::Float);
-    let up = at(&bits + 1) - &m;
-    let down = m.shallow_clone() - at((&bits - 1).clamp_min(0));
-    let down = down.where_self(&bits.gt(0), &up);
-    let n = p.numel() as i64;
-    let u = (random_bits16(0, n, key, p.device()).to_kind(Kind::Float) + 0.5) / 65536.0 - 0.5;
-    let u = (u * 0.98).view(p.size().as_slice());
-    let offset = (&u * &up).where_self(&u.gt(0.0), &(&u * &down));
-    offset * p.to_kind(Kind::Float).sign()
+    let flat = p.contiguous().view([-1]);
+    let n = flat.size()[0];
+    let out = Tensor::empty([n], (Kind::Float, p.device()));
+    let mut start = 0;
+    // in chunks, so that the int64 temporaries stay bounded for an embedding of half a billion weights
+    while start < n {
+        let len = ROUND_CHUNK.min(n - start);
+        let w = flat.narrow(0, start, len);
+        let mag = w.abs();
+        let bits = mag.view_dtype(Kind::Int16).to_kind(Kind::Int64);
+        let at = |b: Tensor| b.to_kind(Kind::Int16).view_dtype(kind).to_kind(Kind::Float);
+        let m = mag.to_kind(Kind::Float);
+        let up = at(&bits + 1) - &m;
+        let down = (&m - at((&bits - 1).clamp_min(0))).where_self(&bits.gt(0), &up);
+        let u = ((random_bits16(start, len, key, p.device()).to_kind(Kind::Float) + 0.5) / 65536.0 - 0.5) * 0.98;
+        let offset = (&u * &up).where_self(&u.gt(0.0), &(&u * &down));
+        out.narrow(0, start, len).copy_(&(offset * w.to_kind(Kind::Float).sign()));
+        start += len;
+    }
+    out.view(p.size().as_slice())
 }
 
 /// A 64-bit mix (splitmix64's finaliser) for keys.
