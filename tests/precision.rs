@@ -102,7 +102,7 @@ fn compare(delta: &HashMap<String, Tensor>, fp32_delta: &HashMap<String, Tensor>
 }
 
 fn last_lost(metrics: &[serde_json::Value]) -> f64 {
-    metrics.iter().filter_map(|m| m["update_lost_frac"].as_f64()).last().expect("update_lost_frac logged")
+    metrics.iter().filter_map(|m| m["update_lost_frac"].as_f64()).next_back().expect("update_lost_frac logged")
 }
 
 #[test]

@@ -151,7 +151,8 @@ fn resume_falls_back_past_a_damaged_checkpoint() {
     let reference = setup(root.path(), "reference");
     assert!(train(&reference, None).status.success());
     let want = final_weights(&reference);
-    let damages: [(&str, fn(&Path)); 3] = [
+    type Damage = (&'static str, fn(&Path));
+    let damages: [Damage; 3] = [
         ("optimizer.safetensors", |c| std::fs::remove_file(c.join("optimizer.safetensors")).unwrap()),
         ("model/model.safetensors", |c| {
             let f = c.join("model/model.safetensors");

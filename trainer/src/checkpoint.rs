@@ -49,6 +49,25 @@ impl Checkpoint {
     pub fn optimizer_path(&self) -> PathBuf {
         self.dir.join("optimizer.safetensors")
     }
+
+    /// What is wrong with the checkpoint's files, if anything: the model's config.json and weight files
+    /// (every safetensors file's size against its header), and a mid-stage checkpoint's optimizer state.
+    pub fn damage(&self) -> Option<String> {
+        let model = self.model_dir();
+        if let Err(e) = std::fs::read_to_string(model.join("config.json")).map_err(|e| e.to_string()).and_then(|t| serde_json::from_str::<serde_json::Value>(&t).map_err(|e| e.to_string())) {
+            return Some(format!("model/config.json: {e}"));
+        }
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&model)
+            .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "safetensors")).collect())
+            .unwrap_or_default();
+        if files.is_empty() {
+            return Some("model/ has no .safetensors file".into());
+        }
+        if !self.state.stage_complete {
+            files.push(self.optimizer_path());
+        }
+        files.iter().find_map(|f| check_safetensors(f).err().map(|e| format!("{}: {e}", f.strip_prefix(&self.dir).unwrap_or(f).display())))
+    }
 }
 
 pub fn root(output: &Path) -> PathBuf {
@@ -130,27 +149,6 @@ pub fn latest_intact(output: &Path) -> (Option<Checkpoint>, Vec<String>) {
     (None, warnings)
 }
 
-impl Checkpoint {
-    /// What is wrong with the checkpoint's files, if anything: the model's config.json and weight files
-    /// (every safetensors file's size against its header), and a mid-stage checkpoint's optimizer state.
-    pub fn damage(&self) -> Option<String> {
-        let model = self.model_dir();
-        if let Err(e) = std::fs::read_to_string(model.join("config.json")).map_err(|e| e.to_string()).and_then(|t| serde_json::from_str::<serde_json::Value>(&t).map_err(|e| e.to_string())) {
-            return Some(format!("model/config.json: {e}"));
-        }
-        let weights: Vec<PathBuf> = std::fs::read_dir(&model)
-            .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "safetensors")).collect())
-            .unwrap_or_default();
-        if weights.is_empty() {
-            return Some("model/ has no .safetensors file".into());
-        }
-        let mut files = weights;
-        if !self.state.stage_complete {
-            files.push(self.optimizer_path());
-        }
-        files.iter().find_map(|f| check_safetensors(f).err().map(|e| format!("{}: {e}", f.strip_prefix(&self.dir).unwrap_or(f).display())))
-    }
-}
 
 /// Checks a safetensors file's framing: an 8-byte header length, a JSON header, and exactly as many data
 /// bytes as the header's largest offset (a truncated or padded file fails).

@@ -93,7 +93,7 @@ impl Slot {
     /// plus a dither `key` draws within their rounding interval (see [`dither`]), so the weights themselves are
     /// unchanged.
     pub fn new(p: &Tensor, update: WeightUpdate, key: u64) -> Slot {
-        if p.kind() == Kind::Float || p.kind() == Kind::Double {
+        if !low_precision(p.kind()) {
             return Slot::Full;
         }
         tch::no_grad(|| match update {
@@ -109,7 +109,7 @@ impl Slot {
 
     /// The dtype of the extra state the rule keeps for weights of dtype `weights` (none for fp32 weights).
     pub fn kind_for(weights: Kind, update: WeightUpdate) -> Option<Kind> {
-        if significant_bits(weights) >= 24 {
+        if !low_precision(weights) {
             return None;
         }
         match update {
@@ -208,14 +208,7 @@ impl Slot {
 /// first step, on average, while it starts equal to the loaded weights. Deterministic in `key`.
 pub fn dither(p: &Tensor, key: u64) -> Tensor {
     let kind = p.kind();
-    let flat = p.contiguous().view([-1]);
-    let n = flat.size()[0];
-    let out = Tensor::empty([n], (Kind::Float, p.device()));
-    let mut start = 0;
-    // in chunks, so that the int64 temporaries stay bounded for an embedding of half a billion weights
-    while start < n {
-        let len = ROUND_CHUNK.min(n - start);
-        let w = flat.narrow(0, start, len);
+    by_chunks(p, Kind::Float, |w, start, len| {
         let mag = w.abs();
         let bits = mag.view_dtype(Kind::Int16).to_kind(Kind::Int64);
         let at = |b: Tensor| b.to_kind(Kind::Int16).view_dtype(kind).to_kind(Kind::Float);
@@ -224,10 +217,24 @@ pub fn dither(p: &Tensor, key: u64) -> Tensor {
         let down = (&m - at((&bits - 1).clamp_min(0))).where_self(&bits.gt(0), &up);
         let u = ((random_bits16(start, len, key, p.device()).to_kind(Kind::Float) + 0.5) / 65536.0 - 0.5) * 0.98;
         let offset = (&u * &up).where_self(&u.gt(0.0), &(&u * &down));
-        out.narrow(0, start, len).copy_(&(offset * w.to_kind(Kind::Float).sign()));
+        offset * w.to_kind(Kind::Float).sign()
+    })
+}
+
+/// `f` over the flattened `x` in chunks of [`ROUND_CHUNK`] elements (`f` gets the chunk, its start and its
+/// length), the results gathered into a tensor of `x`'s shape and dtype `kind`: bounds the int64
+/// temporaries of the random bits for an embedding of half a billion weights.
+fn by_chunks(x: &Tensor, kind: Kind, f: impl Fn(&Tensor, i64, i64) -> Tensor) -> Tensor {
+    let flat = x.contiguous().view([-1]);
+    let n = flat.size()[0];
+    let out = Tensor::empty([n], (kind, x.device()));
+    let mut start = 0;
+    while start < n {
+        let len = ROUND_CHUNK.min(n - start);
+        out.narrow(0, start, len).copy_(&f(&flat.narrow(0, start, len), start, len));
         start += len;
     }
-    out.view(p.size().as_slice())
+    out.view(x.size().as_slice())
 }
 
 /// A 64-bit mix (splitmix64's finaliser) for keys.
@@ -270,20 +277,12 @@ fn random_bits16(start: i64, len: i64, key: u64, device: tch::Device) -> Tensor 
 /// pattern and truncates, so x rounds up with probability (x − down) / (up − down) and the result is unbiased.
 /// Deterministic for a given `key`.
 pub fn stochastic_round_bf16(x: &Tensor, key: u64) -> Tensor {
-    let flat = x.to_kind(Kind::Float).contiguous().view([-1]);
-    let n = flat.size()[0];
-    let out = Tensor::empty([n], (Kind::BFloat16, x.device()));
-    let mut start = 0;
-    while start < n {
-        let len = ROUND_CHUNK.min(n - start);
-        let bits = flat.narrow(0, start, len).view_dtype(Kind::Int);
+    by_chunks(&x.to_kind(Kind::Float), Kind::BFloat16, |chunk, start, len| {
+        let bits = chunk.view_dtype(Kind::Int);
         let noise = random_bits16(start, len, key, x.device()).to_kind(Kind::Int);
         // the sign is the top bit: adding to the pattern rounds the magnitude, so negatives round alike
-        let rounded = (bits + noise).bitwise_and(-65536i64).view_dtype(Kind::Float);
-        out.narrow(0, start, len).copy_(&rounded);
-        start += len;
-    }
-    out.view(x.size().as_slice())
+        (bits + noise).bitwise_and(-65536i64).view_dtype(Kind::Float)
+    })
 }
 
 /// Training-state bytes per parameter: (weights, what the update rule keeps, gradients, AdamW's moments).
@@ -301,7 +300,7 @@ pub fn describe_resolution(weights: Kind, p: &UpdatePrecision, lr: f64) -> Strin
     let rel = smallest_kept_update(weights, p.update);
     // AdamW moves a weight by about lr per step (|m̂/√v̂| ≲ 1), so weights larger than lr / rel never move
     let reach = lr / rel;
-    let how = match (significant_bits(weights) < 24, p.update) {
+    let how = match (low_precision(weights), p.update) {
         (false, _) => "float32 weights".to_string(),
         (true, WeightUpdate::MasterFp32) => format!("{weights:?} weights, fp32 master weights"),
         (true, WeightUpdate::Kahan) => format!("{weights:?} weights, Kahan compensation in {weights:?}"),
@@ -319,6 +318,11 @@ pub fn describe_resolution(weights: Kind, p: &UpdatePrecision, lr: f64) -> Strin
     s
 }
 
+/// bf16 or fp16: weights that need an update rule (fp32 and fp64 weights take updates in place).
+fn low_precision(kind: Kind) -> bool {
+    significant_bits(kind) < 24
+}
+
 /// Significant bits of a floating dtype (the implicit leading bit included).
 pub fn significant_bits(kind: Kind) -> i32 {
     match kind {
@@ -333,12 +337,10 @@ pub fn significant_bits(kind: Kind) -> i32 {
 /// least half an ulp: 2^-bits to 2^-(bits-1) of |w|; this returns the lower end). Kahan's compensation has the
 /// weights' dtype, so it resolves about 2^-bits of the weights' half ulp.
 pub fn smallest_kept_update(weights: Kind, update: WeightUpdate) -> f64 {
-    let bits = significant_bits(weights);
-    let low = significant_bits(weights) < 24;
-    let bits = match (low, update) {
+    let bits = match (low_precision(weights), update) {
         (false, _) | (true, WeightUpdate::MasterFp32) => 24,
-        (true, WeightUpdate::Kahan) => 2 * bits,
-        (true, WeightUpdate::Direct | WeightUpdate::StochasticRounding) => bits,
+        (true, WeightUpdate::Kahan) => 2 * significant_bits(weights),
+        (true, WeightUpdate::Direct | WeightUpdate::StochasticRounding) => significant_bits(weights),
     };
     2f64.powi(-bits - 1)
 }
@@ -439,8 +441,8 @@ mod tests {
     #[test]
     fn dithered_masters_round_back_to_the_weights_and_spread_over_the_interval() {
         for kind in [Kind::BFloat16, Kind::Half] {
-            let mut p = (Tensor::randn([100_000], (Kind::Float, Device::Cpu)) * 0.05).to_kind(kind);
-            let _ = p.narrow(0, 0, 3).copy_(&Tensor::from_slice(&[0.0f32, 1.0, -0.5]).to_kind(kind)); // zero and powers of two
+            let p = (Tensor::randn([100_000], (Kind::Float, Device::Cpu)) * 0.05).to_kind(kind);
+            p.narrow(0, 0, 3).copy_(&Tensor::from_slice(&[0.0f32, 1.0, -0.5]).to_kind(kind)); // zero and powers of two
             let off = dither(&p, 5);
             let master = p.to_kind(Kind::Float) + &off;
             assert!(master.to_kind(kind).equal(&p), "{kind:?}: a dithered master rounds to another value");

@@ -22,7 +22,7 @@ pub(crate) struct Row {
 }
 
 /// The training rows, a line describing them, and the longest row's length.
-fn rows(ctx: &Ctx, index: usize, s: &SftStage) -> Result<(Vec<Row>, String, usize)> {
+fn rows(ctx: &Ctx, name: &str, s: &SftStage) -> Result<(Vec<Row>, String, usize)> {
     let (examples, stats, source): (Vec<TokenizedExample>, data::tokenize::TokenizeStats, String) = match (&s.data, &s.synthetic) {
         (Some(d), _) => {
             let cache = ctx.output.join("cache");
@@ -37,7 +37,6 @@ fn rows(ctx: &Ctx, index: usize, s: &SftStage) -> Result<(Vec<Row>, String, usiz
         }
         (None, None) => bail!("the stage has no data"),
     };
-    let name = ctx.recipe.stage[index].name(index);
     let t = &s.tokenize;
     if stats.truncated + stats.dropped_too_long + stats.dropped_no_loss > 0 && ctx.comm.is_main() {
         eprintln!(
@@ -149,7 +148,7 @@ fn eval_rows(ctx: &Ctx, s: &SftStage, records: &[Record]) -> Result<Vec<Row>> {
 
 pub fn run(ctx: &Ctx, index: usize, s: &SftStage, model: &Model, resume: Option<&Checkpoint>) -> Result<f64> {
     let name = ctx.recipe.stage[index].name(index);
-    let (rows, info, longest) = rows(ctx, index, s)?;
+    let (rows, info, longest) = rows(ctx, &name, s)?;
     crate::stage::check_positions(model, &name, longest, if s.packing { "a packed row (tokenize.max_length)" } else { "the longest training row" })?;
     // data parallel: each step draws world × accum micro-batches; this rank trains on its `accum` of them
     let accum = crate::data_parallel::local_accum(ctx, &name, s.grad_accum, resume)?;

@@ -389,31 +389,6 @@ impl Health {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::Health;
-
-    #[test]
-    fn dead_and_diverging_training_is_reported_once() {
-        let mut h = Health::default();
-        let lnv = (260f64).ln();
-        // healthy: a random model's loss near ln(vocab) but not at it, norms of one size
-        for step in 1..=10 {
-            assert!(h.check(step, 2.0, Some((lnv * 0.99, 260))).is_empty());
-        }
-        assert!(h.check(11, 0.0, Some((lnv, 260))).is_empty());
-        assert!(h.check(12, 0.0, Some((lnv, 260))).is_empty());
-        let w = h.check(13, 0.0, Some((lnv, 260)));
-        assert!(w.len() == 1 && w[0].contains("exactly 0 for 3 steps"), "{w:?}");
-        assert!(h.check(14, 0.0, Some((lnv, 260))).is_empty());
-        let w = h.check(15, 0.0, Some((lnv, 260)));
-        assert!(w.len() == 1 && w[0].contains("ln(vocab) = 5.5607") && w[0].contains("for 5 steps"), "{w:?}");
-        let w = h.check(16, 2500.0, None);
-        assert!(w.len() == 1 && w[0].contains("diverging"), "{w:?}");
-        assert!(h.check(17, 1e9, Some((lnv, 260))).is_empty());
-    }
-}
-
 /// The lost-update guard after an optimizer step: prints its warning once per stage (rank 0).
 pub fn guard_updates(ctx: &Ctx, name: &str, opt: &mut AdamW, lr: f64, bar: &crate::progress::Bar) {
     if let Some(w) = opt.lost_update_warning(lr) {
@@ -486,4 +461,29 @@ fn write_checkpoint(ctx: &Ctx, state: &TrainState, model: &Model, opt: Option<&A
         crate::faults::point(&format!("after-ckpt:{index}:{done}"));
     }
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Health;
+
+    #[test]
+    fn dead_and_diverging_training_is_reported_once() {
+        let mut h = Health::default();
+        let lnv = (260f64).ln();
+        // healthy: a random model's loss near ln(vocab) but not at it, norms of one size
+        for step in 1..=10 {
+            assert!(h.check(step, 2.0, Some((lnv * 0.99, 260))).is_empty());
+        }
+        assert!(h.check(11, 0.0, Some((lnv, 260))).is_empty());
+        assert!(h.check(12, 0.0, Some((lnv, 260))).is_empty());
+        let w = h.check(13, 0.0, Some((lnv, 260)));
+        assert!(w.len() == 1 && w[0].contains("exactly 0 for 3 steps"), "{w:?}");
+        assert!(h.check(14, 0.0, Some((lnv, 260))).is_empty());
+        let w = h.check(15, 0.0, Some((lnv, 260)));
+        assert!(w.len() == 1 && w[0].contains("ln(vocab) = 5.5607") && w[0].contains("for 5 steps"), "{w:?}");
+        let w = h.check(16, 2500.0, None);
+        assert!(w.len() == 1 && w[0].contains("diverging"), "{w:?}");
+        assert!(h.check(17, 1e9, Some((lnv, 260))).is_empty());
+    }
 }
