@@ -5,7 +5,7 @@
 //! Phi-3 and Phi-4-mini). The original JSON is kept so that saving writes back every key we don't model.
 
 use crate::error::{ModelError, Result};
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::path::Path;
 
 /// The architecture family, from `model_type`.
@@ -37,6 +37,77 @@ impl Family {
     }
 }
 
+/// transformers' defaults for the keys a config.json may leave out (transformers 5.24's `LlamaConfig`,
+/// `MistralConfig`, `Qwen2Config`, `Qwen3Config`, `Phi3Config`), so that a short config means here what it means
+/// there. Checked against transformers by model/tests/interop.rs on fixtures from
+/// scripts/fixtures/make_config_fixtures.py.
+#[derive(Debug, Clone, Copy)]
+pub struct FamilyDefaults {
+    /// The class transformers and vLLM build (`architectures`).
+    pub architecture: &'static str,
+    /// `None`: as many as the attention heads.
+    pub num_key_value_heads: Option<i64>,
+    /// `None`: hidden_size / num_attention_heads.
+    pub head_dim: Option<i64>,
+    pub rms_norm_eps: f64,
+    pub max_position_embeddings: i64,
+    /// Phi-3's top-level `original_max_position_embeddings` (LongRoPE); `None`: max_position_embeddings.
+    pub original_max_position_embeddings: Option<i64>,
+    /// Sliding window when the key is absent (Mistral's 4096).
+    pub sliding_window: Option<i64>,
+    pub bos_token_id: Option<i64>,
+    pub eos_token_id: Option<i64>,
+    pub pad_token_id: Option<i64>,
+}
+
+impl FamilyDefaults {
+    /// The defaults of a `model_type` (`None` for an unsupported one).
+    pub fn of(model_type: &str) -> Option<FamilyDefaults> {
+        let llama = FamilyDefaults {
+            architecture: "LlamaForCausalLM",
+            num_key_value_heads: None,
+            head_dim: None,
+            rms_norm_eps: 1e-6,
+            max_position_embeddings: 2048,
+            original_max_position_embeddings: None,
+            sliding_window: None,
+            bos_token_id: Some(1),
+            eos_token_id: Some(2),
+            pad_token_id: None,
+        };
+        let qwen2 = FamilyDefaults {
+            architecture: "Qwen2ForCausalLM",
+            num_key_value_heads: Some(32),
+            max_position_embeddings: 32768,
+            bos_token_id: None,
+            eos_token_id: None,
+            ..llama
+        };
+        Some(match model_type {
+            "llama" => llama,
+            "mistral" => FamilyDefaults {
+                architecture: "MistralForCausalLM",
+                num_key_value_heads: Some(8),
+                max_position_embeddings: 4096 * 32,
+                sliding_window: Some(4096),
+                ..llama
+            },
+            "qwen2" => qwen2,
+            "qwen3" => FamilyDefaults { architecture: "Qwen3ForCausalLM", head_dim: Some(128), ..qwen2 },
+            "phi3" => FamilyDefaults {
+                architecture: "Phi3ForCausalLM",
+                rms_norm_eps: 1e-5,
+                max_position_embeddings: 4096,
+                original_max_position_embeddings: Some(4096),
+                eos_token_id: Some(32000),
+                pad_token_id: Some(32000),
+                ..llama
+            },
+            _ => return None,
+        })
+    }
+}
+
 /// How rotary frequencies are scaled (`rope_scaling` / `rope_parameters` in config.json).
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
@@ -59,6 +130,8 @@ pub enum RopeScaling {
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
     pub family: Family,
+    /// transformers' defaults for this `model_type` (what a key left out of config.json means).
+    pub defaults: FamilyDefaults,
     pub vocab_size: i64,
     pub hidden_size: i64,
     pub intermediate_size: i64,
@@ -150,15 +223,18 @@ impl ModelConfig {
             path: origin.into(),
             msg: "missing key `model_type` (expected one of llama, qwen2, qwen3, phi3)".into(),
         })?;
-        let family = Family::from_model_type(mt).ok_or_else(|| ModelError::Config {
+        let unsupported = || ModelError::Config {
             path: origin.into(),
-            msg: format!("unsupported architecture model_type = \"{mt}\" (supported: llama, qwen2, qwen3, phi3)"),
-        })?;
+            msg: format!("unsupported architecture model_type = \"{mt}\" (supported: llama, mistral, qwen2, qwen3, phi3)"),
+        };
+        let family = Family::from_model_type(mt).ok_or_else(unsupported)?;
+        let defaults = FamilyDefaults::of(mt).ok_or_else(unsupported)?;
         let hidden_size = r.int("hidden_size")?;
         let num_attention_heads = r.int("num_attention_heads")?;
-        let num_key_value_heads = r.int_or("num_key_value_heads", num_attention_heads)?;
+        let kv_given = get(&v, "num_key_value_heads").is_some();
+        let num_key_value_heads = r.int_or("num_key_value_heads", defaults.num_key_value_heads.unwrap_or(num_attention_heads))?;
         let explicit_head_dim = get(&v, "head_dim").is_some_and(|x| !x.is_null());
-        if !explicit_head_dim && num_attention_heads > 0 && hidden_size % num_attention_heads != 0 {
+        if !explicit_head_dim && defaults.head_dim.is_none() && num_attention_heads > 0 && hidden_size % num_attention_heads != 0 {
             return Err(ModelError::Config {
                 path: origin.into(),
                 msg: format!(
@@ -166,12 +242,13 @@ impl ModelConfig {
                 ),
             });
         }
-        let head_dim = r.int_or("head_dim", hidden_size / num_attention_heads.max(1))?;
+        let head_dim = r.int_or("head_dim", defaults.head_dim.unwrap_or(hidden_size / num_attention_heads.max(1)))?;
         if num_attention_heads <= 0 || num_key_value_heads <= 0 || num_attention_heads % num_key_value_heads != 0 {
+            let defaulted = if kv_given { String::new() } else { format!(", {mt}'s default when the key is absent: give it explicitly") };
             return Err(ModelError::Config {
                 path: origin.into(),
                 msg: format!(
-                    "num_attention_heads ({num_attention_heads}) must be a positive multiple of num_key_value_heads ({num_key_value_heads})"
+                    "num_attention_heads ({num_attention_heads}) must be a positive multiple of num_key_value_heads ({num_key_value_heads}{defaulted})"
                 ),
             });
         }
@@ -186,8 +263,12 @@ impl ModelConfig {
             None => r.float_or("partial_rotary_factor", 1.0)?,
         };
         let rotary_dim = ((head_dim as f64) * partial) as i64;
-        let max_position_embeddings = r.int_or("max_position_embeddings", 2048)?;
-        let rope_scaling = parse_rope_scaling(rope_params, &v, origin, rotary_dim, max_position_embeddings)?;
+        let max_position_embeddings = r.int_or("max_position_embeddings", defaults.max_position_embeddings)?;
+        let original_max = get(&v, "original_max_position_embeddings")
+            .and_then(|x| x.as_i64())
+            .or(defaults.original_max_position_embeddings)
+            .unwrap_or(max_position_embeddings);
+        let rope_scaling = parse_rope_scaling(rope_params, origin, rotary_dim, max_position_embeddings, original_max)?;
 
         let attention_bias = r.bool_or("attention_bias", false)?;
         let (qkv_bias, o_bias) = match family {
@@ -204,7 +285,13 @@ impl ModelConfig {
                     None
                 }
             }
-            Family::Phi3 | Family::Llama => get(&v, "sliding_window").and_then(|x| x.as_i64()),
+            // transformers' Llama attention has no window, whatever the file says.
+            Family::Llama if mt == "llama" => None,
+            // An explicit `null` switches the window off; an absent key is the family's default (Mistral's 4096).
+            Family::Phi3 | Family::Llama => match v.get("sliding_window") {
+                None => defaults.sliding_window,
+                Some(x) => x.as_i64(),
+            },
         };
         let eos_token_ids = match get(&v, "eos_token_id") {
             Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_i64()).collect(),
@@ -214,6 +301,7 @@ impl ModelConfig {
         let dtype = get(&v, "torch_dtype").or_else(|| get(&v, "dtype")).and_then(|x| x.as_str()).map(String::from);
         let cfg = ModelConfig {
             family,
+            defaults,
             vocab_size: r.int("vocab_size")?,
             hidden_size,
             intermediate_size: r.int("intermediate_size")?,
@@ -221,7 +309,7 @@ impl ModelConfig {
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            rms_norm_eps: r.float_or("rms_norm_eps", 1e-6)?,
+            rms_norm_eps: r.float_or("rms_norm_eps", defaults.rms_norm_eps)?,
             rope_theta,
             rotary_dim,
             rope_scaling,
@@ -264,6 +352,72 @@ impl ModelConfig {
         Ok(cfg)
     }
 
+    /// config.json as whet saves it: the file as given plus every key the forward reads, resolved (the value
+    /// used here, which is transformers' default where the file left the key out), and `architectures`, which
+    /// vLLM and llama.cpp's converter need. A checkpoint then means the same in transformers, vLLM and whet
+    /// whatever the defaults of the version that reads it. Keys already present are kept as written.
+    pub fn resolved_json(&self) -> Value {
+        let mut v = self.raw.clone();
+        let Some(o) = v.as_object_mut() else { return v };
+        let absent = |o: &serde_json::Map<String, Value>, k: &str| o.get(k).is_none_or(Value::is_null);
+        let fill = |o: &mut serde_json::Map<String, Value>, k: &str, x: Value| {
+            if absent(o, k) {
+                o.insert(k.to_string(), x);
+            }
+        };
+        fill(o, "architectures", json!([self.defaults.architecture]));
+        fill(o, "hidden_act", json!("silu"));
+        fill(o, "num_key_value_heads", json!(self.num_key_value_heads));
+        fill(o, "head_dim", json!(self.head_dim));
+        fill(o, "rms_norm_eps", json!(self.rms_norm_eps));
+        fill(o, "max_position_embeddings", json!(self.max_position_embeddings));
+        fill(o, "tie_word_embeddings", json!(self.tie_word_embeddings));
+        // rope_theta: inside rope_parameters (transformers 5) or at the top level (4.x); written at the top level
+        // when neither place has it, which both versions read.
+        let nested_theta = ["rope_parameters", "rope_scaling"].iter().any(|k| o.get(*k).and_then(|p| get(p, "rope_theta")).is_some());
+        if !nested_theta {
+            fill(o, "rope_theta", json!(self.rope_theta));
+        }
+        match self.family {
+            Family::Llama => {
+                fill(o, "attention_bias", json!(self.o_bias));
+                fill(o, "mlp_bias", json!(self.mlp_bias));
+                if self.defaults.sliding_window.is_some() && !o.contains_key("sliding_window") {
+                    o.insert("sliding_window".into(), json!(self.sliding_window));
+                }
+            }
+            Family::Qwen2 | Family::Qwen3 => {
+                if self.family == Family::Qwen3 {
+                    fill(o, "attention_bias", json!(self.o_bias));
+                }
+                fill(o, "use_sliding_window", json!(self.sliding_window.is_some()));
+            }
+            Family::Phi3 => {
+                let nested_partial = ["rope_parameters", "rope_scaling"].iter().any(|k| o.get(*k).and_then(|p| get(p, "partial_rotary_factor")).is_some());
+                if !nested_partial {
+                    fill(o, "partial_rotary_factor", json!(self.rotary_dim as f64 / self.head_dim as f64));
+                }
+                let orig = match &self.rope_scaling {
+                    RopeScaling::LongRope { original_max_position_embeddings, .. } => *original_max_position_embeddings,
+                    _ => self.defaults.original_max_position_embeddings.unwrap_or(self.max_position_embeddings),
+                };
+                fill(o, "original_max_position_embeddings", json!(orig));
+            }
+        }
+        // Token ids: the family default where it names a token of this vocabulary, else null (transformers
+        // refuses a padding id past the vocabulary, and a short inline config would otherwise not load there).
+        for (k, d) in [
+            ("bos_token_id", self.defaults.bos_token_id),
+            ("eos_token_id", self.defaults.eos_token_id),
+            ("pad_token_id", self.defaults.pad_token_id),
+        ] {
+            if !o.contains_key(k) {
+                o.insert(k.into(), json!(d.filter(|&id| id < self.vocab_size)));
+            }
+        }
+        v
+    }
+
     /// Number of parameters the model has (tied embeddings counted once).
     pub fn num_parameters(&self) -> i64 {
         let h = self.hidden_size;
@@ -304,13 +458,9 @@ fn f64_list(v: &Value, key: &str, origin: &str) -> Result<Vec<f64>> {
         .collect()
 }
 
-fn parse_rope_scaling(
-    params: Option<&Value>,
-    top: &Value,
-    origin: &str,
-    rotary_dim: i64,
-    max_pos: i64,
-) -> Result<RopeScaling> {
+/// `original_max` is the top-level `original_max_position_embeddings` or its default, used when the rope
+/// parameters don't carry their own.
+fn parse_rope_scaling(params: Option<&Value>, origin: &str, rotary_dim: i64, max_pos: i64, original_max: i64) -> Result<RopeScaling> {
     let Some(p) = params else { return Ok(RopeScaling::Default) };
     let kind = get(p, "rope_type").or_else(|| get(p, "type")).and_then(|x| x.as_str()).unwrap_or("default");
     let num = |key: &str| -> Result<f64> {
@@ -342,11 +492,8 @@ fn parse_rope_scaling(
                     ),
                 });
             }
-            // original_max_position_embeddings lives at the top level (Phi-3) or inside the dict.
-            let orig = get(p, "original_max_position_embeddings")
-                .or_else(|| get(top, "original_max_position_embeddings"))
-                .and_then(|x| x.as_i64())
-                .unwrap_or(max_pos);
+            // original_max_position_embeddings lives inside the dict or at the top level (Phi-3).
+            let orig = get(p, "original_max_position_embeddings").and_then(|x| x.as_i64()).unwrap_or(original_max);
             // Attention factor (LongRoPE, arXiv 2402.13753; as in transformers' _compute_longrope_parameters):
             // explicit `attention_factor`, else sqrt(1 + ln(s) / ln(original)) with s = max / original (1 if s ≤ 1).
             let attention_factor = match get(p, "attention_factor").and_then(|x| x.as_f64()) {

@@ -520,14 +520,14 @@ pub fn convert_to_hf(gguf_path: &Path, out: &Path) -> Result<()> {
     let tied = !tensors.iter().any(|(n, _)| n == "lm_head.weight");
     let vocab = vocab.ok_or_else(|| g.err("no token_embd.weight tensor"))?;
     let cfg = hf_config(&g, &arch, tied, vocab)?;
-    // Validate against our own architecture before writing anything.
-    crate::config::ModelConfig::from_json(cfg.clone(), &g.path)?;
+    // Validate against our own architecture before writing anything; written resolved, like every checkpoint.
+    let cfg = crate::config::ModelConfig::from_json(cfg, &g.path)?.resolved_json();
 
     let tokenizer = hf_tokenizer(&g)?;
     write_dir_atomic(out, &partial_dir(out), |tmp| {
         write_safetensors(&tmp.join("model.safetensors"), &tensors, Some(Kind::Float))?;
         write_atomic(&tmp.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap().as_bytes())?;
-        write_generation_config(tmp, &cfg)?;
+        write_generation_config(tmp, &cfg, &[], &Default::default())?;
         if let Some((tok, tcfg)) = &tokenizer {
             write_atomic(&tmp.join("tokenizer.json"), serde_json::to_string(tok).unwrap().as_bytes())?;
             write_atomic(&tmp.join("tokenizer_config.json"), serde_json::to_string_pretty(tcfg).unwrap().as_bytes())?;

@@ -65,10 +65,12 @@ impl Model {
 
     /// Saves in the Hugging Face layout (see [`weights::save_pretrained`]).
     pub fn save(&self, out: &Path, opts: &weights::SaveOptions) -> Result<()> {
-        let mut o = weights::SaveOptions { kind: opts.kind, max_shard_bytes: opts.max_shard_bytes, source_dir: opts.source_dir };
-        if o.source_dir.is_none() {
-            o.source_dir = self.source_dir.as_deref();
-        }
-        weights::save_pretrained(&self.net.params, &self.net.cfg.raw, self.net.cfg.tie_word_embeddings, out, &o)
+        let o = weights::SaveOptions {
+            source_dir: opts.source_dir.or(self.source_dir.as_deref()),
+            model_dir: opts.model_dir.or(self.source_dir.as_deref()),
+            token_ids: opts.token_ids.clone(),
+            ..*opts
+        };
+        weights::save_pretrained(&self.net.params, &self.net.cfg.resolved_json(), self.net.cfg.tie_word_embeddings, out, &o)
     }
 }

@@ -254,13 +254,25 @@ pub struct SaveOptions<'a> {
     pub kind: Option<Kind>,
     /// Largest shard in bytes; bigger models are split into `model-0000i-of-0000n.safetensors` + index.
     pub max_shard_bytes: u64,
-    /// Directory whose tokenizer and generation config files are copied.
+    /// Directory whose tokenizer files are copied (the run's tokenizer).
     pub source_dir: Option<&'a Path>,
+    /// Directory the weights came from: its `generation_config.json` (extra EOS ids, sampling defaults) is kept.
+    pub model_dir: Option<&'a Path>,
+    /// The tokenizer's ids, for the `generation_config.json` keys no file states.
+    pub token_ids: TokenIds,
+}
+
+/// Special-token ids of a tokenizer (`eos` may hold several stop ids: eos and end-of-turn tokens).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TokenIds {
+    pub bos: Option<i64>,
+    pub eos: Vec<i64>,
+    pub pad: Option<i64>,
 }
 
 impl Default for SaveOptions<'_> {
     fn default() -> Self {
-        SaveOptions { kind: None, max_shard_bytes: 5_000_000_000, source_dir: None }
+        SaveOptions { kind: None, max_shard_bytes: 5_000_000_000, source_dir: None, model_dir: None, token_ids: TokenIds::default() }
     }
 }
 
@@ -320,29 +332,51 @@ fn write_pretrained(params: &ParamStore, config_json: &serde_json::Value, tied: 
     }
     write_atomic(&tmp.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap().as_bytes())?;
 
-    let mut have_gen = false;
-    if let Some(src) = opts.source_dir {
-        for f in TOKENIZER_FILES.iter().chain(["generation_config.json"].iter()) {
-            let p = src.join(f);
-            if p.exists() {
-                let bytes = std::fs::read(&p).map_err(|e| ModelError::io(&p, e))?;
-                write_atomic(&tmp.join(f), &bytes)?;
-                have_gen |= *f == "generation_config.json";
-            }
+    for f in TOKENIZER_FILES {
+        if let Some(p) = opts.source_dir.map(|d| d.join(f)).filter(|p| p.exists()) {
+            let bytes = std::fs::read(&p).map_err(|e| ModelError::io(&p, e))?;
+            write_atomic(&tmp.join(f), &bytes)?;
         }
     }
-    if !have_gen {
-        write_generation_config(tmp, &cfg)?;
-    }
-    Ok(())
+    let dirs: Vec<&Path> = opts.model_dir.into_iter().chain(opts.source_dir).collect();
+    write_generation_config(tmp, &cfg, &dirs, &opts.token_ids)
 }
 
-/// `generation_config.json` with the bos / eos / pad ids of a config.json.
-pub fn write_generation_config(dir: &Path, config_json: &serde_json::Value) -> Result<()> {
+fn read_generation_config(dir: &Path) -> Result<Option<serde_json::Map<String, serde_json::Value>>> {
+    let p = dir.join("generation_config.json");
+    let Ok(text) = std::fs::read_to_string(&p) else { return Ok(None) };
+    match serde_json::from_str(&text) {
+        Ok(serde_json::Value::Object(o)) => Ok(Some(o)),
+        Ok(_) => Err(ModelError::Other(format!("{}: expected a JSON object", p.display()))),
+        Err(e) => Err(ModelError::Other(format!("{}: not valid JSON: {e}", p.display()))),
+    }
+}
+
+/// `generation_config.json`: the merge of the files in `dirs` (earlier directories win key by key; the model's
+/// own file first, so its extra EOS ids and sampling defaults survive a tokenizer taken from elsewhere), then
+/// the bos / eos / pad ids config.json states, then the tokenizer's, for keys still missing. transformers'
+/// generate() never stops without an `eos_token_id`, so the tokenizer's stop ids fill it.
+pub fn write_generation_config(dir: &Path, config_json: &serde_json::Value, dirs: &[&Path], ids: &TokenIds) -> Result<()> {
     let mut g = serde_json::Map::new();
-    for k in ["bos_token_id", "eos_token_id", "pad_token_id"] {
-        if let Some(v) = config_json.get(k).filter(|v| !v.is_null()) {
-            g.insert(k.into(), v.clone());
+    for d in dirs {
+        for (k, v) in read_generation_config(d)?.unwrap_or_default() {
+            g.entry(k).or_insert(v);
+        }
+    }
+    let from_tokenizer = [
+        ("bos_token_id", ids.bos.map(serde_json::Value::from)),
+        ("eos_token_id", match ids.eos.as_slice() {
+            [] => None,
+            [one] => Some(serde_json::Value::from(*one)),
+            many => Some(serde_json::Value::from(many.to_vec())),
+        }),
+        ("pad_token_id", ids.pad.map(serde_json::Value::from)),
+    ];
+    for (k, tok) in from_tokenizer {
+        if g.get(k).is_none_or(|v| v.is_null()) {
+            if let Some(v) = config_json.get(k).filter(|v| !v.is_null()).cloned().or(tok) {
+                g.insert(k.into(), v);
+            }
         }
     }
     write_atomic(&dir.join("generation_config.json"), serde_json::to_string_pretty(&g).unwrap().as_bytes())
