@@ -63,6 +63,12 @@ impl MetaValue {
             _ => None,
         }
     }
+    pub fn as_bool(&self) -> Option<bool> {
+        match self {
+            MetaValue::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
     pub fn as_array(&self) -> Option<&[MetaValue]> {
         match self {
             MetaValue::Array(a) => Some(a),
@@ -426,8 +432,58 @@ fn hf_config(g: &GgufFile, arch: &str, tied: bool, vocab: i64) -> Result<Value> 
     Ok(c)
 }
 
+/// How text is split before BPE, by the `tokenizer.ggml.pre` name llama.cpp's converter writes: the normalizer,
+/// pre-tokenizer and `ignore_merges` of the model's own tokenizer.json. The split patterns are those of the
+/// published tokenizer.json files (Llama 3, Qwen2/3) and of llama.cpp's llama-vocab.cpp (the other types).
+struct PreTokenizer {
+    normalizer: Value,
+    pre_tokenizer: Value,
+    ignore_merges: bool,
+}
+
+/// Llama 3's split: numbers in groups of up to three digits.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2 / Qwen3's split: one digit per piece.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// DeepSeek LLM's splits, applied in turn.
+const DEEPSEEK_LLM_SPLITS: &[&str] = &[
+    "[\r\n]",
+    "\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",
+    "\\s?[!-/:-~！-／：-～‘-‟　-。]+",
+    "\\s+$",
+    "[一-龥ࠀ-一가-퟿]+",
+    "\\p{N}+",
+];
+
+impl PreTokenizer {
+    const NAMES: &'static [&'static str] = &["default", "gpt2", "llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx", "qwen2", "deepseek-r1-qwen", "smollm", "deepseek-llm"];
+
+    fn of(name: &str) -> Option<PreTokenizer> {
+        let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
+        let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+        let seq = |v: Vec<Value>| json!({"type": "Sequence", "pretokenizers": v});
+        let plain = |pre_tokenizer: Value| PreTokenizer { normalizer: Value::Null, pre_tokenizer, ignore_merges: false };
+        Some(match name {
+            // GPT-2's own pattern, inside ByteLevel.
+            "default" | "gpt2" => plain(byte_level(true)),
+            "llama-bpe" | "llama3" | "llama-v3" | "smaug-bpe" | "dbrx" => PreTokenizer {
+                ignore_merges: true,
+                ..plain(seq(vec![split(LLAMA3_SPLIT), byte_level(false)]))
+            },
+            "qwen2" | "deepseek-r1-qwen" => PreTokenizer {
+                normalizer: json!({"type": "NFC"}),
+                ..plain(seq(vec![split(QWEN2_SPLIT), byte_level(false)]))
+            },
+            // SmolLM: every digit apart, then GPT-2's pattern.
+            "smollm" => plain(seq(vec![json!({"type": "Digits", "individual_digits": true}), byte_level(true)])),
+            "deepseek-llm" => plain(seq(DEEPSEEK_LLM_SPLITS.iter().map(|r| split(r)).chain([byte_level(false)]).collect())),
+            _ => return None,
+        })
+    }
+}
+
 /// tokenizer.json + tokenizer_config.json from GGUF metadata (`tokenizer.ggml.model = gpt2`: byte-level BPE).
-fn hf_tokenizer(g: &GgufFile) -> Result<Option<(Value, Value)>> {
+pub fn hf_tokenizer(g: &GgufFile) -> Result<Option<(Value, Value)>> {
     let Some(model) = g.meta("tokenizer.ggml.model").and_then(|v| v.as_str()) else { return Ok(None) };
     if model != "gpt2" {
         eprintln!("whet: GGUF tokenizer model \"{model}\" is not byte-level BPE; tokenizer files not written");
@@ -465,18 +521,35 @@ fn hf_tokenizer(g: &GgufFile) -> Result<Option<(Value, Value)>> {
                               "normalized": false, "special": types.get(i) == Some(&3)}));
         }
     }
-    let bl = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    let pre_type = g.meta("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default");
+    let pre = PreTokenizer::of(pre_type).ok_or_else(|| {
+        g.err(format!(
+            "tokenizer.ggml.pre = \"{pre_type}\" is not a pre-tokenizer whet knows (supported: {}); convert the model's own tokenizer.json instead",
+            PreTokenizer::NAMES.join(", ")
+        ))
+    })?;
+    let bos = g.meta("tokenizer.ggml.bos_token_id").and_then(|v| v.as_i64()).and_then(|i| tokens.get(i as usize).map(|t| (i, *t)));
+    let add_bos = g.meta("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false);
+    let post_processor = match bos.filter(|_| add_bos) {
+        // The tokenizer adds BOS to every encoding (Llama 3): TemplateProcessing, as in the model's tokenizer.json.
+        Some((id, t)) => json!({"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": t, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": t, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": t, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {t: {"id": t, "ids": [id], "tokens": [t]}}}),
+        None => json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true}),
+    };
     let tok = json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
         "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": bl,
-        "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+        "normalizer": pre.normalizer,
+        "pre_tokenizer": pre.pre_tokenizer,
+        "post_processor": post_processor,
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": pre.ignore_merges,
                   "vocab": vocab, "merges": merges}
     });
     let name = |key: &str| {
