@@ -189,7 +189,12 @@ PHI4_MINI = ("{% for message in messages %}{% if message['role'] == 'system' and
              "{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endif %}{% endfor %}"
              "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}")
 
-# Tool schema keys are written in sorted order at every level: the Rust side reads JSON into sorted maps.
+# TOOLS has its keys in sorted order at every level; TOOLS_OPENAI in the order OpenAI's documentation writes them
+# (type before function, name before description): transformers renders keys in insertion order, and so must we.
+TOOLS_OPENAI = [{"type": "function", "function": {
+    "name": "calculator", "description": "Evaluate an arithmetic expression exactly.",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string", "description": "e.g. 23 + 14"}},
+                   "required": ["expression"]}}}]
 TOOLS = [{"function": {"description": "Evaluate an arithmetic expression exactly.", "name": "calculator",
                        "parameters": {"properties": {"expression": {"description": "e.g. 23 + 14", "type": "string"}},
                                       "required": ["expression"], "type": "object"}},
@@ -226,6 +231,19 @@ CASES = [
             {"function": {"arguments": {"expression": "123 * 456"}, "name": "calculator"}, "type": "function"}]},
         {"role": "tool", "content": "56088"},
         {"role": "assistant", "content": "The product is 56088."}], "tools": TOOLS, "add_generation_prompt": False},
+    {"name": "tools_openai_order_gen", "messages": [{"role": "user", "content": "Compute 123 * 456."}], "tools": TOOLS_OPENAI,
+     "add_generation_prompt": True},
+    {"name": "tool_call_openai_order", "messages": [
+        {"role": "user", "content": "Compute 123 * 456."},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "123 * 456"}}}]},
+        {"role": "tool", "content": "56088"},
+        {"role": "assistant", "content": "The product is 56088."}], "tools": TOOLS_OPENAI, "add_generation_prompt": False},
+    # A long-CoT trace in Qwen3's format: the reasoning in its own field, not in the content.
+    {"name": "reasoning_content_field", "messages": [
+        {"role": "user", "content": "What is 7 * 8 - 6?"},
+        {"role": "assistant", "reasoning_content": "7 * 8 = 56, and 56 - 6 = 50.", "content": "The answer is \\boxed{50}."}],
+     "add_generation_prompt": False},
     {"name": "no_thinking_gen", "messages": [{"role": "user", "content": "What is 1 + 1?"}], "add_generation_prompt": True,
      "kwargs": {"enable_thinking": False}},
 ]

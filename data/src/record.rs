@@ -9,12 +9,17 @@ pub struct Message {
     pub role: String,
     /// The text.
     pub content: String,
+    /// Every other field of the message as the dataset gave it (`reasoning_content`, `tool_calls`, `name`,
+    /// `tool_call_id`, …), in its order: chat templates read them (Qwen3 renders `reasoning_content` as the think
+    /// block of a long chain-of-thought trace), so they are kept to the render.
+    #[serde(flatten, default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub fields: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Message {
     /// A message with any role.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Message { role: role.into(), content: content.into() }
+        Message { role: role.into(), content: content.into(), fields: Default::default() }
     }
     /// A `system` message.
     pub fn system(content: impl Into<String>) -> Self {

@@ -140,18 +140,9 @@ impl ChatTemplate {
         self.special_tokens.get(key).and_then(|v| v.as_str())
     }
 
-    /// Renders plain role/content messages.
+    /// Renders messages (role, content and every other field they carry).
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let json: Vec<Json> = messages
-            .iter()
-            .map(|m| {
-                let mut o = Map::new();
-                o.insert("role".into(), Json::String(m.role.clone()));
-                o.insert("content".into(), Json::String(m.content.clone()));
-                Json::Object(o)
-            })
-            .collect();
-        self.render_json(&json, &RenderOptions { add_generation_prompt, ..Default::default() })
+        self.render_with(messages, &RenderOptions { add_generation_prompt, ..Default::default() })
     }
 
     /// Renders with options (tools, extra variables).

@@ -50,7 +50,7 @@ fn templates_render_like_transformers() {
         assert!(names.iter().any(|n| n == want), "fixture lacks {want}");
     }
     eprintln!("template parity: {checked} renders identical across {} templates", names.len());
-    assert!(checked >= 54);
+    assert!(checked >= 72);
 }
 
 #[test]
@@ -71,6 +71,51 @@ fn real_tokenizers_give_transformers_ids() {
             let (Some(text), Some(ids)) = (c["expected"].as_str(), c["expected_ids"].as_array()) else { continue };
             let want: Vec<u32> = ids.iter().map(|v| v.as_u64().unwrap() as u32).collect();
             assert_eq!(tok.encode(text, false).unwrap(), want, "{name}/{}", c["name"]);
+        }
+    }
+}
+
+/// A conversation as a dataset row gives it, through the data path (JSONL → record → SFT example): every message
+/// field the template reads reaches it. Long-CoT traces in Qwen3's format keep their reasoning (issue 16: the
+/// think block used to be empty), tool calls keep their arguments and key order.
+#[test]
+fn dataset_rows_keep_every_field_the_template_reads() {
+    use data::tokenize::{tokenize_record, IGNORE_INDEX};
+    use data::{load_records, DataConfig, Record, TokenizeConfig};
+    let fx = fixtures();
+    let Some(dir) = common::tokenizer_dir("qwen3") else { return };
+    let (tok, template) = Tokenizer::from_dir(&dir).unwrap();
+    let template = template.unwrap();
+    let qwen3 = fx["templates"].as_array().unwrap().iter().find(|t| t["name"] == "qwen3").unwrap();
+    let d = common::scratch("fields");
+    for case in ["reasoning_content_field", "tool_call_openai_order", "tool_call_roundtrip"] {
+        let c = qwen3["cases"].as_array().unwrap().iter().find(|c| c["name"] == case).unwrap();
+        assert!(c["tools"].is_null() || case.starts_with("tool"), "{case}");
+        let p = d.join(format!("{case}.jsonl"));
+        std::fs::write(&p, format!("{}\n", serde_json::json!({"messages": c["messages"]}))).unwrap();
+        let mut cfg = DataConfig::new(&p);
+        cfg.messages = Some("messages".into());
+        let recs = load_records(&cfg).unwrap();
+        let Record::Conversation { messages } = &recs[0] else { panic!("{case}: not a conversation") };
+        // The rendered record equals transformers' rendering of the same messages (tools aside: they come from
+        // the recipe, not the row, so they are left out of both renders here).
+        let want = if c["tools"].is_null() {
+            c["expected"].as_str().unwrap().to_string()
+        } else {
+            let opts = RenderOptions { add_generation_prompt: false, tools: None, extra: Default::default() };
+            template.render_json(c["messages"].as_array().unwrap(), &opts).unwrap()
+        };
+        assert_eq!(template.render(messages, false).unwrap(), want, "{case}: the record lost a field the template reads");
+        let (ex, _) = tokenize_record(&tok, Some(&template), &recs[0], &TokenizeConfig::default()).unwrap().unwrap();
+        assert_eq!(ex.input_ids, tok.encode(&want, false).unwrap(), "{case}");
+        let trained: Vec<u32> = ex.labels.iter().filter(|&&l| l != IGNORE_INDEX).map(|&l| l as u32).collect();
+        let text = tok.decode(&trained, false).unwrap();
+        if case == "reasoning_content_field" {
+            assert!(text.contains("<think>\n7 * 8 = 56, and 56 - 6 = 50.\n</think>"), "{case}: the reasoning is not trained on: {text:?}");
+            eprintln!("{case}: {} of {} tokens carry the loss, the think block included", trained.len(), ex.input_ids.len());
+        }
+        if case == "tool_call_openai_order" {
+            assert!(text.contains(r#"{"name": "calculator", "arguments": {"expression": "123 * 456"}}"#), "{case}: {text:?}");
         }
     }
 }

@@ -372,7 +372,7 @@ crate::stage::training_stage! {
         /// Synthetic arithmetic conversations instead of a dataset.
         #[serde(default)]
         pub synthetic: Option<SyntheticSpec>,
-        /// Tokenization: max_length, loss_on (all_assistant, last_assistant, completion_only), truncation.
+        /// Tokenization: `max_length`, `loss_on`, `truncation`, `add_eos`, `template_kwargs` (the keys below).
         #[serde(default)]
         pub tokenize: TokenizeConfig,
         /// Pack examples into rows of `max_length` tokens (best-fit decreasing, no cross-document attention).

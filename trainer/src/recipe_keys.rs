@@ -38,13 +38,31 @@ fn type_name(s: &Value, defs: &Map<String, Value>) -> String {
     }
 }
 
+/// The values of an enum with their doc comments (`` `a`: meaning; `b`: meaning ``), from the enum itself, so that
+/// what the table says a key accepts is what the parser accepts.
+fn value_docs(r: &Value) -> Option<String> {
+    let one = r.get("oneOf")?.as_array()?;
+    let docs: Vec<String> = one
+        .iter()
+        .filter_map(|x| {
+            let c = x.get("const").or_else(|| x.get("enum").and_then(|e| e.get(0)))?.as_str()?;
+            let d = x.get("description").and_then(|d| d.as_str())?.replace('\n', " ");
+            Some(format!("`{c}`: {}", d.trim_end_matches('.')))
+        })
+        .collect();
+    (docs.len() == one.len() && !docs.is_empty()).then(|| docs.join("; ") + ".")
+}
+
 fn walk(s: &Value, defs: &Map<String, Value>, prefix: &str, out: &mut Vec<[String; 4]>) {
     let r = resolve(s, defs);
     let Some(props) = r.get("properties").and_then(|p| p.as_object()) else { return };
     for (k, sub) in props {
         let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
         let target = resolve(sub, defs);
-        let doc = sub.get("description").or_else(|| target.get("description")).and_then(|d| d.as_str()).unwrap_or("").replace('\n', " ");
+        let mut doc = sub.get("description").or_else(|| target.get("description")).and_then(|d| d.as_str()).unwrap_or("").replace('\n', " ");
+        if let Some(values) = value_docs(target) {
+            doc = format!("{doc} Values: {values}").trim().to_string();
+        }
         let default = sub.get("default").map(|d| d.to_string()).unwrap_or_else(|| "required".into());
         out.push([path.clone(), type_name(sub, defs), default, doc]);
         if target.get("properties").is_some() {
@@ -85,5 +103,60 @@ mod tests {
         assert!(t.contains("`stage[kind=sft].tokenize.loss_on`"), "{t}");
         assert!(t.contains("`model.dtype` | string | \"float32\""), "{t}");
         assert!(t.contains("`stage[kind=sft].schedule` | \"constant\" / \"linear\" / \"cosine\""), "{t}");
+        // an enum's values are documented from the enum's own variants
+        assert!(t.contains("Values: `all_assistant`: Every assistant turn"), "{t}");
+    }
+
+    /// Every enum value of the schema, grouped by enum.
+    fn enums() -> Vec<Vec<String>> {
+        let schema = serde_json::to_value(schemars::schema_for!(crate::recipe::Recipe)).unwrap();
+        let mut out = vec![];
+        for d in schema["$defs"].as_object().unwrap().values() {
+            let vals: Vec<String> = match (d.get("enum"), d.get("oneOf")) {
+                (Some(e), _) => e.as_array().unwrap().iter().filter_map(|v| v.as_str().map(String::from)).collect(),
+                (_, Some(o)) => o.as_array().unwrap().iter().filter_map(|x| x.get("const").or_else(|| x.pointer("/enum/0"))?.as_str().map(String::from)).collect(),
+                _ => continue,
+            };
+            if !vals.is_empty() {
+                out.push(vals);
+            }
+        }
+        out
+    }
+
+    /// The value lists of a table's descriptions, e.g. "(a, b, c)", that name a value of some enum: each must
+    /// hold only values of that enum. Returns how many lists were checked.
+    fn check_value_lists(table: &str, enums: &[Vec<String>]) -> Result<usize, String> {
+        let ident = |w: &str| !w.is_empty() && w.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        let mut checked = 0;
+        for line in table.lines() {
+            let doc = line.trim_end_matches(" |").rsplit(" | ").next().unwrap_or("");
+            for group in doc.split('(').skip(1).filter_map(|g| g.split_once(')').map(|(g, _)| g)) {
+                let words: Vec<&str> = group.split([',', '/']).flat_map(|w| w.split(" or ")).map(|w| w.trim().trim_matches('`')).collect();
+                if words.len() < 2 || !words.iter().all(|w| ident(w)) {
+                    continue;
+                }
+                let Some(e) = enums.iter().find(|e| words.iter().any(|w| e.iter().any(|v| v == w))) else { continue };
+                if let Some(w) = words.iter().find(|w| !e.contains(&w.to_string())) {
+                    return Err(format!("{line}\n  documents `{w}`, which is not one of {e:?}"));
+                }
+                checked += 1;
+            }
+        }
+        Ok(checked)
+    }
+
+    /// A description names only values the parser accepts (issue 16: `tokenize` documented `loss_on` as
+    /// all_assistant, last_assistant, completion_only; the last two were never accepted).
+    #[test]
+    fn documented_value_lists_are_values_the_parser_accepts() {
+        let enums = enums();
+        if let Err(e) = check_value_lists(&super::table(), &enums) {
+            panic!("{e}");
+        }
+        let old = "| `stage[kind=sft].tokenize` | table | {} | Tokenization: max_length, loss_on (all_assistant, last_assistant, completion_only), truncation. |";
+        let e = check_value_lists(old, &enums).unwrap_err();
+        assert!(e.contains("`last_assistant`"), "{e}");
+        assert_eq!(check_value_lists("| `k` | t | d | one of (all_assistant, last_turn, completion). |", &enums), Ok(1));
     }
 }

@@ -444,7 +444,12 @@ fn write_checkpoint(ctx: &Ctx, state: &TrainState, model: &Model, opt: Option<&A
     let (index, done) = (state.stage, state.step);
     check_finite(model, &state.stage_name, done)?;
     let dir = checkpoint::write(&ctx.output, state, |d| {
-        model.save(&d.join("model"), &model::weights::SaveOptions { source_dir: Some(&ctx.tok_dir), ..Default::default() })?;
+        let token_ids = model::weights::TokenIds {
+            bos: ctx.tok.bos_id.map(i64::from),
+            eos: ctx.tok.stop_token_ids().into_iter().map(i64::from).collect(),
+            pad: Some(ctx.tok.pad_id.into()),
+        };
+        model.save(&d.join("model"), &model::weights::SaveOptions { source_dir: Some(&ctx.tok_dir), token_ids, ..Default::default() })?;
         if let Some(opt) = opt.filter(|_| !state.stage_complete) {
             crate::faults::point(&format!("ckpt-write:{index}:{done}"));
             opt.save(&d.join("optimizer.safetensors"))?;

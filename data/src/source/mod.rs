@@ -336,7 +336,7 @@ fn reply(row: &SourceRow, column: &str, v: &Value) -> Result<String> {
     }
 }
 
-/// A list of `{role, content}` (or ShareGPT `{from, value}`) objects.
+/// A list of `{role, content, ...}` (or ShareGPT `{from, value}`) objects; fields beyond role and content are kept.
 fn messages(row: &SourceRow, column: &str, v: &Value) -> Result<Vec<Message>> {
     let list = v.as_array().ok_or_else(|| {
         DataError::row(&row.file, row.row, column, format!("expected a list of messages, found {}", type_name(v)))
@@ -355,12 +355,17 @@ fn messages(row: &SourceRow, column: &str, v: &Value) -> Result<Vec<Message>> {
             },
             _ => return Err(bad("needs a string `role` (or `from`)".into())),
         };
+        let has_tool_calls = obj.get("tool_calls").is_some_and(|t| !t.is_null());
         let content = match content {
             Some(Value::String(c)) => c.clone(),
+            // An assistant turn that only calls tools has no text (OpenAI's format writes `content: null`).
+            Some(Value::Null) | None if has_tool_calls => String::new(),
             Some(Value::Null) | None => return Err(bad("needs a string `content` (or `value`)".into())),
             Some(other) => return Err(bad(format!("`content` must be a string, found {}", type_name(other)))),
         };
-        out.push(Message { role, content });
+        // Every other field goes to the chat template as given (reasoning_content, tool_calls, name, …).
+        let fields = obj.iter().filter(|(k, _)| !matches!(k.as_str(), "role" | "from" | "content" | "value")).map(|(k, v)| (k.clone(), v.clone())).collect();
+        out.push(Message { role, content, fields });
     }
     Ok(out)
 }
