@@ -133,4 +133,50 @@ fn phi4_mini_reasoning_recipe_runs_all_four_stages_on_a_tiny_phi3() {
     }
     let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("out/checkpoints/s03-final/model/config.json")).unwrap()).unwrap();
     assert_eq!(cfg["model_type"], "phi3");
+    // saved resolved (issue 16): transformers builds this model from the file alone, as whet computed it
+    assert_eq!(cfg["architectures"], serde_json::json!(["Phi3ForCausalLM"]));
+    assert_eq!(cfg["rms_norm_eps"], serde_json::json!(1e-5));
+    assert_eq!(cfg["pad_token_id"], serde_json::Value::Null, "Phi-3's default padding id 32000 is past this vocabulary");
+    assert_eq!(cfg["original_max_position_embeddings"], serde_json::json!(4096));
+    let gen: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("out/checkpoints/s03-final/model/generation_config.json")).unwrap()).unwrap();
+    assert!(gen.get("eos_token_id").is_some_and(|e| !e.is_null()), "generate() would never stop: {gen}");
+}
+
+/// `[model] tokenizer` in another folder than `[model] path`: the checkpoint keeps the model's own
+/// generation_config.json (its extra EOS ids and sampling defaults), merged with the tokenizer's ids (issue 16).
+#[test]
+fn checkpoints_keep_the_models_generation_config_when_the_tokenizer_lives_elsewhere() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let recipe = |model: &str| {
+        format!(
+            "[model]\n{model}\ndevice = \"cpu\"\n\n[run]\nthreads = 1\nsave_every = 0\n\n[[stage]]\nkind = \"sft\"\nsynthetic = {{ count = 40 }}\ntokenize = {{ max_length = 128 }}\nmax_steps = 2\nbatch_size = 4\nlr = 1e-3\n"
+        )
+    };
+    let run = |dir: &std::path::Path, text: String| {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("recipe.toml"), text).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_train")).arg("--recipe").arg(dir.join("recipe.toml")).arg("--output").arg(dir.join("out")).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        dir.join("out/checkpoints/s00-final/model")
+    };
+    // A base model: a tiny run's output, given a generation_config.json of its own.
+    let first = run(&d.join("a"), recipe("config = { model_type = \"llama\", vocab_size = 260, hidden_size = 32, intermediate_size = 64, num_hidden_layers = 1, num_attention_heads = 4 }\ntokenizer = \"builtin:bytes\""));
+    let gen_of = |dir: &std::path::Path| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(dir.join("generation_config.json")).unwrap()).unwrap() };
+    assert!(gen_of(&first).get("eos_token_id").is_some_and(|e| !e.is_null()), "{}", gen_of(&first));
+    let base = d.join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(first.join(f), base.join(f)).unwrap();
+    }
+    std::fs::write(base.join("generation_config.json"), r#"{"bos_token_id": 1, "eos_token_id": [2, 257], "temperature": 0.6, "top_p": 0.95, "do_sample": true}"#).unwrap();
+    let tok = d.join("a/out/tokenizer");
+    assert!(tok.join("tokenizer.json").is_file() && !tok.join("generation_config.json").exists());
+    let model = format!("path = \"{}\"\ntokenizer = \"{}\"", base.display(), tok.display());
+    let second = run(&d.join("b"), recipe(&model));
+    let g = gen_of(&second);
+    for (k, v) in [("eos_token_id", serde_json::json!([2, 257])), ("temperature", serde_json::json!(0.6)), ("top_p", serde_json::json!(0.95)), ("do_sample", serde_json::json!(true))] {
+        assert_eq!(g[k], v, "{k} lost: {g}");
+    }
+    assert!(g.get("pad_token_id").is_some(), "{g}");
 }
