@@ -372,10 +372,11 @@ impl ModelConfig {
         fill(o, "rms_norm_eps", json!(self.rms_norm_eps));
         fill(o, "max_position_embeddings", json!(self.max_position_embeddings));
         fill(o, "tie_word_embeddings", json!(self.tie_word_embeddings));
+        // A key given inside the rope dictionary (rope_parameters, or 4.x's rope_scaling).
+        let in_rope_dict = |o: &serde_json::Map<String, Value>, k: &str| ["rope_parameters", "rope_scaling"].iter().any(|d| o.get(*d).and_then(|p| get(p, k)).is_some());
         // rope_theta: inside rope_parameters (transformers 5) or at the top level (4.x); written at the top level
         // when neither place has it, which both versions read.
-        let nested_theta = ["rope_parameters", "rope_scaling"].iter().any(|k| o.get(*k).and_then(|p| get(p, "rope_theta")).is_some());
-        if !nested_theta {
+        if !in_rope_dict(o, "rope_theta") {
             fill(o, "rope_theta", json!(self.rope_theta));
         }
         match self.family {
@@ -393,8 +394,7 @@ impl ModelConfig {
                 fill(o, "use_sliding_window", json!(self.sliding_window.is_some()));
             }
             Family::Phi3 => {
-                let nested_partial = ["rope_parameters", "rope_scaling"].iter().any(|k| o.get(*k).and_then(|p| get(p, "partial_rotary_factor")).is_some());
-                if !nested_partial {
+                if !in_rope_dict(o, "partial_rotary_factor") {
                     fill(o, "partial_rotary_factor", json!(self.rotary_dim as f64 / self.head_dim as f64));
                 }
                 let orig = match &self.rope_scaling {

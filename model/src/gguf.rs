@@ -390,16 +390,14 @@ fn hf_config(g: &GgufFile, arch: &str, tied: bool, vocab: i64) -> Result<Value> 
     let heads = meta_i(g, &p("attention.head_count"))?;
     let hidden = meta_i(g, &p("embedding_length"))?;
     let kv = g.meta(&p("attention.head_count_kv")).and_then(|v| v.as_i64()).unwrap_or(heads);
-    let (model_type, archs) = match arch {
-        "llama" => ("llama", "LlamaForCausalLM"),
-        "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
-        "qwen3" => ("qwen3", "Qwen3ForCausalLM"),
-        "phi3" => ("phi3", "Phi3ForCausalLM"),
+    // llama.cpp's architecture names are the model_types; `architectures` and the other defaults are filled in by
+    // `ModelConfig::resolved_json` when the converted config is written.
+    let model_type = match arch {
+        "llama" | "qwen2" | "qwen3" | "phi3" => arch,
         other => return Err(g.err(format!("unsupported GGUF architecture \"{other}\" (supported: llama, qwen2, qwen3, phi3)"))),
     };
     let head_dim = g.meta(&p("attention.key_length")).and_then(|v| v.as_i64()).unwrap_or(hidden / heads);
     let mut c = json!({
-        "architectures": [archs],
         "model_type": model_type,
         "vocab_size": vocab,
         "hidden_size": hidden,

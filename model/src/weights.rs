@@ -338,11 +338,14 @@ fn write_pretrained(params: &ParamStore, config_json: &serde_json::Value, tied: 
             write_atomic(&tmp.join(f), &bytes)?;
         }
     }
-    let dirs: Vec<&Path> = opts.model_dir.into_iter().chain(opts.source_dir).collect();
+    let mut dirs: Vec<&Path> = opts.model_dir.into_iter().collect();
+    // The tokenizer folder's file too, unless it is the model's own (read once).
+    dirs.extend(opts.source_dir.filter(|s| opts.model_dir != Some(*s)));
     write_generation_config(tmp, &cfg, &dirs, &opts.token_ids)
 }
 
-fn read_generation_config(dir: &Path) -> Result<Option<serde_json::Map<String, serde_json::Value>>> {
+/// A directory's `generation_config.json` as a JSON object (`None` when there is none).
+pub fn read_generation_config(dir: &Path) -> Result<Option<serde_json::Map<String, serde_json::Value>>> {
     let p = dir.join("generation_config.json");
     let Ok(text) = std::fs::read_to_string(&p) else { return Ok(None) };
     match serde_json::from_str(&text) {

@@ -168,10 +168,10 @@ fn resolve_columns(a: &EvalArgs) -> Result<(String, AnswerFormat)> {
 }
 
 /// Eos ids from the model directory's generation_config.json (an id or a list).
+/// A missing or unreadable file gives none.
 fn generation_eos(dir: &Path) -> Vec<i64> {
-    let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) else { return Vec::new() };
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else { return Vec::new() };
-    match v.get("eos_token_id") {
+    let Some(g) = model::weights::read_generation_config(dir).ok().flatten() else { return Vec::new() };
+    match g.get("eos_token_id") {
         Some(serde_json::Value::Number(n)) => n.as_i64().into_iter().collect(),
         Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_i64()).collect(),
         _ => Vec::new(),

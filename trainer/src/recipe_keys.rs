@@ -24,7 +24,7 @@ fn type_name(s: &Value, defs: &Map<String, Value>) -> String {
         return e.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(" / ");
     }
     if let Some(one) = r.get("oneOf").and_then(|o| o.as_array()) {
-        let consts: Vec<String> = one.iter().filter_map(|x| x.get("const").or_else(|| x.get("enum").and_then(|e| e.get(0)))).map(|c| c.to_string()).collect();
+        let consts: Vec<String> = one.iter().filter_map(variant_value).map(|c| c.to_string()).collect();
         if consts.len() == one.len() {
             return consts.join(" / ");
         }
@@ -38,6 +38,11 @@ fn type_name(s: &Value, defs: &Map<String, Value>) -> String {
     }
 }
 
+/// The value of one variant of an enum's `oneOf` (a documented variant is `{const}` or `{enum: [value]}`).
+fn variant_value(x: &Value) -> Option<&Value> {
+    x.get("const").or_else(|| x.get("enum").and_then(|e| e.get(0)))
+}
+
 /// The values of an enum with their doc comments (`` `a`: meaning; `b`: meaning ``), from the enum itself, so that
 /// what the table says a key accepts is what the parser accepts.
 fn value_docs(r: &Value) -> Option<String> {
@@ -45,7 +50,7 @@ fn value_docs(r: &Value) -> Option<String> {
     let docs: Vec<String> = one
         .iter()
         .filter_map(|x| {
-            let c = x.get("const").or_else(|| x.get("enum").and_then(|e| e.get(0)))?.as_str()?;
+            let c = variant_value(x)?.as_str()?;
             let d = x.get("description").and_then(|d| d.as_str())?.replace('\n', " ");
             Some(format!("`{c}`: {}", d.trim_end_matches('.')))
         })
@@ -114,7 +119,7 @@ mod tests {
         for d in schema["$defs"].as_object().unwrap().values() {
             let vals: Vec<String> = match (d.get("enum"), d.get("oneOf")) {
                 (Some(e), _) => e.as_array().unwrap().iter().filter_map(|v| v.as_str().map(String::from)).collect(),
-                (_, Some(o)) => o.as_array().unwrap().iter().filter_map(|x| x.get("const").or_else(|| x.pointer("/enum/0"))?.as_str().map(String::from)).collect(),
+                (_, Some(o)) => o.as_array().unwrap().iter().filter_map(|x| super::variant_value(x)?.as_str().map(String::from)).collect(),
                 _ => continue,
             };
             if !vals.is_empty() {
