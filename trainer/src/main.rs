@@ -4,30 +4,14 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
-mod accuracy;
-mod builtin_tokenizer;
-mod checkpoint;
-mod faults;
-mod loss;
-mod metrics;
-mod optim;
-mod precision;
-mod plot;
-mod progress;
-mod recipe;
-mod recipe_keys;
-mod run;
-mod sft;
-mod stage;
-mod dpo;
-mod grpo;
-mod launch;
-mod data_parallel;
-mod rl;
-mod eval_cmd;
-mod smoke;
-mod tensorboard;
-mod wandb;
+// Top to bottom, each part uses only those below it (the layout test in `layout_check` keeps it so):
+mod cli; // the subcommands
+mod recipe; // the recipe file: parsing, validation, fingerprint
+mod stages; // the stage kinds: sft, dpo, rollout_dpo, grpo
+mod training; // the machinery every stage uses: context, optimizer, steps, checkpoints, data parallelism
+mod observe; // metrics, TensorBoard, W&B, plots, progress
+mod algo; // pure algorithms: log-prob passes, policy-gradient pieces, preference losses
+mod settings; // the run-wide recipe tables
 
 #[derive(Parser)]
 #[command(name = "train", version, about = "whet: RL post-training for small language models")]
@@ -43,7 +27,7 @@ struct Cli {
     /// Where to continue from: auto (the latest complete checkpoint in the output directory), never, or a
     /// checkpoint directory.
     #[arg(long, default_value = "auto")]
-    resume: run::Resume,
+    resume: cli::run::Resume,
     /// Resume even when the recipe changed since the checkpoint.
     #[arg(long)]
     force: bool,
@@ -60,7 +44,7 @@ struct Cli {
     #[arg(long, global = true)]
     threads: Option<i32>,
     #[command(flatten)]
-    launch: launch::LaunchArgs,
+    launch: cli::launch::LaunchArgs,
 }
 
 #[derive(Subcommand)]
@@ -74,7 +58,7 @@ enum Command {
         seed: i64,
     },
     /// Evaluate a model on math problems: pass@1, pass@k and maj@k over seeds, per-problem JSONL.
-    Eval(Box<eval_cmd::EvalArgs>),
+    Eval(Box<cli::eval::EvalArgs>),
     /// Judge answers with the math verifier: JSON lines with `gold` and `pred` in, one verdict per line out
     /// (`train verify --input FILE.jsonl`; `train verify --help` for options).
     #[command(disable_help_flag = true)]
@@ -120,25 +104,25 @@ fn run() -> Result<()> {
     }
     if let Some(n) = cli.launch.nproc_per_node {
         if dist::WorkerEnv::read()?.is_none() {
-            return launch::agent(&cli.launch, n);
+            return cli::launch::agent(&cli.launch, n);
         }
         // RANK / WORLD_SIZE are set: torchrun or a cluster wrapper started us; we are one of its workers
     }
     if matches!(cli.command, Some(Command::RecipeKeys)) {
-        print!("{}", recipe_keys::table());
+        print!("{}", cli::recipe_keys::table());
         return Ok(());
     }
     if let Some(recipe) = &cli.recipe {
         if cli.command.is_some() {
             bail!("--recipe runs a recipe; it cannot be combined with a subcommand");
         }
-        return run::run(recipe, &cli.overrides, cli.output.clone(), run::Options { resume: cli.resume.clone(), force: cli.force, dry_run: cli.dry_run });
+        return cli::run::run(recipe, &cli.overrides, cli.output.clone(), cli::run::Options { resume: cli.resume.clone(), force: cli.force, dry_run: cli.dry_run });
     }
     let device = model::runtime::parse_device(&cli.device).map_err(anyhow::Error::msg)?;
     model::runtime::check_device(device).map_err(anyhow::Error::msg)?;
     eprintln!("whet {}: {}", env!("CARGO_PKG_VERSION"), model::runtime::describe(device));
     match cli.command {
-        Some(Command::Smoke { tokens, seed }) => smoke::run(device, tokens, seed),
+        Some(Command::Smoke { tokens, seed }) => cli::smoke::run(device, tokens, seed),
         Some(Command::RecipeKeys) => unreachable!("handled above"),
         Some(Command::Verify { args }) => rewards::run_verify_cli(args),
         Some(Command::Convert { what: Convert::Gguf { file, out_dir } }) => {
@@ -148,7 +132,7 @@ fn run() -> Result<()> {
             eprintln!("wrote {} in {:.1} s", out_dir.display(), t.elapsed().as_secs_f64());
             Ok(())
         }
-        Some(Command::Eval(args)) => eval_cmd::run(*args, device),
+        Some(Command::Eval(args)) => cli::eval::run(*args, device),
         None => bail!("nothing to do: give --recipe FILE.toml, or try `train smoke` or `train --help`"),
     }
 }

@@ -1,12 +1,13 @@
-//! Held-out accuracy by greedy decoding (the rollout engine at temperature 0): prompts rendered with the chat
-//! template, answers checked by the rewards crate's math verifier.
+//! Sampling from the model being trained, through the in-process rollout engine batching as `[generation]`
+//! says (GRPO's rollouts, Rollout-DPO's samples, the prefilter's pilots), and held-out accuracy: prompts
+//! rendered with the chat template, answers checked by the rewards crate's math verifier.
 
 use anyhow::Result;
 use data::{ChatTemplate, Message, Record, Tokenizer};
 use model::Transformer;
 use rollout::{Completion, Engine, EngineConfig, Request, SamplingParams};
 
-use crate::run::Ctx;
+use super::Ctx;
 
 /// `n` completions of every prompt, drawn with `params` by the rollout engine batching as the recipe's
 /// `[generation]` says (the tokenizer's stop ids end a sequence; `seed` seeds requests that set none), sorted
@@ -19,7 +20,7 @@ pub fn generate(ctx: &Ctx, net: &Transformer, prompts: &[Vec<i64>], n: usize, pa
 /// each request is seeded as it would be in the whole call, so its samples do not depend on the sharding.
 pub fn generate_at(ctx: &Ctx, net: &Transformer, prompts: &[Vec<i64>], n: usize, params: &SamplingParams, seed: u64, first: usize) -> Result<Vec<Completion>> {
     let tok = &ctx.tok;
-    let cfg = EngineConfig { eos_token_ids: stop_ids(tok), pad_token_id: tok.pad_id as i64, seed, ..ctx.recipe.generation.engine() };
+    let cfg = EngineConfig { eos_token_ids: stop_ids(tok), pad_token_id: tok.pad_id as i64, seed, ..ctx.generation.engine() };
     let engine = Engine::new(net, cfg)?;
     let requests: Vec<Request> = prompts
         .iter()
@@ -59,7 +60,7 @@ pub fn prompt_ids(tok: &Tokenizer, template: Option<&ChatTemplate>, prompt: &[Me
 }
 
 /// Greedy accuracy on prompt-with-answer records; returns (accuracy, a few sample completions).
-pub fn evaluate(ctx: &Ctx, net: &Transformer, records: &[Record], spec: &crate::recipe::EvalSpec) -> Result<(f64, Vec<(String, String, bool)>)> {
+pub fn accuracy(ctx: &Ctx, net: &Transformer, records: &[Record], spec: &crate::settings::EvalSpec) -> Result<(f64, Vec<(String, String, bool)>)> {
     let (tok, template) = (&ctx.tok, ctx.template.as_ref());
     let mut prompts = vec![];
     let mut golds = vec![];

@@ -1,5 +1,6 @@
 //! How an optimizer update reaches weights held in bfloat16 or float16, so that small updates are not rounded
-//! away (`[model] weight_update`), and the dtype of AdamW's moments (`[model] optimizer_dtype`).
+//! away (`[model] weight_update`), and the dtype of AdamW's moments (`[model] optimizer_dtype`); the keys are
+//! in `settings`, the numerics here.
 //!
 //! Adding an update `u` straight into a bf16 weight `w` keeps it only when |u| is at least half a unit in the
 //! last place of `w`: 2⁻⁹…2⁻⁸ of |w| (bf16 has 8 significant bits). AdamW moves a weight by about `lr` per
@@ -14,67 +15,9 @@
 //!   run seed, the optimizer step, the parameter and the element, so a resumed run draws the same bits.
 //! - `direct`: the update is added in fp32 and rounded to nearest (pure bf16 training; loses small updates).
 
-use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-/// How updates reach low-precision weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum WeightUpdate {
-    /// fp32 master weights accumulate the updates; the low-precision weights are refreshed from them.
-    #[default]
-    MasterFp32,
-    /// Kahan-compensated updates with a compensation buffer in the weights' dtype.
-    Kahan,
-    /// Stochastic rounding of the updated value (bfloat16 weights only).
-    StochasticRounding,
-    /// Round to nearest, as plain low-precision training does: updates below half an ulp are lost.
-    Direct,
-}
-
-impl WeightUpdate {
-    pub fn name(self) -> &'static str {
-        match self {
-            WeightUpdate::MasterFp32 => "master_fp32",
-            WeightUpdate::Kahan => "kahan",
-            WeightUpdate::StochasticRounding => "stochastic_rounding",
-            WeightUpdate::Direct => "direct",
-        }
-    }
-}
-
-/// The dtype AdamW keeps its moments in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum StateDtype {
-    #[default]
-    Float32,
-    Bfloat16,
-}
-
-impl StateDtype {
-    pub fn kind(self) -> Kind {
-        match self {
-            StateDtype::Float32 => Kind::Float,
-            StateDtype::Bfloat16 => Kind::BFloat16,
-        }
-    }
-}
-
-/// The precision settings of one optimizer.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct UpdatePrecision {
-    pub update: WeightUpdate,
-    pub state: StateDtype,
-    /// Seeds stochastic rounding (the run seed).
-    pub seed: u64,
-}
-
-impl Default for UpdatePrecision {
-    fn default() -> Self {
-        UpdatePrecision { update: WeightUpdate::MasterFp32, state: StateDtype::Float32, seed: 0 }
-    }
-}
+use crate::settings::{UpdatePrecision, WeightUpdate};
 
 /// What one parameter needs besides its weights to take updates.
 pub enum Slot {

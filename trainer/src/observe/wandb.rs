@@ -29,7 +29,6 @@
 //! under `[run]` (`wandb_project`, ...) take precedence over them, as `wandb.init` arguments do.
 
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -37,7 +36,7 @@ use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::recipe::RunSpec;
+use crate::settings::{check_run_id, RunSpec};
 
 /// The longest rows wait before they are posted: 2 s (the official client waits 1-5 s), or
 /// `WHET_WANDB_FLUSH_MS` (tests post every row to see offsets advance).
@@ -48,45 +47,6 @@ fn flush_interval() -> Duration {
 const HEARTBEAT: Duration = Duration::from_secs(30);
 /// Consecutive failed history posts before giving up.
 const MAX_FAILURES: usize = 3;
-const REPORTERS: &[&str] = &["tensorboard", "wandb", "all", "none"];
-
-/// The `report_to` key accepts one name or a list (as TRL does).
-pub fn string_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<Vec<String>>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(String),
-        Many(Vec<String>),
-    }
-    Ok(Option::<OneOrMany>::deserialize(d)
-        .map_err(|_| serde::de::Error::custom("report_to: expected a string or a list of strings"))?
-        .map(|x| match x {
-            OneOrMany::One(s) => vec![s],
-            OneOrMany::Many(v) => v,
-        }))
-}
-
-/// Problems with the reporting keys of `[run]`.
-pub fn validate(run: &RunSpec, origin: &str, p: &mut Vec<String>) {
-    for r in run.report_to.iter().flatten() {
-        if !REPORTERS.contains(&r.as_str()) {
-            p.push(format!("{origin}: [run] report_to: unknown destination \"{r}\" (expected tensorboard, wandb, all or none)"));
-        }
-    }
-    if let Some(id) = &run.wandb_run_id {
-        if let Err(e) = check_run_id(id) {
-            p.push(format!("{origin}: [run] wandb_run_id: {e}"));
-        }
-    }
-}
-
-fn check_run_id(id: &str) -> std::result::Result<(), String> {
-    // the id is a URL path segment (the official client refuses "/" in ids)
-    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-        return Err(format!("\"{id}\" must be 1-64 letters, digits, '-' or '_'"));
-    }
-    Ok(())
-}
 
 /// What `report_to` (or its default) asks for.
 pub struct Destinations {

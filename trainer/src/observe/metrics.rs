@@ -5,19 +5,21 @@ use serde_json::{Map, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use crate::settings::RunSpec;
+
 pub struct Metrics {
     /// None: this process does not log (a data-parallel rank other than 0).
     path: Option<PathBuf>,
-    tensorboard: Option<std::sync::Mutex<crate::tensorboard::EventWriter>>,
-    wandb: Option<crate::wandb::Wandb>,
+    tensorboard: Option<std::sync::Mutex<super::tensorboard::EventWriter>>,
+    wandb: Option<super::wandb::Wandb>,
 }
 
 impl Metrics {
     /// Opens `OUTPUT/metrics.jsonl`. When resuming at (`stage`, `step`), lines logged after that point by
     /// the interrupted run are dropped so the file reads as one uninterrupted run. TensorBoard and W&B
-    /// follow the recipe's `report_to` (see `crate::wandb`).
-    pub fn open(output: &Path, resume_at: Option<(usize, usize)>, recipe: &crate::recipe::Recipe) -> Result<Metrics> {
-        let to = crate::wandb::destinations(&recipe.run, output, resume_at.is_some())?;
+    /// follow `[run] report_to` (see `super::wandb`); `config` is the recipe, for the W&B run's config.
+    pub fn open(output: &Path, resume_at: Option<(usize, usize)>, run: &RunSpec, config: Value) -> Result<Metrics> {
+        let to = super::wandb::destinations(run, output, resume_at.is_some())?;
         std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
         let path = output.join("metrics.jsonl");
         match resume_at {
@@ -47,7 +49,7 @@ impl Metrics {
             }
             _ => {}
         }
-        let tensorboard = match crate::tensorboard::EventWriter::create(&output.join("tensorboard")) {
+        let tensorboard = match super::tensorboard::EventWriter::create(&output.join("tensorboard")) {
             _ if !to.tensorboard => None,
             Ok(w) => {
                 eprintln!("TensorBoard events: {}", w.path.display());
@@ -59,7 +61,7 @@ impl Metrics {
             }
         };
         let wandb = match to.wandb {
-            Some(s) => Some(crate::wandb::Wandb::start(s, serde_json::to_value(recipe)?, output)?),
+            Some(s) => Some(super::wandb::Wandb::start(s, config, output)?),
             None => None,
         };
         Ok(Metrics { path: Some(path), tensorboard, wandb })
@@ -100,5 +102,13 @@ impl Metrics {
             w.log(&record);
         }
         Ok(())
+    }
+}
+
+/// A JSON object (for metrics records).
+pub fn obj(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
     }
 }

@@ -13,6 +13,13 @@ use tch::{Kind, Reduction, Tensor};
 /// Positions whose label is this carry no loss (Hugging Face convention).
 pub const IGNORE: i64 = -100;
 
+/// One training row: tokens, labels and, for packed rows, per-document positions.
+pub struct Row {
+    pub ids: Vec<i64>,
+    pub labels: Vec<i64>,
+    pub pos: Option<Vec<i64>>,
+}
+
 /// Logits in at least fp32 (bf16/fp16 models), double kept as is.
 fn upcast(x: Tensor) -> Tensor {
     if x.kind() == Kind::Double {

@@ -12,13 +12,15 @@
 //! - Rollout-DPO samples and DPO's reference pass are split the same way (each rank its share of problems /
 //!   of reference batches) and gathered, so every rank holds the one-process result;
 //! - rank 0 writes checkpoints and metrics; every rank waits at a barrier after a checkpoint.
+//!
+//! Nothing here knows a stage kind: stages call these helpers with their own types.
 
 use anyhow::{bail, Result};
 use model::Model;
 use sha2::{Digest, Sha256};
 
-use crate::checkpoint::Checkpoint;
-use crate::run::Ctx;
+use super::checkpoint::Checkpoint;
+use super::Ctx;
 
 /// This rank's contiguous share of `items` (whose length is a multiple of the world size).
 pub fn shard<T>(ctx: &Ctx, items: Vec<T>) -> Vec<T> {
@@ -189,11 +191,9 @@ pub fn gather<T: serde::Serialize + serde::de::DeserializeOwned>(ctx: &Ctx, mine
     ctx.comm.all_gather_bytes(&bytes)?.iter().map(|b| Ok(serde_json::from_slice(b)?)).collect()
 }
 
-/// The summaries of a GRPO generation round's groups on every rank, in rank order (which is draw order: each
-/// rank holds a contiguous share), and the indices of this rank's. Rewards cross exactly (JSON numbers
-/// round-trip f64), so every rank takes the same sampling-side decisions: domain weights, dynamic sampling,
-/// the token budget.
-pub fn gather_round(ctx: &Ctx, mine: Vec<crate::grpo::GroupSummary>) -> Result<(Vec<crate::grpo::GroupSummary>, std::ops::Range<usize>)> {
+/// Every rank's items, in rank order, and the indices of this rank's among them (exact: they cross as JSON,
+/// whose numbers round-trip f64, so every rank takes the same decisions from the same values).
+pub fn gather_indexed<T: serde::Serialize + serde::de::DeserializeOwned>(ctx: &Ctx, mine: Vec<T>) -> Result<(Vec<T>, std::ops::Range<usize>)> {
     if ctx.comm.world() == 1 {
         let n = mine.len();
         return Ok((mine, 0..n));
@@ -201,15 +201,6 @@ pub fn gather_round(ctx: &Ctx, mine: Vec<crate::grpo::GroupSummary>) -> Result<(
     let all = gather(ctx, &mine)?;
     let start: usize = all[..ctx.comm.rank()].iter().map(Vec::len).sum();
     Ok((all.into_iter().flatten().collect(), start..start + mine.len()))
-}
-
-/// What a data-parallel GRPO stage needs: prompts shared evenly (a group stays on one rank).
-pub fn grpo_supported(ctx: &Ctx, s: &crate::grpo::GrpoStage, name: &str) -> Result<()> {
-    let w = ctx.comm.world();
-    if w > 1 && s.prompts_per_step % w != 0 {
-        bail!("[{name}] prompts_per_step = {} cannot be shared evenly by {w} ranks (a group stays on one rank); use a multiple of {w}", s.prompts_per_step);
-    }
-    Ok(())
 }
 
 #[cfg(test)]

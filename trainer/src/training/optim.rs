@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use tch::{Kind, Tensor};
 
-use crate::precision::{dither_key, rounding_key, Slot, UpdatePrecision};
+use super::precision::{dither_key, rounding_key, Slot};
+use crate::settings::UpdatePrecision;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdamWConfig {

@@ -1,0 +1,19 @@
+//! The recipe's run-wide tables, which every part of the trainer reads: `[model]`, `[run]`, `[generation]`, and
+//! the problem sources and held-out evaluation that stages share. (The stage tables live with their stages,
+//! in `stages/`; the file as a whole, its parsing and validation, in `recipe/`.)
+
+mod eval;
+mod generation;
+mod model;
+mod run;
+
+pub use eval::{EvalSpec, SyntheticSpec};
+pub use generation::GenerationSpec;
+pub use model::{ModelSpec, UpdatePrecision, WeightUpdate};
+pub use run::{check_run_id, NonFinite, RunSpec};
+
+/// Keys at their default are left out of the serialized recipe, so that checkpoints written before the key
+/// existed still resume (their fingerprint lacks it).
+fn is_default<T: Default + PartialEq>(x: &T) -> bool {
+    *x == T::default()
+}

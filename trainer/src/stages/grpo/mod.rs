@@ -1,0 +1,44 @@
+//! The GRPO-family RL stage with verifiable rewards (stage 4 of Phi-4-Mini-Reasoning).
+//!
+//! Each step: draw prompts; the rollout engine samples G completions per prompt from the very tensors being
+//! trained; the rewards crate scores them; advantages per group; `num_iterations` (μ) optimizer updates over
+//! the batch with the clipped surrogate against the log-probabilities of the policy that sampled. Around that
+//! core: dynamic sampling, oversample-then-balance, overlong filtering, pilot-pass-rate prompt filtering,
+//! temperature annealing, domain-aware sampling and a token budget per step.
+//!
+//! - `config`: the table (`kind = "grpo"`) and its checks;
+//! - `sampling`: draw → generate → score, the prefilter;
+//! - `update`: rows, log-probabilities, advantages, the μ policy updates;
+//! - `run`: the loop, its checkpointed state and its metrics.
+
+use anyhow::Result;
+use model::Model;
+use std::path::PathBuf;
+
+use crate::training::checkpoint::Checkpoint;
+use crate::training::Ctx;
+
+mod config;
+mod run;
+mod sampling;
+mod update;
+
+pub use config::GrpoStage;
+
+impl super::StageKind for GrpoStage {
+    fn resolve_paths(&mut self, f: &mut dyn FnMut(&mut PathBuf)) {
+        GrpoStage::resolve_paths(self, f)
+    }
+
+    fn validate(&self, at: &str, p: &mut Vec<String>) {
+        GrpoStage::validate(self, at, p)
+    }
+
+    fn plan(&self) -> String {
+        GrpoStage::plan(self)
+    }
+
+    fn run(&self, ctx: &Ctx, index: usize, name: &str, model: &Model, resume: Option<&Checkpoint>) -> Result<f64> {
+        run::run(ctx, index, name, self, model, resume)
+    }
+}
