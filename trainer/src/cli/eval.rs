@@ -186,15 +186,40 @@ struct Problem {
 }
 
 pub fn run(a: EvalArgs, device: Device) -> Result<()> {
-    if a.samples == 0 {
-        bail!("--samples must be at least 1");
-    }
-    if a.seeds == 0 {
-        bail!("--seeds must be at least 1");
-    }
-    if a.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
-    }
+    check_args(&a)?;
+    let (records, prompt_col, answer_format) = read_records(&a)?;
+    let (tok, template) = data::Tokenizer::from_dir(&a.model).with_context(|| format!("tokenizer of {}", a.model.display()))?;
+    let template = if a.no_chat_template { None } else { template };
+    let tok = Arc::new(tok);
+    let problems = tokenize_problems(&a, &records, &tok, template.as_ref())?;
+    let kind = match &a.dtype {
+        Some(s) => model::parse_kind(s).map_err(anyhow::Error::msg)?,
+        None if device == Device::Cpu => Kind::Float,
+        None => Kind::BFloat16,
+    };
+    let t0 = std::time::Instant::now();
+    let m = Model::load(&a.model, Some(kind), device).with_context(|| format!("loading {}", a.model.display()))?;
+    let engine = engine(&a, &m, &tok, &problems)?;
+    eprintln!(
+        "eval: {} problems from {} (prompt column {prompt_col}, answer format {answer_format:?}), k={} samples x {} seeds, T={} top_p={} max_tokens={}; model loaded in {:.1} s",
+        problems.len(),
+        a.data.display(),
+        a.samples,
+        a.seeds,
+        a.temperature,
+        a.top_p,
+        a.max_tokens,
+        t0.elapsed().as_secs_f64()
+    );
+    let mut out = match &a.out {
+        Some(p) => {
+            if let Some(d) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            }
+            Some(std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?))
+        }
+        None => None,
+    };
     let params = SamplingParams {
         temperature: a.temperature,
         top_p: a.top_p,
@@ -204,7 +229,36 @@ pub fn run(a: EvalArgs, device: Device) -> Result<()> {
         stop_strings: a.stop.clone(),
         ..Default::default()
     };
-    let (prompt_col, answer_format) = resolve_columns(&a)?;
+    let tg = std::time::Instant::now();
+    let mut seeds = vec![];
+    for s in 0..a.seeds {
+        let r = eval_seed(&engine, &problems, &params, a.seed + s as u64, a.samples, out.as_mut().map(|w| w as &mut dyn Write))?;
+        r.print(a.samples);
+        seeds.push(r);
+    }
+    if let Some(mut w) = out {
+        w.flush().context("writing --out")?;
+    }
+    report(&a, problems.len(), &seeds, tg.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn check_args(a: &EvalArgs) -> Result<()> {
+    if a.samples == 0 {
+        bail!("--samples must be at least 1");
+    }
+    if a.seeds == 0 {
+        bail!("--seeds must be at least 1");
+    }
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    Ok(())
+}
+
+/// The problems of `--data`, with the prompt column and answer format used.
+fn read_records(a: &EvalArgs) -> Result<(Vec<Record>, String, AnswerFormat)> {
+    let (prompt_col, answer_format) = resolve_columns(a)?;
     let mut dc = DataConfig::new(&a.data);
     dc.split = a.split.clone();
     dc.kind = Some(RecordKind::PromptAnswer);
@@ -218,26 +272,25 @@ pub fn run(a: EvalArgs, device: Device) -> Result<()> {
     if records.is_empty() {
         bail!("{}: no problems", a.data.display());
     }
+    Ok((records, prompt_col, answer_format))
+}
 
-    let (tok, template) = data::Tokenizer::from_dir(&a.model).with_context(|| format!("tokenizer of {}", a.model.display()))?;
-    let template = if a.no_chat_template { None } else { template };
-    let tok = Arc::new(tok);
+/// The problems with their prompts tokenized with the chat template (unless `--no-chat-template`).
+fn tokenize_problems(a: &EvalArgs, records: &[Record], tok: &data::Tokenizer, template: Option<&data::ChatTemplate>) -> Result<Vec<Problem>> {
     let tcfg = data::TokenizeConfig::default();
     let mut problems = Vec::with_capacity(records.len());
-    for r in &records {
+    for r in records {
         let Record::PromptAnswer { prompt, answer, id, .. } = r else { bail!("{}: expected prompt/answer rows", a.data.display()) };
-        let ids = data::tokenize::tokenize_prompt(&tok, template.as_ref(), prompt, &tcfg).with_context(|| format!("tokenizing problem {id}"))?;
+        let ids = data::tokenize::tokenize_prompt(tok, template, prompt, &tcfg).with_context(|| format!("tokenizing problem {id}"))?;
         let prompt_text = prompt.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n");
         problems.push(Problem { id: id.clone(), prompt_text, gold: answer.clone(), prompt_ids: ids.iter().map(|&i| i as i64).collect() });
     }
+    Ok(problems)
+}
 
-    let kind = match &a.dtype {
-        Some(s) => model::parse_kind(s).map_err(anyhow::Error::msg)?,
-        None if device == Device::Cpu => Kind::Float,
-        None => Kind::BFloat16,
-    };
-    let t0 = std::time::Instant::now();
-    let m = Model::load(&a.model, Some(kind), device).with_context(|| format!("loading {}", a.model.display()))?;
+/// The rollout engine on `m`: stops at the tokenizer's end-of-turn ids and generation_config.json's eos ids,
+/// batching `--batch-size` sequences in a cache for the longest prompt plus `--max-tokens`.
+fn engine<'m>(a: &EvalArgs, m: &'m Model, tok: &Arc<data::Tokenizer>, problems: &[Problem]) -> Result<Engine<'m>> {
     let mut eos: Vec<i64> = tok.stop_token_ids().iter().map(|&i| i as i64).collect();
     eos.extend(generation_eos(&a.model));
     eos.retain(|&t| t < m.net.cfg.vocab_size);
@@ -248,99 +301,86 @@ pub fn run(a: EvalArgs, device: Device) -> Result<()> {
     let cfg = EngineConfig { max_batch_seqs: a.batch_size, cache_budget_tokens: cache, eos_token_ids: eos, pad_token_id: tok.pad_id as i64, ..Default::default() };
     let mut engine = Engine::new(&m.net, cfg)?;
     engine.set_decoder(Arc::new(TokDecoder(tok.clone())));
-    eprintln!(
-        "eval: {} problems from {} (prompt column {prompt_col}, answer format {answer_format:?}), k={} samples x {} seeds, T={} top_p={} max_tokens={}; model loaded in {:.1} s",
-        problems.len(),
-        a.data.display(),
-        a.samples,
-        a.seeds,
-        a.temperature,
-        a.top_p,
-        a.max_tokens,
-        t0.elapsed().as_secs_f64()
-    );
+    Ok(engine)
+}
 
-    let mut out = match &a.out {
-        Some(p) => {
-            if let Some(d) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-            }
-            Some(std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?))
-        }
-        None => None,
-    };
-    let k = a.samples;
-    let vcfg = VerifyConfig::default();
-    let (mut p1s, mut pks, mut majs) = (Vec::new(), Vec::new(), Vec::new());
-    let mut tokens_total = 0usize;
-    let tg = std::time::Instant::now();
-    for s in 0..a.seeds {
-        let seed = a.seed + s as u64;
-        let reqs: Vec<Request> = problems
-            .iter()
-            .enumerate()
-            .map(|(i, p)| Request {
-                prompt_ids: p.prompt_ids.clone(),
-                n: k,
-                params: SamplingParams { seed: Some(rollout::rng::mix64(seed ^ rollout::rng::mix64(i as u64))), ..params.clone() },
-            })
-            .collect();
-        let comps = engine.generate(&reqs).context("generating")?;
-        let (mut sum1, mut sumk, mut summaj) = (0.0, 0.0, 0.0);
-        for (i, p) in problems.iter().enumerate() {
-            let mine = &comps[i * k..(i + 1) * k];
-            let verdicts: Vec<_> = mine.iter().map(|c| verify(&p.gold, c.text.as_deref().unwrap_or(""), &vcfg)).collect();
-            let c = verdicts.iter().filter(|v| v.equivalent).count();
-            let keys: Vec<Option<String>> = verdicts.iter().map(|v| v.pred_normalized.clone().or_else(|| v.pred_extracted.clone())).collect();
-            let maj = majority(&keys);
-            let maj_ok = maj.is_some_and(|j| verdicts[j].equivalent);
-            let p1 = c as f64 / k as f64;
-            let pk = pass_at_k(k, c, k);
-            sum1 += p1;
-            sumk += pk;
-            summaj += maj_ok as u8 as f64;
-            tokens_total += mine.iter().map(|c| c.completion_tokens).sum::<usize>();
-            if let Some(w) = out.as_mut() {
-                let samples: Vec<serde_json::Value> = mine
-                    .iter()
-                    .zip(&verdicts)
-                    .map(|(c, v)| {
-                        serde_json::json!({
-                            "text": c.text, "answer": v.pred_extracted, "correct": v.equivalent,
-                            "finish_reason": match c.finish_reason { FinishReason::Stop => "stop", FinishReason::Length => "length" },
-                            "completion_tokens": c.completion_tokens,
-                        })
-                    })
-                    .collect();
-                let row = serde_json::json!({
-                    "seed": seed, "index": i, "id": p.id, "prompt": p.prompt_text, "gold": p.gold,
-                    "prompt_tokens": p.prompt_ids.len(), "k": k, "correct": c,
-                    "pass@1": p1, format!("pass@{k}"): pk, format!("maj@{k}"): maj_ok,
-                    "majority_answer": maj.and_then(|j| verdicts[j].pred_extracted.clone()),
-                    "samples": samples,
-                });
-                writeln!(w, "{row}").context("writing --out")?;
-            }
-        }
-        let n = problems.len() as f64;
+/// One seed's means over the problems, and the tokens it generated.
+struct SeedResult {
+    seed: u64,
+    pass1: f64,
+    pass_k: f64,
+    maj_k: f64,
+    tokens: usize,
+}
+
+impl SeedResult {
+    fn print(&self, k: usize) {
         if k > 1 {
-            eprintln!("seed {seed}: pass@1 {:.4}  pass@{k} {:.4}  maj@{k} {:.4}", sum1 / n, sumk / n, summaj / n);
+            eprintln!("seed {}: pass@1 {:.4}  pass@{k} {:.4}  maj@{k} {:.4}", self.seed, self.pass1, self.pass_k, self.maj_k);
         } else {
-            eprintln!("seed {seed}: pass@1 {:.4}", sum1 / n);
+            eprintln!("seed {}: pass@1 {:.4}", self.seed, self.pass1);
         }
-        p1s.push(sum1 / n);
-        pks.push(sumk / n);
-        majs.push(summaj / n);
     }
-    if let Some(mut w) = out {
-        w.flush().context("writing --out")?;
+}
+
+/// k samples of every problem with `seed`, judged; one `--out` row per problem.
+fn eval_seed(engine: &Engine, problems: &[Problem], params: &SamplingParams, seed: u64, k: usize, mut out: Option<&mut dyn Write>) -> Result<SeedResult> {
+    let vcfg = VerifyConfig::default();
+    let reqs: Vec<Request> = problems
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Request { prompt_ids: p.prompt_ids.clone(), n: k, params: SamplingParams { seed: Some(rollout::rng::mix64(seed ^ rollout::rng::mix64(i as u64))), ..params.clone() } })
+        .collect();
+    let comps = engine.generate(&reqs).context("generating")?;
+    let (mut sum1, mut sumk, mut summaj, mut tokens) = (0.0, 0.0, 0.0, 0usize);
+    for (i, p) in problems.iter().enumerate() {
+        let mine = &comps[i * k..(i + 1) * k];
+        let verdicts: Vec<_> = mine.iter().map(|c| verify(&p.gold, c.text.as_deref().unwrap_or(""), &vcfg)).collect();
+        let c = verdicts.iter().filter(|v| v.equivalent).count();
+        let keys: Vec<Option<String>> = verdicts.iter().map(|v| v.pred_normalized.clone().or_else(|| v.pred_extracted.clone())).collect();
+        let maj = majority(&keys);
+        let maj_ok = maj.is_some_and(|j| verdicts[j].equivalent);
+        let (p1, pk) = (c as f64 / k as f64, pass_at_k(k, c, k));
+        sum1 += p1;
+        sumk += pk;
+        summaj += maj_ok as u8 as f64;
+        tokens += mine.iter().map(|c| c.completion_tokens).sum::<usize>();
+        if let Some(w) = out.as_mut() {
+            let samples: Vec<serde_json::Value> = mine
+                .iter()
+                .zip(&verdicts)
+                .map(|(c, v)| {
+                    serde_json::json!({
+                        "text": c.text, "answer": v.pred_extracted, "correct": v.equivalent,
+                        "finish_reason": match c.finish_reason { FinishReason::Stop => "stop", FinishReason::Length => "length" },
+                        "completion_tokens": c.completion_tokens,
+                    })
+                })
+                .collect();
+            let row = serde_json::json!({
+                "seed": seed, "index": i, "id": p.id, "prompt": p.prompt_text, "gold": p.gold,
+                "prompt_tokens": p.prompt_ids.len(), "k": k, "correct": c,
+                "pass@1": p1, format!("pass@{k}"): pk, format!("maj@{k}"): maj_ok,
+                "majority_answer": maj.and_then(|j| verdicts[j].pred_extracted.clone()),
+                "samples": samples,
+            });
+            writeln!(w, "{row}").context("writing --out")?;
+        }
     }
-    let secs = tg.elapsed().as_secs_f64();
-    let ((m1, s1), (mk, sk), (mm, sm)) = (mean_std(&p1s), mean_std(&pks), mean_std(&majs));
+    let n = problems.len() as f64;
+    Ok(SeedResult { seed, pass1: sum1 / n, pass_k: sumk / n, maj_k: summaj / n, tokens })
+}
+
+/// The summary: one JSON line on stdout, one human line on stderr (mean ± std over the seeds).
+fn report(a: &EvalArgs, problems: usize, seeds: &[SeedResult], secs: f64) {
+    let k = a.samples;
+    let of = |f: fn(&SeedResult) -> f64| mean_std(&seeds.iter().map(f).collect::<Vec<_>>());
+    let ((m1, s1), (mk, sk), (mm, sm)) = (of(|r| r.pass1), of(|r| r.pass_k), of(|r| r.maj_k));
+    let tokens_total: usize = seeds.iter().map(|r| r.tokens).sum();
     println!(
         "{}",
         serde_json::json!({
-            "data": a.data, "problems": problems.len(), "k": k, "seeds": a.seeds, "temperature": a.temperature,
+            "data": a.data, "problems": problems, "k": k, "seeds": a.seeds, "temperature": a.temperature,
             "pass@1": {"mean": m1, "std": s1}, format!("pass@{k}"): {"mean": mk, "std": sk}, format!("maj@{k}"): {"mean": mm, "std": sm},
             "generated_tokens": tokens_total, "generate_seconds": secs,
         })
@@ -355,7 +395,6 @@ pub fn run(a: EvalArgs, device: Device) -> Result<()> {
         secs,
         tokens_total as f64 / secs
     );
-    Ok(())
 }
 
 #[cfg(test)]

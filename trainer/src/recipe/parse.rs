@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 
-use super::Recipe;
+use super::file::Recipe;
 
 /// Line (1-based) of a byte offset.
 fn line_of(text: &str, offset: usize) -> usize {
@@ -188,7 +188,7 @@ fn parse_with(text: &str, origin: &str, overrides: &[String], base: &Path, missi
         recipe.model.path = None;
     }
     resolve_paths(&mut recipe, base);
-    let (warnings, problems): (Vec<String>, Vec<String>) = super::validate(&recipe, origin).into_iter().partition(|p| missing_ok && p.contains(" does not exist"));
+    let (warnings, problems): (Vec<String>, Vec<String>) = super::validate::validate(&recipe, origin).into_iter().partition(|p| missing_ok && p.contains(" does not exist"));
     if !problems.is_empty() {
         bail!("{} problem(s) in the recipe:\n  {}", problems.len(), problems.join("\n  "));
     }

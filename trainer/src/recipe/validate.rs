@@ -1,6 +1,6 @@
 //! Checks across a recipe's tables (each stage checks its own keys, see `stages::StageKind::validate`).
 
-use super::Recipe;
+use super::file::Recipe;
 
 /// Checks combinations and files; returns every problem found.
 pub fn validate(r: &Recipe, origin: &str) -> Vec<String> {

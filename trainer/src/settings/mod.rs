@@ -11,9 +11,3 @@ pub use eval::{EvalSpec, SyntheticSpec};
 pub use generation::GenerationSpec;
 pub use model::{ModelSpec, UpdatePrecision, WeightUpdate};
 pub use run::{check_run_id, NonFinite, RunSpec};
-
-/// Keys at their default are left out of the serialized recipe, so that checkpoints written before the key
-/// existed still resume (their fingerprint lacks it).
-fn is_default<T: Default + PartialEq>(x: &T) -> bool {
-    *x == T::default()
-}

@@ -42,12 +42,12 @@ pub struct ModelSpec {
     /// "stochastic_rounding" (bfloat16 only: unbiased random rounding, seeded by the run seed and step, no
     /// extra memory) or "direct" (round to nearest, as plain bf16 training: an update below half a bf16 ulp,
     /// 0.2–0.4% of the weight, is lost, and at RL learning rates almost all are). Not used with fp32 weights.
-    #[serde(default, skip_serializing_if = "super::is_default")]
+    #[serde(default, skip_serializing_if = "is_default")]
     #[schemars(extend("default" = "master_fp32"))]
     pub weight_update: WeightUpdate,
     /// dtype of AdamW's two moments: "float32" (default) or "bfloat16" (half the optimizer memory; the
     /// update itself is still computed in fp32).
-    #[serde(default, skip_serializing_if = "super::is_default")]
+    #[serde(default, skip_serializing_if = "is_default")]
     #[schemars(extend("default" = "float32"))]
     pub optimizer_dtype: StateDtype,
 }
@@ -83,6 +83,12 @@ impl ModelSpec {
             p.push(format!("{origin}: [model] weight_update = \"stochastic_rounding\" needs dtype = \"bfloat16\" (float16 weights: use \"master_fp32\" or \"kahan\")"));
         }
     }
+}
+
+/// Keys at their default are left out of the serialized recipe, so that checkpoints written before the key
+/// existed still resume (their fingerprint lacks it).
+pub(super) fn is_default<T: Default + PartialEq>(x: &T) -> bool {
+    *x == T::default()
 }
 
 fn default_dtype() -> String {

@@ -211,7 +211,7 @@ pub(super) fn validate_data(d: &Option<DataConfig>, at: &str, p: &mut Vec<String
     }
 }
 
-impl super::StageKind for DpoStage {
+impl crate::stages::kind::StageKind for DpoStage {
     fn resolve_paths(&mut self, f: &mut dyn FnMut(&mut PathBuf)) {
         if let Some(d) = self.data.as_mut() {
             f(&mut d.path);

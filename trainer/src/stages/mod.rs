@@ -1,6 +1,6 @@
 //! The stage kinds a recipe's `[[stage]]` tables name, each a module implementing [`StageKind`]: its table
 //! (keys, defaults and their checks), its plan line, and its run — the loop of steps, with the state it adds to
-//! checkpoints. The runner (`cli::run`) sees only [`Stage`].
+//! checkpoints (the interface is in `kind`). The runner (`cli::run`) sees only [`Stage`].
 //!
 //! - `sft`: supervised fine-tuning and long-CoT mid-training (next-token loss on assistant tokens);
 //! - `dpo`: DPO and its variants on preference pairs, with cached reference log-probabilities;
@@ -16,26 +16,15 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 use crate::training::checkpoint::Checkpoint;
-use crate::training::{Ctx, OptimArgs, TrainingKeys};
+use crate::training::{Ctx, OptimArgs};
 
 pub mod dpo;
 pub mod grpo;
+mod kind;
 pub mod rollout_dpo;
 pub mod sft;
 
-/// What every stage kind provides besides the keys every trained stage has ([`TrainingKeys`]).
-pub trait StageKind: TrainingKeys {
-    /// Points `f` at every file path of the table (resolved against the recipe's folder).
-    fn resolve_paths(&mut self, f: &mut dyn FnMut(&mut PathBuf));
-    /// Problems with the table's own keys, each prefixed by `at` (the common keys are checked by [`Stage`]).
-    fn validate(&self, at: &str, p: &mut Vec<String>);
-    /// The `--dry-run` plan line: data, steps, batch, learning rate.
-    fn plan(&self) -> String;
-    /// Trains `model` in place as stage `index` of the recipe, named `name`, continuing from `resume` (a
-    /// mid-stage checkpoint of this stage, whose `TrainState::extra` holds what the kind saved there); writes the
-    /// stage's checkpoints and final model; returns the held-out accuracy after the stage (NaN without `eval`).
-    fn run(&self, ctx: &Ctx, index: usize, name: &str, model: &Model, resume: Option<&Checkpoint>) -> Result<f64>;
-}
+pub use kind::StageKind;
 
 /// One `[[stage]]`, by `kind`.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]

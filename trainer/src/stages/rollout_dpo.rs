@@ -105,7 +105,7 @@ fn default_new_tokens() -> usize {
     256
 }
 
-impl super::StageKind for RolloutDpoStage {
+impl crate::stages::kind::StageKind for RolloutDpoStage {
     fn resolve_paths(&mut self, f: &mut dyn FnMut(&mut PathBuf)) {
         if let Some(d) = self.data.as_mut() {
             f(&mut d.path);

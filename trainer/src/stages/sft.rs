@@ -59,7 +59,7 @@ fn default_lr() -> f64 {
     1e-5
 }
 
-impl super::StageKind for SftStage {
+impl crate::stages::kind::StageKind for SftStage {
     fn resolve_paths(&mut self, f: &mut dyn FnMut(&mut std::path::PathBuf)) {
         if let Some(d) = self.data.as_mut() {
             f(&mut d.path);

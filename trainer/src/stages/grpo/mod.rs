@@ -25,7 +25,7 @@ mod update;
 
 pub use config::GrpoStage;
 
-impl super::StageKind for GrpoStage {
+impl crate::stages::kind::StageKind for GrpoStage {
     fn resolve_paths(&mut self, f: &mut dyn FnMut(&mut PathBuf)) {
         GrpoStage::resolve_paths(self, f)
     }
