@@ -108,22 +108,11 @@ fn blank(src: &str) -> (String, String) {
                 bare.push(keep(ch));
             }
             i = end;
-        } else if c[i] == '"' {
-            let start = i;
+        } else if c[i] == '"' || (c[i] == '\'' && (rest(1) == '\\' || rest(2) == '\'')) {
+            // a string, or a char literal ('{', '\n', '\u{7f}'; a lifetime 'a has no closing quote there)
+            let (start, quote) = (i, c[i]);
             i += 1;
-            while i < c.len() && c[i] != '"' {
-                i += if c[i] == '\\' { 2 } else { 1 };
-            }
-            i += 1;
-            for &ch in &c[start..i.min(c.len())] {
-                code.push(ch);
-                bare.push(keep(ch));
-            }
-        } else if c[i] == '\'' && (rest(1) == '\\' || rest(2) == '\'') {
-            // a char literal ('{', '\n', '\u{7f}'); a lifetime ('a) has no closing quote there
-            let start = i;
-            i += 1;
-            while i < c.len() && c[i] != '\'' {
+            while i < c.len() && c[i] != quote {
                 i += if c[i] == '\\' { 2 } else { 1 };
             }
             i += 1;
