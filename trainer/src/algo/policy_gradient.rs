@@ -187,9 +187,93 @@ pub fn clipped_pg(ratio: &Tensor, adv: &Tensor, cfg: &ClipCfg) -> (Tensor, Tenso
     (loss, clipped.to_kind(ratio.kind()))
 }
 
+/// The policy loss (verl's `policy_loss.loss_mode`; TRL's `loss_type` names CISPO and SAPO the same way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyLoss {
+    /// PPO's clipped surrogate (GRPO, DAPO's clip-higher, dual clip; GSPO with sequence-level ratios).
+    #[default]
+    #[serde(alias = "ppo", alias = "grpo")]
+    Vanilla,
+    /// CISPO (MiniMax-M1, arXiv 2506.13585): every token keeps its gradient; the importance weight is clipped
+    /// above at 1 + `clip_ratio_high` and its gradient stopped.
+    Cispo,
+    /// SAPO (arXiv 2511.20347): a soft sigmoid gate with temperatures `sapo_tau_pos` / `sapo_tau_neg` instead of
+    /// the hard clip.
+    Sapo,
+    /// GMPO (arXiv 2507.20673): the geometric mean of the token ratios per sequence, each clipped in log space to
+    /// [−`clip_ratio_low`, `clip_ratio_high`] (the paper uses 0.4 both ways).
+    #[serde(alias = "geo_mean")]
+    Gmpo,
+}
+
+/// CISPO's per-token loss (MiniMax-M1, arXiv 2506.13585, eq. 4): −sg(r̂)·Â·log π with r̂ = min(r, 1 + ε_high) —
+/// the paper sets no lower bound. Returns the loss and the indicator of tokens whose weight was truncated.
+/// `logp` carries the gradient; `ratio` is detached here.
+pub fn cispo(logp: &Tensor, ratio: &Tensor, adv: &Tensor, eps_high: f64) -> (Tensor, Tensor) {
+    let adv = per_token(adv);
+    let r = ratio.detach();
+    let weight = r.clamp_max(1.0 + eps_high);
+    let truncated = r.gt(1.0 + eps_high).to_kind(ratio.kind());
+    (-(weight * &adv) * logp, truncated)
+}
+
+/// SAPO's per-token loss (Gao et al. 2025, arXiv 2511.20347): −(4/τ)·σ(τ(r − 1))·Â with τ = τ_pos where Â > 0,
+/// else τ_neg. At r = 1 its gradient equals the unclipped surrogate's (d/dr = 4σ(1−σ) = 1); it fades smoothly as
+/// r leaves 1, faster for negative advantages (τ_neg > τ_pos; the paper's 1.0 and 1.05).
+pub fn sapo(ratio: &Tensor, adv: &Tensor, tau_pos: f64, tau_neg: f64) -> Tensor {
+    let adv = per_token(adv);
+    let tau = adv.gt(0.0).to_kind(ratio.kind()) * (tau_pos - tau_neg) + tau_neg;
+    let gate = ((ratio - 1.0) * &tau).sigmoid() * 4.0 / &tau;
+    -(gate * adv)
+}
+
+/// GMPO's loss per sequence (Zhao et al. 2025, arXiv 2507.20673): −Â·exp(mean_t ℓ_t) with the token log-ratios
+/// ρ_t = log π − log π_old clipped pessimistically in log space, sgn(Â)·ℓ_t = min(sgn(Â)·ρ_t,
+/// clip(sgn(Â)·ρ_t, −ε_low, ε_high)); returned on every token of the sequence (`[B, T]`), so that
+/// `loss_agg_mode = "seq-mean-token-mean"` gives the paper's mean over sequences. Also returns the indicator of
+/// clipped tokens.
+pub fn gmpo(logp: &Tensor, old_logp: &Tensor, mask: &Tensor, adv: &Tensor, eps_low: f64, eps_high: f64) -> (Tensor, Tensor) {
+    let adv = per_token(adv);
+    let sign = adv.sign();
+    let signed = (logp - old_logp) * &sign;
+    let clipped = signed.clamp(-eps_low, eps_high);
+    let kept = signed.minimum(&clipped) * &sign * mask;
+    let n = mask.sum_dim_intlist(1, true, mask.kind()).clamp_min(1.0);
+    let seq_ratio = (kept.sum_dim_intlist(1, true, kept.kind()) / n).exp();
+    let loss = -(adv * seq_ratio).expand_as(logp);
+    (loss, signed.gt_tensor(&clipped).to_kind(logp.kind()))
+}
+
+/// DeepSeek-V3.2's off-policy sequence masking (arXiv 2512.02556, §3.1): a sequence with a negative advantage
+/// whose mean log(π_sampler/π_θ) over its tokens exceeds δ gets no gradient. Returns `[B, 1]`: 1 kept, 0 masked.
+pub fn off_policy_sequence_mask(logp: &Tensor, sampler_logp: &Tensor, mask: &Tensor, adv: &Tensor, delta: f64) -> Tensor {
+    let adv = per_token(adv);
+    let n = mask.sum_dim_intlist(1, true, mask.kind()).clamp_min(1.0);
+    let drift = ((sampler_logp - logp.detach()) * mask).sum_dim_intlist(1, true, mask.kind()) / n;
+    let negative = adv.narrow(1, 0, 1).lt(0.0);
+    negative.logical_and(&drift.gt(delta)).logical_not().to_kind(mask.kind())
+}
+
+/// DeepSeek-V3.2's unbiased KL estimate (arXiv 2512.02556, eq. 7): k3 of π_ref against π_θ, reweighted by the
+/// importance ratio π_θ/π_old of the sampled token: (π_θ/π_old)·(π_ref/π_θ − log(π_ref/π_θ) − 1).
+pub fn kl_unbiased(logp: &Tensor, old_logp: &Tensor, ref_logp: &Tensor) -> Tensor {
+    (logp - old_logp).exp() * kl(logp, ref_logp, KlEstimator::K3)
+}
+
+/// An advantage per sequence `[B]` as `[B, 1]` (broadcasts over tokens); `[B, T]` as it is.
+fn per_token(adv: &Tensor) -> Tensor {
+    if adv.dim() == 1 {
+        adv.unsqueeze(1)
+    } else {
+        adv.shallow_clone()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Kind;
 
     fn t2(v: &[f64], b: i64) -> Tensor {
         Tensor::from_slice(v).view([b, -1])
@@ -290,5 +374,69 @@ mod tests {
         let a = aggregate(&v.narrow(0, 0, 1), &m.narrow(0, 0, 1), LossAgg::TokenMean, d).double_value(&[]);
         let b = aggregate(&v.narrow(0, 1, 1), &m.narrow(0, 1, 1), LossAgg::TokenMean, d).double_value(&[]);
         assert!((a + b - f(LossAgg::TokenMean)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn cispo_keeps_every_token_and_stops_the_weights_gradient() {
+        // loss −min(r, 1 + ε)·Â·log π; its gradient w.r.t. log π is −min(r, 1 + ε)·Â, even where PPO would clip
+        let lp = t2(&[-1.0, -2.0, -0.5], 1).set_requires_grad(true);
+        let old = t2(&[-1.0, -2.5, -2.0], 1);
+        let r = (&lp - &old).exp();
+        let (loss, truncated) = cispo(&lp, &r, &Tensor::from_slice(&[2.0f64]), 0.28);
+        let rv = [1.0f64, 0.5f64.exp(), 1.5f64.exp()];
+        let w: Vec<f64> = rv.iter().map(|x| x.min(1.28)).collect();
+        close(&vals(&loss), &[-w[0] * 2.0 * -1.0, -w[1] * 2.0 * -2.0, -w[2] * 2.0 * -0.5]);
+        assert_eq!(vals(&truncated), vec![0.0, 1.0, 1.0]);
+        loss.sum(Kind::Double).backward();
+        close(&vals(&lp.grad()), &w.iter().map(|w| -w * 2.0).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn sapo_gate_is_the_papers_sigmoid_with_unit_slope_at_one() {
+        let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+        let r = t2(&[0.5, 1.0, 1.7], 1);
+        for (a, tau) in [(1.5f64, 1.0f64), (-0.7, 1.05)] {
+            let l = sapo(&r, &Tensor::from_slice(&[a]), 1.0, 1.05);
+            let want: Vec<f64> = [0.5f64, 1.0, 1.7].iter().map(|&x| -(4.0 / tau) * sig(tau * (x - 1.0)) * a).collect();
+            close(&vals(&l), &want);
+        }
+        // at r = 1 the gradient is the plain surrogate's −Â
+        let r = t2(&[1.0], 1).set_requires_grad(true);
+        sapo(&r, &Tensor::from_slice(&[0.8f64]), 1.0, 1.05).sum(Kind::Double).backward();
+        close(&vals(&r.grad()), &[-0.8]);
+    }
+
+    #[test]
+    fn gmpo_is_the_clipped_geometric_mean_per_sequence() {
+        let lp = t2(&[-1.0, -2.0, -3.0, -1.0, -1.0, -1.0], 2);
+        let old = t2(&[-1.2, -1.3, 0.0, -1.5, -0.2, -1.0], 2);
+        let mask = t2(&[1.0, 1.0, 0.0, 1.0, 1.0, 1.0], 2);
+        let adv = Tensor::from_slice(&[1.0f64, -2.0]);
+        let (loss, clipped) = gmpo(&lp, &old, &mask, &adv, 0.4, 0.4);
+        // sequence 0, Â > 0: ρ = (0.2, −0.7) → min(ρ, clip(ρ)) = (0.2, −0.7); mean −0.25
+        let s0 = -1.0 * (-0.25f64).exp();
+        // sequence 1, Â < 0: −ρ = (−0.5, 0.8, 0) → min(−ρ, clip(−ρ)) = (−0.5, 0.4, 0) → ℓ = (0.5, −0.4, 0); mean 0.1/3
+        let s1 = 2.0 * (0.1f64 / 3.0).exp();
+        close(&vals(&loss), &[s0, s0, s0, s1, s1, s1]);
+        assert_eq!(vals(&clipped), vec![0.0, 0.0, 0.0, 0.0, 1.0, 0.0]);
+    }
+
+    #[test]
+    fn off_policy_masking_drops_only_negative_drifted_sequences() {
+        let lp = t2(&[-1.0, -1.0, -1.0, -1.0, -1.0, -1.0], 3);
+        // mean log(π_sampler/π_θ): 0.75, 0.75, 0.1
+        let samp = t2(&[-0.5, 0.0, -0.5, 0.0, -0.9, -0.9], 3);
+        let mask = t2(&[1.0; 6], 3);
+        let m = off_policy_sequence_mask(&lp, &samp, &mask, &Tensor::from_slice(&[-1.0f64, 1.0, -1.0]), 0.5);
+        assert_eq!(vals(&m), vec![0.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn unbiased_kl_reweights_k3_by_the_current_to_old_ratio() {
+        let lp = t2(&[-1.0, -2.0], 1);
+        let old = t2(&[-1.3, -1.5], 1);
+        let rf = t2(&[-1.5, -1.0], 1);
+        let want: Vec<f64> = [(-1.0f64, -1.3f64, -1.5f64), (-2.0, -1.5, -1.0)].iter().map(|&(p, o, r)| (p - o).exp() * ((r - p).exp() - (r - p) - 1.0)).collect();
+        close(&vals(&kl_unbiased(&lp, &old, &rf)), &want);
     }
 }

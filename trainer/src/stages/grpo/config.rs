@@ -7,7 +7,8 @@ use serde_json::json;
 use std::path::PathBuf;
 
 use crate::algo::logprobs::PromptSharing;
-use crate::algo::policy_gradient::{AdvEstimator, ClipCfg, KlEstimator, LossAgg, RatioLevel, ScaleRewards};
+use crate::algo::policy_gradient::{AdvEstimator, ClipCfg, KlEstimator, LossAgg, PolicyLoss, RatioLevel, ScaleRewards};
+use crate::algo::rollout_correction::{Correction, CorrectionLevel, CorrectionMode};
 use crate::settings::SyntheticSpec;
 
 /// Dynamic sampling (DAPO, Yu et al. 2025, arXiv 2503.14476 §3.2): groups whose rewards are all equal carry
@@ -148,6 +149,32 @@ crate::training::training_stage! {
         /// Overlong filtering (DAPO): truncated completions carry no loss (they still count in their group).
         #[serde(default)]
         pub mask_truncated_completions: bool,
+        /// The policy loss: "vanilla" (PPO's clipped surrogate), "cispo" (MiniMax-M1: every token, the importance
+        /// weight clipped above at 1 + `clip_ratio_high` and its gradient stopped), "sapo" (a soft sigmoid gate,
+        /// `sapo_tau_pos` / `sapo_tau_neg`) or "gmpo" (geometric mean of token ratios per sequence, clipped in
+        /// log space to [−`clip_ratio_low`, `clip_ratio_high`]); verl's `policy_loss.loss_mode`.
+        #[serde(default, alias = "loss_mode", skip_serializing_if = "is_default")]
+        #[schemars(extend("default" = "vanilla"))]
+        pub policy_loss: PolicyLoss,
+        /// SAPO's gate temperature for positive advantages (the paper's 1.0).
+        #[serde(default = "one_f", skip_serializing_if = "is_one")]
+        pub sapo_tau_pos: f64,
+        /// SAPO's gate temperature for negative advantages (the paper's 1.05: faster decay).
+        #[serde(default = "default_tau_neg", skip_serializing_if = "is_default_tau_neg")]
+        pub sapo_tau_neg: f64,
+        /// DeepSeek-V3.2's off-policy sequence masking (arXiv 2512.02556; TRL's `off_policy_mask_threshold`): a
+        /// sequence with a negative advantage whose mean log(π_sampler/π_θ) exceeds this δ gets no gradient (the
+        /// paper's δ is about 0.5; off when absent).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub off_policy_mask_threshold: Option<f64>,
+        /// DeepSeek-V3.2's unbiased KL estimate (TRL's `use_bias_correction_kl`): the k3 KL to the reference
+        /// weighted by π_θ/π_old of each token (needs `kl_coef` > 0).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        pub use_bias_correction_kl: bool,
+        /// Correction of the sampler/trainer mismatch: `{ mode = "none" | "tis" | "mis", level = "token" |
+        /// "sequence", cap = 3.0, band = [lo, hi] }` (see the README's GRPO section for the default's reasons).
+        #[serde(default, skip_serializing_if = "is_default")]
+        pub rollout_correction: RolloutCorrection,
         /// Dynamic sampling (alias: verl's `filter_groups`).
         #[serde(default, alias = "filter_groups")]
         pub dynamic_sampling: Option<DynamicSampling>,
@@ -191,6 +218,46 @@ fn one() -> usize {
 }
 fn three() -> usize {
     3
+}
+/// `rollout_correction`: truncated (TIS) or masked (MIS) importance sampling between the trainer's and the
+/// sampler's log-probabilities of the sampled tokens (see `algo::rollout_correction`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct RolloutCorrection {
+    /// "none" (measured only), "tis" (weight min(ratio, cap)) or "mis" (no gradient where the ratio leaves the
+    /// band).
+    pub mode: CorrectionMode,
+    /// "token" (a ratio per token) or "sequence" (the product over the sequence's tokens).
+    pub level: CorrectionLevel,
+    /// TIS's truncation C; MIS's upper edge when `band` is absent (TRL's 3.0).
+    pub cap: f64,
+    /// MIS: the ratios kept, [lo, hi] (IcePop's [0.5, 5]); default [0, cap].
+    pub band: Option<[f64; 2]>,
+}
+
+impl Default for RolloutCorrection {
+    fn default() -> Self {
+        RolloutCorrection { mode: CorrectionMode::Mis, level: CorrectionLevel::Sequence, cap: 3.0, band: None }
+    }
+}
+
+impl RolloutCorrection {
+    pub fn settings(&self) -> Correction {
+        Correction { mode: self.mode, level: self.level, cap: self.cap, band: self.band }
+    }
+}
+
+fn is_default<T: Default + PartialEq>(x: &T) -> bool {
+    *x == T::default()
+}
+fn is_one(x: &f64) -> bool {
+    *x == 1.0
+}
+fn default_tau_neg() -> f64 {
+    1.05
+}
+fn is_default_tau_neg(x: &f64) -> bool {
+    *x == default_tau_neg()
 }
 fn one_f() -> f64 {
     1.0
@@ -238,6 +305,19 @@ impl GrpoStage {
         }
         if !(0.0..1.0).contains(&self.clip_ratio_low) || self.clip_ratio_high.is_some_and(|h| !(h >= 0.0)) {
             p.push(format!("{at}: clip_ratio_low must be in [0, 1) and clip_ratio_high ≥ 0"));
+        }
+        if !(self.sapo_tau_pos > 0.0 && self.sapo_tau_neg > 0.0) {
+            p.push(format!("{at}: sapo_tau_pos and sapo_tau_neg must be positive"));
+        }
+        if self.off_policy_mask_threshold.is_some_and(|d| !(d >= 0.0)) {
+            p.push(format!("{at}: off_policy_mask_threshold must be ≥ 0"));
+        }
+        if self.use_bias_correction_kl && self.kl_coef == 0.0 {
+            p.push(format!("{at}: use_bias_correction_kl needs a KL term (kl_coef > 0)"));
+        }
+        let rc = &self.rollout_correction;
+        if !(rc.cap > 0.0) || rc.band.is_some_and(|[lo, hi]| !(lo >= 0.0 && lo < hi)) {
+            p.push(format!("{at}: rollout_correction needs cap > 0 and a band [lo, hi] with 0 ≤ lo < hi"));
         }
         if self.clip_ratio_c.is_some_and(|c| !(c > 1.0)) {
             p.push(format!("{at}: clip_ratio_c (dual clip) must be greater than 1"));

@@ -174,7 +174,9 @@ impl StepLog<'_> {
             "grad_norm": u.grad_norm, "lr": self.lr, "temperature": temperature, "groups": u.groups as usize, "gen_rounds": sm.rounds,
             "groups_dropped_zero_std": sm.dropped_zero, "groups_dropped_over_budget": sm.dropped_budget, "train_tokens": u.tokens, "forward_tokens": u.forward_tokens,
             "time_generate_s": t_gen, "time_score_s": t_score, "time_train_s": t_train, "step_s": dt,
-            "tokens_per_s": total_tokens as f64 / t_gen.max(1e-9), "update_lost_frac": opt.lost_fraction()});
+            "tokens_per_s": total_tokens as f64 / t_gen.max(1e-9), "update_lost_frac": opt.lost_fraction(),
+            "mismatch_logp_abs": per_tok(u.mismatch_abs), "mismatch_kl_k3": per_tok(u.mismatch_k3), "mismatch_ratio_max": u.mismatch_max,
+            "rollout_corrected_frac": per_tok(u.corrected), "off_policy_masked_frac": u.off_policy_masked / u.seqs.max(1.0)});
         if done % ctx.run.log_every.max(1) == 0 || done == total || done == 1 {
             bar.println(&format!(
                 "[{name}] step {done}/{total} reward {rmean:.3} acc {:.1}% len {len_mean:.1} clip {:.3} kl {:.4} T {temperature:.2} ({t_gen:.1}s gen, {t_train:.1}s train)",

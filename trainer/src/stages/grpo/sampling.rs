@@ -30,6 +30,8 @@ pub struct Sampled {
     pub reward: f64,
     pub correct: bool,
     pub truncated: bool,
+    /// The sampler's log-probability of each token, under the distribution it was drawn from.
+    pub logprobs: Vec<f32>,
 }
 
 /// The completions of one prompt.
@@ -197,6 +199,7 @@ impl Rollouts<'_> {
                 reward: scores.total[k].unwrap_or(0.0),
                 correct: scores.correct[k].unwrap_or(false),
                 truncated: samples[k].truncated,
+                logprobs: c.logprobs_sampled,
             });
         }
         Ok((groups, t_score))
@@ -406,7 +409,7 @@ mod tests {
     use super::*;
 
     fn sampled(r: f64) -> Sampled {
-        Sampled { ids: vec![1], reward: r, correct: r > 0.0, truncated: false }
+        Sampled { ids: vec![1], reward: r, correct: r > 0.0, truncated: false, logprobs: vec![0.0] }
     }
 
     #[test]

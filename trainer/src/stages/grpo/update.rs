@@ -10,7 +10,8 @@ use tch::{Kind, Tensor};
 use super::config::GrpoStage;
 use super::sampling::{Group, Problem};
 use crate::algo::logprobs::{self, MicroRows, Row, IGNORE};
-use crate::algo::policy_gradient::{self as pg, AggDenoms, ClipCfg, KlEstimator, LossAgg};
+use crate::algo::policy_gradient::{self as pg, AggDenoms, ClipCfg, KlEstimator, LossAgg, PolicyLoss};
+use crate::algo::rollout_correction::{self as rc, Correction, CorrectionMode};
 use crate::observe::progress::Bar;
 use crate::training::optim::AdamW;
 use crate::training::{data_parallel, step, Ctx, OptimArgs};
@@ -25,6 +26,8 @@ pub struct Scored {
     ref_lp: Option<Vec<Tensor>>,
     /// The sampling policy's (π_old, when μ > 1).
     old_lp: Option<Vec<Tensor>>,
+    /// The sampler's log-probabilities of the sampled tokens, on the same grid.
+    sampler_lp: Vec<Tensor>,
     /// Mean KL (k1, summed over the completion) put into the rewards, over the step's rows.
     pub kl_reward: f64,
 }
@@ -36,6 +39,7 @@ pub fn score(ctx: &Ctx, s: &GrpoStage, model: &Model, reference: Option<&Model>,
     let mut rewards_flat: Vec<f64> = groups.iter().flat_map(|gr| gr.done.iter().map(|x| x.reward)).collect();
     let (rows, group_of) = rows_of(groups, problems, s.mask_truncated_completions);
     let micro = micro_batches(&model.net, &rows, &group_of, s, ctx.tok.pad_id as i64);
+    let sampler_lp = sampler_grids(groups, problems, s.micro_batch_size, model.net.device());
     let ref_lp = match reference {
         Some(r) if !rows.is_empty() => Some(logprobs_of(r, &micro, chunk, temperature)),
         _ => None,
@@ -66,7 +70,7 @@ pub fn score(ctx: &Ctx, s: &GrpoStage, model: &Model, reference: Option<&Model>,
     let advs = if rewards_flat.is_empty() { vec![] } else { pg::advantages(&rewards_flat, s.num_generations, s.adv_estimator, s.scale_rewards, 1e-4) };
     let advs = advs.get(mine).map(<[f64]>::to_vec).unwrap_or_default();
     let old_lp = cur_lp.filter(|_| s.num_iterations > 1);
-    Ok(Scored { rows, micro, advs, ref_lp, old_lp, kl_reward })
+    Ok(Scored { rows, micro, advs, ref_lp, old_lp, sampler_lp, kl_reward })
 }
 
 /// What the policy update did (sums over the step's tokens, over the ranks, from its first pass).
@@ -86,6 +90,15 @@ pub struct Update {
     pub groups: f64,
     /// Tokens through the network per pass (prompt sharing lowers it).
     pub forward_tokens: usize,
+    /// The sampler/trainer mismatch (sums over the loss tokens; the largest token ratio) and what the corrections
+    /// changed: tokens truncated or masked by `rollout_correction`, sequences masked as off-policy.
+    pub mismatch_abs: f64,
+    pub mismatch_k3: f64,
+    pub mismatch_max: f64,
+    pub corrected: f64,
+    pub off_policy_masked: f64,
+    /// Sequences carrying a loss (all ranks).
+    pub seqs: f64,
 }
 
 /// The optimizer and what one step of it needs.
@@ -106,7 +119,7 @@ pub fn update(ctx: &Ctx, s: &GrpoStage, model: &Model, sc: &Scored, groups: usiz
     ];
     data_parallel::sum(ctx, &mut counts)?; // the global denominators of the loss aggregation
     let [n_tok, n_seq, n_groups] = counts;
-    let mut u = Update { stepped: true, tokens: n_tok, groups: n_groups, empty: n_tok == 0.0, ..Default::default() };
+    let mut u = Update { stepped: true, tokens: n_tok, groups: n_groups, seqs: n_seq, empty: n_tok == 0.0, ..Default::default() };
     let lcfg = LossCfg {
         clip: s.clip(),
         agg: s.loss_agg_mode,
@@ -115,6 +128,11 @@ pub fn update(ctx: &Ctx, s: &GrpoStage, model: &Model, sc: &Scored, groups: usiz
         entropy_coeff: s.entropy_coeff,
         temperature,
         chunk: s.loss_chunk as i64,
+        policy: s.policy_loss,
+        sapo_tau: (s.sapo_tau_pos, s.sapo_tau_neg),
+        correction: s.rollout_correction.settings(),
+        off_policy_delta: s.off_policy_mask_threshold,
+        unbiased_kl: s.use_bias_correction_kl,
     };
     if !u.empty {
         for it in 0..s.num_iterations {
@@ -123,13 +141,18 @@ pub fn update(ctx: &Ctx, s: &GrpoStage, model: &Model, sc: &Scored, groups: usiz
                 acc.next();
                 let old = sc.old_lp.as_ref().map(|o| &o[mi]);
                 let rf = sc.ref_lp.as_ref().map(|r| &r[mi]);
-                let st = micro_step(&model.net, mr, a, old, rf, &lcfg);
+                let st = micro_step(&model.net, mr, a, LogProbs { old, reference: rf, sampler: &sc.sampler_lp[mi] }, &lcfg);
                 if it == 0 {
                     u.forward_tokens += mr.tokens();
                     u.loss += st.loss;
                     u.clipped += st.clipped;
                     u.kl += st.kl;
                     u.entropy += st.entropy;
+                    u.mismatch_abs += st.mismatch_abs;
+                    u.mismatch_k3 += st.mismatch_k3;
+                    u.mismatch_max = u.mismatch_max.max(st.mismatch_max);
+                    u.corrected += st.corrected;
+                    u.off_policy_masked += st.off_policy_masked;
                 }
             }
             acc.finish();
@@ -139,9 +162,10 @@ pub fn update(ctx: &Ctx, s: &GrpoStage, model: &Model, sc: &Scored, groups: usiz
             u.stepped &= took;
         }
     }
-    let mut sums = [u.loss, u.clipped, u.kl, u.entropy];
+    let mut sums = [u.loss, u.clipped, u.kl, u.entropy, u.mismatch_abs, u.mismatch_k3, u.corrected, u.off_policy_masked];
     data_parallel::sum(ctx, &mut sums)?;
-    [u.loss, u.clipped, u.kl, u.entropy] = sums;
+    [u.loss, u.clipped, u.kl, u.entropy, u.mismatch_abs, u.mismatch_k3, u.corrected, u.off_policy_masked] = sums;
+    u.mismatch_max = data_parallel::gather_f64(ctx, &[u.mismatch_max])?.0.into_iter().fold(0.0, f64::max);
     Ok(u)
 }
 
@@ -165,6 +189,26 @@ fn rows_of(groups: &[Group], problems: &[Problem], mask_truncated: bool) -> (Vec
         }
     }
     (rows, group_of)
+}
+
+/// The sampler's log-probabilities of the completion tokens, per micro-batch on the grid the trainer's come back
+/// on (`[rows, longest row − 1]`: column j holds the token at position j + 1), in the order of [`rows_of`].
+fn sampler_grids(groups: &[Group], problems: &[Problem], micro: usize, device: tch::Device) -> Vec<Tensor> {
+    let rows: Vec<(usize, &[f32])> = groups.iter().flat_map(|g| g.done.iter().map(move |c| (problems[g.problem].ids.len(), c.logprobs.as_slice()))).collect();
+    let lens: Vec<usize> = groups.iter().flat_map(|g| g.done.iter().map(move |c| problems[g.problem].ids.len() + c.ids.len())).collect();
+    rows.chunks(micro)
+        .zip(lens.chunks(micro))
+        .map(|(chunk, lens)| {
+            let t1 = lens.iter().copied().max().unwrap_or(1).max(1) - 1;
+            let mut grid = vec![0f32; chunk.len() * t1];
+            for (i, (prompt, lps)) in chunk.iter().enumerate() {
+                for (j, &v) in lps.iter().enumerate() {
+                    grid[i * t1 + prompt + j - 1] = v;
+                }
+            }
+            Tensor::from_slice(&grid).view([chunk.len() as i64, t1 as i64]).to_device(device)
+        })
+        .collect()
 }
 
 /// The step's rows as micro-batches of `s.micro_batch_size`, each in the layout `s.prompt_sharing` picks
@@ -206,6 +250,22 @@ struct LossCfg {
     entropy_coeff: f64,
     temperature: f64,
     chunk: i64,
+    policy: PolicyLoss,
+    /// SAPO's (τ_pos, τ_neg).
+    sapo_tau: (f64, f64),
+    correction: Correction,
+    /// DeepSeek-V3.2's off-policy masking δ.
+    off_policy_delta: Option<f64>,
+    /// DeepSeek-V3.2's unbiased KL estimate.
+    unbiased_kl: bool,
+}
+
+/// The log-probabilities a micro-batch's loss compares against: the sampling policy's as the trainer computes
+/// them (None: the current ones, detached, i.e. μ = 1), the reference's (with a KL term), the sampler's.
+struct LogProbs<'a> {
+    old: Option<&'a Tensor>,
+    reference: Option<&'a Tensor>,
+    sampler: &'a Tensor,
 }
 
 /// Sums over a micro-batch's tokens, for metrics.
@@ -215,12 +275,17 @@ struct MicroStats {
     clipped: f64,
     kl: f64,
     entropy: f64,
+    mismatch_abs: f64,
+    mismatch_k3: f64,
+    mismatch_max: f64,
+    corrected: f64,
+    off_policy_masked: f64,
 }
 
-/// Forward and backward of one micro-batch of the clipped policy-gradient loss (gradients accumulate in the
-/// parameters). `old`: log-probabilities of the sampling policy (None: the current ones, detached, i.e. μ = 1);
-/// `rf`: the reference's, when there is a KL term.
-fn micro_step(net: &model::Transformer, m: &MicroRows, advs: &[f64], old: Option<&Tensor>, rf: Option<&Tensor>, c: &LossCfg) -> MicroStats {
+/// Forward and backward of one micro-batch of the policy-gradient loss (gradients accumulate in the parameters):
+/// the policy loss `c.policy` on the importance ratios against the sampling policy, weighted by the rollout
+/// correction and the off-policy mask, plus the KL and entropy terms, aggregated as `c.agg` says.
+fn micro_step(net: &model::Transformer, m: &MicroRows, advs: &[f64], lps: LogProbs, c: &LossCfg) -> MicroStats {
     let dev = net.device();
     let labels = &m.labels;
     let adv_t = Tensor::from_slice(advs).to_device(dev);
@@ -228,13 +293,24 @@ fn micro_step(net: &model::Transformer, m: &MicroRows, advs: &[f64], old: Option
     let sum = |t: &Tensor| f64::try_from(t.sum(Kind::Double)).unwrap_or(0.0);
     let (l, _, _) = m.with(|rows| logprobs::logprob_backward(net, rows, c.chunk, c.temperature, true, |lp, ent| {
         let mask = labels.narrow(1, 1, labels.size()[1] - 1).ne(IGNORE).to_device(dev).to_kind(lp.kind());
-        let old = old.map(|o| o.shallow_clone()).unwrap_or_else(|| lp.detach());
-        let ratio = pg::ratios(lp, &old, &mask, c.clip.level);
-        let (pg, clipped) = pg::clipped_pg(&ratio, &adv_t.to_kind(lp.kind()), &c.clip);
+        let old = lps.old.map(|o| o.shallow_clone()).unwrap_or_else(|| lp.detach());
+        let sampler = lps.sampler.to_kind(lp.kind());
+        let adv = adv_t.to_kind(lp.kind());
+        (st.mismatch_abs, st.mismatch_k3, st.mismatch_max) = rc::mismatch(&old, &sampler, &mask);
+        let (mut per_tok, clipped) = policy_loss(lp, &old, &mask, &adv, c);
         st.clipped = sum(&(&clipped * &mask));
-        let mut per_tok = pg;
-        if let (Some(r), Some((coef, est, in_reward))) = (rf, c.kl) {
-            let k = pg::kl(lp, r, est);
+        if c.correction.mode != CorrectionMode::None {
+            let (w, changed) = rc::weights(&old, &sampler, &mask, &c.correction);
+            st.corrected = sum(&changed);
+            per_tok = per_tok * w;
+        }
+        if let Some(delta) = c.off_policy_delta {
+            let keep = pg::off_policy_sequence_mask(lp, &sampler, &mask, &adv, delta);
+            st.off_policy_masked = sum(&(keep.ones_like() - &keep));
+            per_tok = per_tok * keep;
+        }
+        if let (Some(r), Some((coef, est, in_reward))) = (lps.reference, c.kl) {
+            let k = if c.unbiased_kl { pg::kl_unbiased(lp, &old, r) } else { pg::kl(lp, r, est) };
             st.kl = sum(&(&k * &mask));
             if !in_reward {
                 per_tok = per_tok + k * coef;
@@ -252,14 +328,26 @@ fn micro_step(net: &model::Transformer, m: &MicroRows, advs: &[f64], old: Option
     st
 }
 
+/// The per-token policy loss of `c.policy` and the indicator of tokens its clipping touched.
+fn policy_loss(lp: &Tensor, old: &Tensor, mask: &Tensor, adv: &Tensor, c: &LossCfg) -> (Tensor, Tensor) {
+    let ratio = pg::ratios(lp, old, mask, c.clip.level);
+    match c.policy {
+        PolicyLoss::Vanilla => pg::clipped_pg(&ratio, adv, &c.clip),
+        PolicyLoss::Cispo => pg::cispo(lp, &ratio, adv, c.clip.eps_high),
+        PolicyLoss::Sapo => (pg::sapo(&ratio, adv, c.sapo_tau.0, c.sapo_tau.1), ratio.zeros_like()),
+        PolicyLoss::Gmpo => pg::gmpo(lp, old, mask, adv, c.clip.eps_low, c.clip.eps_high),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::algo::policy_gradient::RatioLevel;
     use serde_json::json;
 
-    /// One update with the clipped surrogate raises the log-probability of a completion with a positive
-    /// advantage and lowers that of one with a negative advantage.
+    /// Updates with each policy loss (the clipped surrogate, CISPO, SAPO, GMPO) raise the log-probability of a
+    /// completion with a positive advantage and lower that of one with a negative advantage; the sampler's
+    /// log-probabilities (here the model's own, so no mismatch) leave the loss as it is under every correction.
     #[test]
     fn an_update_moves_log_probs_in_the_direction_of_the_advantage() {
         model::runtime::preload_cuda();
@@ -269,7 +357,6 @@ mod tests {
             "test",
         )
         .unwrap();
-        let model = Model::random(&cfg, Kind::Float, tch::Device::Cpu, 1);
         let args = crate::training::OptimArgs {
             lr: 1e-2,
             schedule: crate::training::optim::Schedule::Constant,
@@ -279,7 +366,6 @@ mod tests {
             adam: crate::training::optim::AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
             max_grad_norm: 0.0,
         };
-        let mut opt = args.optimizer_with(&model, Default::default());
         let prompt = vec![3i64, 4, 5];
         let mk = |c: &[i64]| {
             let mut ids = prompt.clone();
@@ -291,29 +377,38 @@ mod tests {
         let rows = vec![mk(&[7, 8, 9]), mk(&[10, 11])];
         let advs = [1.0, -1.0];
         let st: GrpoStage = toml::from_str("synthetic = { count = 1 }\nprompt_sharing = \"always\"").unwrap();
-        let seq_lp = |m: &Model| -> Vec<f64> {
-            let lp = logprobs_of(m, &micro_batches(&m.net, &rows, &[0, 0], &st, 0), 64, 1.0);
-            Vec::<f64>::try_from(lp[0].sum_dim_intlist(1, false, Kind::Double)).unwrap()
-        };
-        let before = seq_lp(&model);
-        for agg in [LossAgg::TokenMean, LossAgg::SeqMeanTokenMean, LossAgg::SeqMeanTokenSumNorm] {
-            let c = LossCfg {
-                clip: ClipCfg { level: RatioLevel::Token, eps_low: 0.2, eps_high: 0.2, dual_clip: None },
-                agg,
-                denoms: AggDenoms { tokens: 5.0, seqs: 2.0, norm: 4.0 },
-                kl: None,
-                entropy_coeff: 0.0,
-                temperature: 1.0,
-                chunk: 64,
-            };
-            let mr = &micro_batches(&model.net, &rows, &[0, 0], &st, 0)[0];
-            let st = micro_step(&model.net, mr, &advs, None, None, &c);
-            assert!(st.loss.is_finite() && st.entropy > 0.0);
-            opt.step(args.lr);
-            opt.zero_grad();
+        let lps_of = |m: &Model| logprobs_of(m, &micro_batches(&m.net, &rows, &[0, 0], &st, 0), 64, 1.0).remove(0);
+        let seq_lp = |m: &Model| -> Vec<f64> { Vec::<f64>::try_from(lps_of(m).sum_dim_intlist(1, false, Kind::Double)).unwrap() };
+        for (policy, mode) in [(PolicyLoss::Vanilla, CorrectionMode::None), (PolicyLoss::Cispo, CorrectionMode::Tis), (PolicyLoss::Sapo, CorrectionMode::Mis), (PolicyLoss::Gmpo, CorrectionMode::Mis)] {
+            let model = Model::random(&cfg, Kind::Float, tch::Device::Cpu, 1);
+            let mut opt = args.optimizer_with(&model, Default::default());
+            let before = seq_lp(&model);
+            for agg in [LossAgg::TokenMean, LossAgg::SeqMeanTokenMean, LossAgg::SeqMeanTokenSumNorm] {
+                let c = LossCfg {
+                    clip: ClipCfg { level: RatioLevel::Token, eps_low: 0.2, eps_high: 0.2, dual_clip: None },
+                    agg,
+                    denoms: AggDenoms { tokens: 5.0, seqs: 2.0, norm: 4.0 },
+                    kl: None,
+                    entropy_coeff: 0.0,
+                    temperature: 1.0,
+                    chunk: 64,
+                    policy,
+                    sapo_tau: (1.0, 1.05),
+                    correction: Correction { mode, level: rc::CorrectionLevel::Sequence, cap: 3.0, band: None },
+                    off_policy_delta: Some(0.5),
+                    unbiased_kl: false,
+                };
+                let sampler = lps_of(&model).detach();
+                let mr = &micro_batches(&model.net, &rows, &[0, 0], &st, 0)[0];
+                let st = micro_step(&model.net, mr, &advs, LogProbs { old: None, reference: None, sampler: &sampler }, &c);
+                assert!(st.loss.is_finite() && st.entropy > 0.0);
+                assert!(st.mismatch_abs < 1e-4 && st.corrected == 0.0 && st.off_policy_masked == 0.0, "{policy:?}: {} {}", st.mismatch_abs, st.corrected);
+                opt.step(args.lr);
+                opt.zero_grad();
+            }
+            let after = seq_lp(&model);
+            assert!(after[0] > before[0] + 0.1, "{policy:?}, positive advantage: {} -> {}", before[0], after[0]);
+            assert!(after[1] < before[1] - 0.1, "{policy:?}, negative advantage: {} -> {}", before[1], after[1]);
         }
-        let after = seq_lp(&model);
-        assert!(after[0] > before[0] + 0.1, "positive advantage: {} -> {}", before[0], after[0]);
-        assert!(after[1] < before[1] - 0.1, "negative advantage: {} -> {}", before[1], after[1]);
     }
 }
