@@ -8,3 +8,5 @@ pub mod logprobs;
 pub mod policy_gradient;
 pub mod preference;
 pub mod rollout_correction;
+#[cfg(test)]
+mod testing;

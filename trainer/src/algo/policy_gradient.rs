@@ -272,21 +272,10 @@ fn per_token(adv: &Tensor) -> Tensor {
 
 #[cfg(test)]
 mod tests {
+    use crate::algo::testing::{close, t2, vals};
     use super::*;
     use tch::Kind;
 
-    fn t2(v: &[f64], b: i64) -> Tensor {
-        Tensor::from_slice(v).view([b, -1])
-    }
-    fn vals(t: &Tensor) -> Vec<f64> {
-        Vec::<f64>::try_from(t.flatten(0, -1)).unwrap()
-    }
-    fn close(a: &[f64], b: &[f64]) {
-        assert_eq!(a.len(), b.len());
-        for (x, y) in a.iter().zip(b) {
-            assert!((x - y).abs() < 1e-9, "{a:?} vs {b:?}");
-        }
-    }
 
     #[test]
     fn grpo_advantages_use_the_group_mean_and_unbiased_std() {

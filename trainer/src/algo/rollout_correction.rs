@@ -86,20 +86,8 @@ pub fn mismatch(old: &Tensor, sampler: &Tensor, mask: &Tensor) -> (f64, f64, f64
 
 #[cfg(test)]
 mod tests {
+    use crate::algo::testing::{close, t2, vals};
     use super::*;
-
-    fn t2(v: &[f64], b: i64) -> Tensor {
-        Tensor::from_slice(v).view([b, -1])
-    }
-    fn vals(t: &Tensor) -> Vec<f64> {
-        Vec::<f64>::try_from(t.flatten(0, -1)).unwrap()
-    }
-    fn close(a: &[f64], b: &[f64]) {
-        assert_eq!(a.len(), b.len());
-        for (x, y) in a.iter().zip(b) {
-            assert!((x - y).abs() < 1e-9, "{a:?} vs {b:?}");
-        }
-    }
 
     // trainer's and sampler's log-probs of two sequences of two tokens (the last one a pad in row 1)
     fn fixture() -> (Tensor, Tensor, Tensor) {
