@@ -174,7 +174,7 @@ pub fn ratios(logp: &Tensor, old_logp: &Tensor, mask: &Tensor, level: RatioLevel
 /// L = max(−Â·r, −Â·clip(r, 1 − ε_low, 1 + ε_high)), and with dual clip, for Â < 0, min(L, −Â·c).
 /// `adv` is `[B]` (one advantage per sequence) or `[B, T]`.
 pub fn clipped_pg(ratio: &Tensor, adv: &Tensor, cfg: &ClipCfg) -> (Tensor, Tensor) {
-    let adv = if adv.dim() == 1 { adv.unsqueeze(1) } else { adv.shallow_clone() };
+    let adv = per_token(adv);
     let pg1 = -&adv * ratio;
     let pg2 = -&adv * ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high);
     let clipped = pg2.gt_tensor(&pg1);

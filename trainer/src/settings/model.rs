@@ -87,7 +87,7 @@ impl ModelSpec {
 
 /// Keys at their default are left out of the serialized recipe, so that checkpoints written before the key
 /// existed still resume (their fingerprint lacks it).
-pub(super) fn is_default<T: Default + PartialEq>(x: &T) -> bool {
+pub fn is_default<T: Default + PartialEq>(x: &T) -> bool {
     *x == T::default()
 }
 

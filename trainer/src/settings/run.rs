@@ -37,7 +37,7 @@ pub struct RunSpec {
     /// When a step's gradient norm is NaN or infinite: "skip" (default) leaves the weights and optimizer state
     /// as they were and prints a counted warning (the run stops after 10 such steps in a row); "stop" ends the
     /// run at once. Either way a non-finite gradient never reaches the weights.
-    #[serde(default, skip_serializing_if = "super::model::is_default")]
+    #[serde(default, skip_serializing_if = "super::is_default")]
     #[schemars(extend("default" = "skip"))]
     pub nonfinite: NonFinite,
     /// Where metrics go besides `metrics.jsonl` (TRL's `report_to`): "tensorboard", "wandb", "all" or "none",

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use crate::algo::logprobs::PromptSharing;
 use crate::algo::policy_gradient::{AdvEstimator, ClipCfg, KlEstimator, LossAgg, PolicyLoss, RatioLevel, ScaleRewards};
 use crate::algo::rollout_correction::{Correction, CorrectionLevel, CorrectionMode};
-use crate::settings::SyntheticSpec;
+use crate::settings::{is_default, SyntheticSpec};
 
 /// Dynamic sampling (DAPO, Yu et al. 2025, arXiv 2503.14476 §3.2): groups whose rewards are all equal carry
 /// no gradient; they are dropped and more prompts are drawn until the batch is full.
@@ -247,9 +247,6 @@ impl RolloutCorrection {
     }
 }
 
-fn is_default<T: Default + PartialEq>(x: &T) -> bool {
-    *x == T::default()
-}
 fn is_one(x: &f64) -> bool {
     *x == 1.0
 }

@@ -194,12 +194,11 @@ fn rows_of(groups: &[Group], problems: &[Problem], mask_truncated: bool) -> (Vec
 /// The sampler's log-probabilities of the completion tokens, per micro-batch on the grid the trainer's come back
 /// on (`[rows, longest row − 1]`: column j holds the token at position j + 1), in the order of [`rows_of`].
 fn sampler_grids(groups: &[Group], problems: &[Problem], micro: usize, device: tch::Device) -> Vec<Tensor> {
+    // (prompt length, the sampler's log-probs of the completion's tokens) per row
     let rows: Vec<(usize, &[f32])> = groups.iter().flat_map(|g| g.done.iter().map(move |c| (problems[g.problem].ids.len(), c.logprobs.as_slice()))).collect();
-    let lens: Vec<usize> = groups.iter().flat_map(|g| g.done.iter().map(move |c| problems[g.problem].ids.len() + c.ids.len())).collect();
     rows.chunks(micro)
-        .zip(lens.chunks(micro))
-        .map(|(chunk, lens)| {
-            let t1 = lens.iter().copied().max().unwrap_or(1).max(1) - 1;
+        .map(|chunk| {
+            let t1 = chunk.iter().map(|(prompt, lps)| prompt + lps.len()).max().unwrap_or(1).max(1) - 1;
             let mut grid = vec![0f32; chunk.len() * t1];
             for (i, (prompt, lps)) in chunk.iter().enumerate() {
                 for (j, &v) in lps.iter().enumerate() {
