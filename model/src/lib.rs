@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod gguf;
 pub mod kv_cache;
+pub mod lora;
 pub mod mkl;
 pub mod native;
 pub mod params;
@@ -61,6 +62,20 @@ impl Model {
         tch::manual_seed(seed);
         let net = Transformer::build(cfg, kind, device, Fill::Normal(0.02));
         Model { net, source_dir: None }
+    }
+
+    /// Puts the PEFT adapter saved in `dir` on the network ([`lora`]).
+    pub fn load_adapter(&mut self, dir: &Path) -> Result<()> {
+        let cfg = lora::read_config(dir)?;
+        self.net.add_lora(&cfg).map_err(|e| ModelError::Other(format!("{}: {e}", dir.join(lora::CONFIG_FILE).display())))?;
+        lora::load_tensors(self.net.adapters().expect("just added"), dir)
+    }
+
+    /// Saves the network's adapter in PEFT's layout (`adapter_config.json`, `adapter_model.safetensors`)
+    /// into `dir`, naming `base` as the base model.
+    pub fn save_adapter(&self, dir: &Path, base: Option<&str>) -> Result<()> {
+        let a = self.net.adapters().ok_or_else(|| ModelError::Other("the model has no adapter to save".into()))?;
+        lora::save(a, dir, base)
     }
 
     /// Saves in the Hugging Face layout (see [`weights::save_pretrained`]).

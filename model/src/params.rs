@@ -49,6 +49,18 @@ impl ParamStore {
         t
     }
 
+    /// Adds `t` as the parameter `name` (a view of another store's tensor, say); replaces one of that name.
+    pub fn insert(&mut self, name: &str, t: Tensor) {
+        match self.index.get(name) {
+            Some(&i) => self.tensors[i] = t,
+            None => {
+                self.index.insert(name.to_string(), self.tensors.len());
+                self.names.push(name.to_string());
+                self.tensors.push(t);
+            }
+        }
+    }
+
     pub fn get(&self, name: &str) -> Option<&Tensor> {
         self.index.get(name).map(|&i| &self.tensors[i])
     }

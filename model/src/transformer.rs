@@ -4,15 +4,20 @@
 
 use crate::config::{Family, ModelConfig};
 use crate::kv_cache::KvCache;
+use crate::lora::{Adapters, LoraConfig, LoraLayer};
 use crate::params::{Fill, ParamStore};
 use crate::rope::Rope;
 use tch::{Device, Kind, Tensor};
 
 struct Linear {
+    /// The module's name (`model.layers.0.self_attn.q_proj`); empty for decode copies.
+    name: String,
     w: Tensor,
     b: Option<Tensor>,
     /// Decoding copies on the CPU in fp32: `w` packed for MKL for products with this many rows.
     packed: Option<(Tensor, i64)>,
+    /// A LoRA adapter on this projection ([`Transformer::add_lora`]).
+    lora: Option<LoraLayer>,
 }
 
 impl Linear {
@@ -22,7 +27,11 @@ impl Linear {
             let bf = if matches!(init, Fill::Empty) { Fill::Empty } else { Fill::Zeros };
             ps.get_or_create(&format!("{name}.bias"), &[out], bf)
         });
-        Linear { w, b, packed: None }
+        Linear { name: name.to_string(), w, b, packed: None, lora: None }
+    }
+    /// A decode copy: weights only.
+    fn copy(w: Tensor, b: Option<Tensor>) -> Linear {
+        Linear { name: String::new(), w, b, packed: None, lora: None }
     }
     fn forward(&self, x: &Tensor) -> Tensor {
         if let Some((p, rows)) = &self.packed {
@@ -30,7 +39,11 @@ impl Linear {
                 return crate::mkl::linear(x, p, &self.w, self.b.as_ref(), *rows);
             }
         }
-        x.linear(&self.w, self.b.as_ref())
+        let y = x.linear(&self.w, self.b.as_ref());
+        match &self.lora {
+            Some(l) => l.add_to(y, x),
+            None => y,
+        }
     }
     /// Packs the weight for MKL products with `rows` rows where that applies (fp32, CPU), else drops
     /// any packing.
@@ -148,6 +161,8 @@ pub struct Transformer {
     checkpointing: std::sync::atomic::AtomicBool,
     /// The autocast dtype of forward passes ([`crate::autocast`]), encoded; 0: none.
     autocast: std::sync::atomic::AtomicI8,
+    /// LoRA adapters on some projections ([`Transformer::add_lora`]).
+    adapters: Option<Adapters>,
 }
 
 /// What [`Transformer::hidden_states_checkpointed`] keeps for the backward: each decoder layer's input,
@@ -164,6 +179,9 @@ pub struct Checkpoints {
 /// `Σ out ⊙ grad` back-propagated: accumulates `gradᵀ ∂out/∂θ` into the parameters (and leaves) that `out`
 /// depends on. The derivative of the sum with respect to `out` is `grad` exactly.
 fn backward_with(out: &Tensor, grad: &Tensor) {
+    if !out.requires_grad() {
+        return; // nothing below takes gradients (a frozen base's embedding under LoRA)
+    }
     let acc = if out.kind() == Kind::Double { Kind::Double } else { Kind::Float };
     (out * grad).sum(acc).backward();
 }
@@ -171,7 +189,13 @@ fn backward_with(out: &Tensor, grad: &Tensor) {
 impl Transformer {
     /// Builds the module tree with parameters filled by `init` (use [`Fill::Empty`] before loading weights).
     pub fn build(cfg: &ModelConfig, kind: Kind, device: Device, init: Fill) -> Transformer {
-        let mut ps = ParamStore::new(kind, device);
+        Transformer::build_in(cfg, ParamStore::new(kind, device), init)
+    }
+
+    /// [`Transformer::build`] in `ps`: parameters already there are used as they are (views sharing
+    /// another network's tensors), the others are created with `init`.
+    fn build_in(cfg: &ModelConfig, mut ps: ParamStore, init: Fill) -> Transformer {
+        let device = ps.device;
         let h = cfg.hidden_size;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let embed = ps.get_or_create("model.embed_tokens.weight", &[cfg.vocab_size, h], init);
@@ -227,7 +251,121 @@ impl Transformer {
         let rope = Rope::new(cfg, device);
         let checkpointing = Default::default();
         let autocast = crate::autocast::encode(crate::autocast::default_kind()).into();
-        Transformer { cfg: cfg.clone(), params: ps, embed, blocks, norm, lm_head, rope, checkpointing, autocast }
+        Transformer { cfg: cfg.clone(), params: ps, embed, blocks, norm, lm_head, rope, checkpointing, autocast, adapters: None }
+    }
+
+    /// Every projection of the decoder, in parameter order (not the output head).
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = vec![];
+        for blk in &mut self.blocks {
+            match &mut blk.attn.qkv {
+                Qkv::Split { q, k, v } => out.extend([q, k, v]),
+                Qkv::Fused(l) => out.push(l),
+            }
+            out.push(&mut blk.attn.o);
+            match &mut blk.mlp {
+                Mlp::Split { gate, up, down } => out.extend([gate, up, down]),
+                Mlp::Fused { gate_up, down } => out.extend([gate_up, down]),
+            }
+        }
+        out
+    }
+
+    fn linears(&self) -> Vec<&Linear> {
+        let mut out = vec![];
+        for blk in &self.blocks {
+            match &blk.attn.qkv {
+                Qkv::Split { q, k, v } => out.extend([q, k, v]),
+                Qkv::Fused(l) => out.push(l),
+            }
+            out.push(&blk.attn.o);
+            match &blk.mlp {
+                Mlp::Split { gate, up, down } => out.extend([gate, up, down]),
+                Mlp::Fused { gate_up, down } => out.extend([gate_up, down]),
+            }
+        }
+        out
+    }
+
+    /// Puts a new LoRA adapter ([`crate::lora`]) on every projection `cfg.target_modules` names; the base's
+    /// parameters are left as they are (the caller freezes them). Returns how many projections got one.
+    pub fn add_lora(&mut self, cfg: &LoraConfig) -> crate::Result<usize> {
+        if self.adapters.is_some() {
+            return Err(crate::ModelError::Other("this network already has an adapter".into()));
+        }
+        if cfg.r < 1 {
+            return Err(crate::ModelError::Other(format!("lora r must be a positive integer, got {}", cfg.r)));
+        }
+        let mut ps = ParamStore::new(Kind::Float, self.device());
+        let mut n = 0;
+        for l in self.linears_mut() {
+            if cfg.target_modules.matches(&l.name) {
+                let (out, inp) = l.w.size2().expect("a projection is a matrix");
+                l.lora = Some(LoraLayer::create(&mut ps, &l.name, inp, out, cfg));
+                n += 1;
+            }
+        }
+        if n == 0 {
+            let mut kinds: Vec<String> = self.linears().iter().filter_map(|l| l.name.rsplit('.').next().map(str::to_string)).collect();
+            kinds.dedup();
+            kinds.sort();
+            kinds.dedup();
+            return Err(crate::ModelError::Other(format!(
+                "lora target_modules {} match no projection of this model; its projections are {}",
+                cfg.target_modules.to_json(),
+                kinds.join(", ")
+            )));
+        }
+        self.adapters = Some(Adapters { cfg: cfg.clone(), params: ps });
+        Ok(n)
+    }
+
+    /// The adapters, when the network has them.
+    pub fn adapters(&self) -> Option<&Adapters> {
+        self.adapters.as_ref()
+    }
+
+    /// The parameters training updates: the adapters' when there are adapters, else all of them.
+    pub fn trainable(&self) -> &ParamStore {
+        self.adapters.as_ref().map_or(&self.params, |a| &a.params)
+    }
+
+    /// The same network without its adapters, sharing every base tensor (no copy): the reference model of
+    /// LoRA training is the base with the adapter switched off.
+    pub fn base_view(&self) -> Transformer {
+        self.rebuild(|_, t| t.shallow_clone())
+    }
+
+    /// Adds each adapter's `s · B A` into its projection's weight (in the weight's dtype) and drops the
+    /// adapters: the network then computes what base + adapter did, up to that rounding.
+    pub fn merge_adapters(&mut self) {
+        for l in self.linears_mut() {
+            if let Some(a) = l.lora.take() {
+                let merged = a.merged(&l.w);
+                tch::no_grad(|| l.w.copy_(&merged));
+            }
+        }
+        self.adapters = None;
+    }
+
+    /// A network over `weight(name, tensor)` of each parameter, with this one's settings and no adapters.
+    fn rebuild(&self, weight: impl Fn(&str, &Tensor) -> Tensor) -> Transformer {
+        let mut ps = ParamStore::new(self.kind(), self.device());
+        for (n, t) in self.params.iter() {
+            ps.insert(n, weight(n, t));
+        }
+        let net = Transformer::build_in(&self.cfg, ps, Fill::Empty);
+        net.set_autocast(self.autocast_kind());
+        net.set_gradient_checkpointing(self.gradient_checkpointing());
+        net
+    }
+
+    /// The network with each adapter merged into copies of its projections (the other tensors shared):
+    /// what decode weights are built from.
+    fn merged_view(&self) -> Transformer {
+        let merged: std::collections::HashMap<String, Tensor> =
+            self.linears().into_iter().filter_map(|l| l.lora.as_ref().map(|a| (format!("{}.weight", l.name), a.merged(&l.w)))).collect();
+        self.rebuild(|n, t| merged.get(n).map_or_else(|| t.shallow_clone(), |m| m.shallow_clone()))
     }
 
     /// Mixed precision: forward passes run in an autocast region computing in `kind` (e.g. bfloat16 over
@@ -471,6 +609,9 @@ impl Transformer {
     /// asked for and this network and CPU support it ([`crate::native`]: CPU, fp32, no autocast, AVX-512);
     /// `None`: the libtorch copy.
     pub fn decode_weights_with(&self, native: Option<usize>) -> DecodeWeights {
+        if self.adapters.is_some() {
+            return self.merged_view().decode_weights_with(native);
+        }
         match (native, crate::native::Isa::detected()) {
             (Some(threads), Some(isa)) => self.decode_weights_native(threads, isa),
             _ => self.fused_decode_weights(),
@@ -486,6 +627,9 @@ impl Transformer {
     /// this network and CPU support them; else the libtorch copy. For tests and measurements of one set of
     /// kernels.
     pub fn decode_weights_native(&self, threads: usize, isa: crate::native::Isa) -> DecodeWeights {
+        if self.adapters.is_some() {
+            return self.merged_view().decode_weights_native(threads, isa);
+        }
         if threads > 0 && crate::native::supports(self.device(), self.kind(), self.autocast_kind(), isa) {
             let _g = tch::no_grad_guard();
             return DecodeWeights { inner: DecodeInner::Native(Box::new(self.native_weights(threads, isa))) };
@@ -500,11 +644,11 @@ impl Transformer {
             Some(k) if t.kind() != k => t.detach().to_kind(k),
             _ => t.detach(),
         };
-        let lin = |l: &Linear| Linear { w: cast(&l.w), b: l.b.as_ref().map(cast), packed: None };
+        let lin = |l: &Linear| Linear::copy(cast(&l.w), l.b.as_ref().map(cast));
         let cat = |parts: &[&Linear]| {
             let w = Tensor::cat(&parts.iter().map(|l| cast(&l.w)).collect::<Vec<_>>(), 0);
             let b = parts[0].b.is_some().then(|| Tensor::cat(&parts.iter().map(|l| cast(l.b.as_ref().expect("all or no biases"))).collect::<Vec<_>>(), 0));
-            Linear { w, b, packed: None }
+            Linear::copy(w, b)
         };
         let layers = self
             .blocks
@@ -524,7 +668,7 @@ impl Transformer {
                 },
             })
             .collect();
-        DecodeWeights { inner: DecodeInner::Torch { layers, lm_head: Linear { w: cast(&self.lm_head), b: None, packed: None } } }
+        DecodeWeights { inner: DecodeInner::Torch { layers, lm_head: Linear::copy(cast(&self.lm_head), None) } }
     }
 
     fn native_weights(&self, threads: usize, isa: crate::native::Isa) -> crate::native::NativeWeights {
