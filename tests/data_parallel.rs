@@ -384,3 +384,18 @@ fn launcher_flags_are_checked_in_one_line() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("prompts_per_step = 4 cannot be shared evenly by 3 ranks"), "{err}");
 }
+
+/// LoRA (issue 18): the adapter is replicated and only its gradients are all-reduced; 2 ranks end with the
+/// adapter one process trains, bit for bit, and the base stays untouched on both.
+#[test]
+fn two_rank_lora_grpo_is_bitwise_one_process() {
+    let root = tempfile::tempdir().unwrap();
+    let body = GRPO.replace("device = \"cpu\"\n", "device = \"cpu\"\nlora = { r = 4, lora_alpha = 8, target_modules = [\"q_proj\", \"v_proj\", \"gate_proj\"] }\n");
+    let one = setup(root.path(), "one", &body);
+    let two = setup(root.path(), "two", &body);
+    ok(&train(&one, None, &[], &[]));
+    let log = ok(&train(&two, Some(2), &[], &[]));
+    assert!(log.contains("[rl] replicas identical on 2 ranks"), "{log}");
+    let adapter = |d: &Path| std::fs::read(d.join("out/checkpoints/s00-final/model/adapter_model.safetensors")).unwrap();
+    assert_eq!(adapter(&one), adapter(&two), "2-rank LoRA GRPO differs from 1 process");
+}

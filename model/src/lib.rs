@@ -72,10 +72,10 @@ impl Model {
     }
 
     /// Saves the network's adapter in PEFT's layout (`adapter_config.json`, `adapter_model.safetensors`)
-    /// into `dir`, naming `base` as the base model.
-    pub fn save_adapter(&self, dir: &Path, base: Option<&str>) -> Result<()> {
+    /// into `dir`, naming `base` as the base model, with the tokenizer files of `tokenizer_dir`.
+    pub fn save_adapter(&self, dir: &Path, base: Option<&str>, tokenizer_dir: Option<&Path>) -> Result<()> {
         let a = self.net.adapters().ok_or_else(|| ModelError::Other("the model has no adapter to save".into()))?;
-        lora::save(a, dir, base)
+        lora::save(a, dir, base, tokenizer_dir)
     }
 
     /// Saves in the Hugging Face layout (see [`weights::save_pretrained`]).

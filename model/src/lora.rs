@@ -222,13 +222,23 @@ pub fn peft_name(name: &str) -> String {
     format!("{PEFT_PREFIX}{name}")
 }
 
-/// Writes an adapter directory's two files (adapter_config.json, adapter_model.safetensors in fp32).
-pub fn save(adapters: &Adapters, dir: &Path, base_model_name_or_path: Option<&str>) -> Result<()> {
+/// Writes an adapter directory's two files (adapter_config.json, adapter_model.safetensors in fp32), and the
+/// tokenizer files of `tokenizer_dir` when given (PEFT ignores them; `train eval` and vLLM's LoRA requests
+/// find the tokenizer beside the adapter).
+pub fn save(adapters: &Adapters, dir: &Path, base_model_name_or_path: Option<&str>, tokenizer_dir: Option<&Path>) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    if let Some(t) = tokenizer_dir {
+        crate::weights::copy_tokenizer_files(t, dir)?;
+    }
     let tensors: Vec<(String, Tensor)> = adapters.params.iter().map(|(n, t)| (peft_name(n), t.shallow_clone())).collect();
     crate::weights::write_safetensors(&dir.join(WEIGHTS_FILE), &tensors, Some(Kind::Float))?;
     let cfg = serde_json::to_string_pretty(&adapters.cfg.to_peft_json(base_model_name_or_path)).expect("json");
     crate::weights::write_atomic(&dir.join(CONFIG_FILE), cfg.as_bytes())
+}
+
+/// Whether `pattern` is a valid `target_modules` regular expression (the error says why not).
+pub fn check_pattern(pattern: &str) -> std::result::Result<(), String> {
+    regex::Regex::new(pattern).map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// Whether `dir` holds a PEFT adapter.

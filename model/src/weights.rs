@@ -332,16 +332,25 @@ fn write_pretrained(params: &ParamStore, config_json: &serde_json::Value, tied: 
     }
     write_atomic(&tmp.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap().as_bytes())?;
 
-    for f in TOKENIZER_FILES {
-        if let Some(p) = opts.source_dir.map(|d| d.join(f)).filter(|p| p.exists()) {
-            let bytes = std::fs::read(&p).map_err(|e| ModelError::io(&p, e))?;
-            write_atomic(&tmp.join(f), &bytes)?;
-        }
+    if let Some(src) = opts.source_dir {
+        copy_tokenizer_files(src, tmp)?;
     }
     let mut dirs: Vec<&Path> = opts.model_dir.into_iter().collect();
     // The tokenizer folder's file too, unless it is the model's own (read once).
     dirs.extend(opts.source_dir.filter(|s| opts.model_dir != Some(*s)));
     write_generation_config(tmp, &cfg, &dirs, &opts.token_ids)
+}
+
+/// Copies the [`TOKENIZER_FILES`] `src` has into `dst`.
+pub fn copy_tokenizer_files(src: &Path, dst: &Path) -> Result<()> {
+    for f in TOKENIZER_FILES {
+        let p = src.join(f);
+        if p.exists() {
+            let bytes = std::fs::read(&p).map_err(|e| ModelError::io(&p, e))?;
+            write_atomic(&dst.join(f), &bytes)?;
+        }
+    }
+    Ok(())
 }
 
 /// A directory's `generation_config.json` as a JSON object (`None` when there is none).

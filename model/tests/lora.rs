@@ -91,7 +91,7 @@ fn saved_adapters_have_peft_names_and_reload_bit_exactly() {
         tch::manual_seed(10 + i as i64);
         m.net.add_lora(&cfg).unwrap();
         let dir = out.as_ref().map_or_else(|| tmp.path().join(base), |o| o.join(format!("whet_{base}")));
-        m.save_adapter(&dir, Some(base)).unwrap();
+        m.save_adapter(&dir, Some(base), None).unwrap();
         let names: Vec<String> = tensors(dir.join("adapter_model.safetensors")).into_keys().collect();
         assert!(names.contains(&"base_model.model.model.layers.0.mlp.gate_up_proj.lora_A.weight".to_string()) || *base != "phi3", "{names:?}");
         assert!(names.contains(&"base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight".to_string()) || *base == "phi3", "{names:?}");

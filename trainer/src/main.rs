@@ -68,6 +68,22 @@ enum Command {
     },
     /// Print every recipe key with its type, default and meaning (a Markdown table).
     RecipeKeys,
+    /// Merge a PEFT LoRA adapter into its base model and write a whole Hugging Face model.
+    MergeLora {
+        /// The base model directory the adapter was trained on.
+        #[arg(long)]
+        base: PathBuf,
+        /// The adapter directory (adapter_config.json, adapter_model.safetensors): a whet checkpoint's model/
+        /// under `[model] lora`, or one saved by peft.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Where to write the merged model.
+        #[arg(long)]
+        out: PathBuf,
+        /// dtype of the saved weights (default: the base's torch_dtype).
+        #[arg(long)]
+        dtype: Option<String>,
+    },
     /// Convert a model from another format.
     Convert {
         #[command(subcommand)]
@@ -133,6 +149,7 @@ fn run() -> Result<()> {
             Ok(())
         }
         Some(Command::Eval(args)) => cli::eval::run(*args, device),
+        Some(Command::MergeLora { base, adapter, out, dtype }) => cli::merge_lora::run(&base, &adapter, &out, dtype.as_deref(), device),
         None => bail!("nothing to do: give --recipe FILE.toml, or try `train smoke` or `train --help`"),
     }
 }

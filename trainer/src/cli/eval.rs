@@ -20,6 +20,9 @@ pub struct EvalArgs {
     /// template is used when present).
     #[arg(long)]
     pub model: PathBuf,
+    /// A PEFT LoRA adapter directory to put on `--model` (its tokenizer files, when it has them, are used).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// Problems: a JSONL / JSON / Parquet file or a Hugging Face datasets directory.
     #[arg(long)]
     pub data: PathBuf,
@@ -188,7 +191,8 @@ struct Problem {
 pub fn run(a: EvalArgs, device: Device) -> Result<()> {
     check_args(&a)?;
     let (records, prompt_col, answer_format) = read_records(&a)?;
-    let (tok, template) = data::Tokenizer::from_dir(&a.model).with_context(|| format!("tokenizer of {}", a.model.display()))?;
+    let tok_dir = a.adapter.as_ref().filter(|d| d.join("tokenizer.json").exists()).unwrap_or(&a.model);
+    let (tok, template) = data::Tokenizer::from_dir(tok_dir).with_context(|| format!("tokenizer of {}", tok_dir.display()))?;
     let template = if a.no_chat_template { None } else { template };
     let tok = Arc::new(tok);
     let problems = tokenize_problems(&a, &records, &tok, template.as_ref())?;
@@ -198,7 +202,10 @@ pub fn run(a: EvalArgs, device: Device) -> Result<()> {
         None => Kind::BFloat16,
     };
     let t0 = std::time::Instant::now();
-    let m = Model::load(&a.model, Some(kind), device).with_context(|| format!("loading {}", a.model.display()))?;
+    let mut m = Model::load(&a.model, Some(kind), device).with_context(|| format!("loading {}", a.model.display()))?;
+    if let Some(dir) = &a.adapter {
+        m.load_adapter(dir).with_context(|| format!("--adapter {}", dir.display()))?;
+    }
     let engine = engine(&a, &m, &tok, &problems)?;
     eprintln!(
         "eval: {} problems from {} (prompt column {prompt_col}, answer format {answer_format:?}), k={} samples x {} seeds, T={} top_p={} max_tokens={}; model loaded in {:.1} s",

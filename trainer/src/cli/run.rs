@@ -59,8 +59,8 @@ pub fn run(recipe_path: &Path, overrides: &[String], output: Option<PathBuf>, op
     let ctx = context(&r, output, fingerprint, comm, ckpt.as_ref())?;
     let (first, model, mid) = match &ckpt {
         None => (0, models::base_model(&r.model, &ctx.output, kind, device)?, None),
-        Some(c) if c.state.stage_complete => (c.state.stage + 1, Model::load(&c.model_dir(), Some(kind), device)?, None),
-        Some(c) => (c.state.stage, Model::load(&c.model_dir(), Some(kind), device)?, Some(c)),
+        Some(c) if c.state.stage_complete => (c.state.stage + 1, models::checkpoint_model(&r.model, &ctx.output, &c.model_dir(), kind, device)?, None),
+        Some(c) => (c.state.stage, models::checkpoint_model(&r.model, &ctx.output, &c.model_dir(), kind, device)?, Some(c)),
     };
     if ctx.comm.is_main() {
         ctx.comm.barrier()?;
@@ -177,7 +177,7 @@ fn run_stages(ctx: &Ctx, r: &recipe::Recipe, first: usize, mut model: Model, mid
         let resume = if i == first { mid } else { None };
         model.net.set_gradient_checkpointing(stage.gradient_checkpointing());
         ctx.batch_world.set(ctx.comm.world());
-        ctx.comm.broadcast_params(model.net.params.tensors())?;
+        ctx.comm.broadcast_params(model.net.trainable().tensors())?;
         let acc = stage.run(ctx, i, &model, resume)?;
         crate::training::data_parallel::check_replicas(ctx, &model, &stage.name(i))?;
         summary.push((stage.name(i), stage.kind(), acc));

@@ -29,6 +29,7 @@ pub fn validate(r: &Recipe, origin: &str) -> Vec<String> {
         (Some(m), _) => p.push(format!("{origin}: [model] mixed_precision: unknown value \"{m}\" (expected \"bf16\" or \"no\")")),
     }
     r.model.validate_precision(origin, &mut p);
+    r.model.validate_adapter(origin, &mut p);
     if let Some(cfg) = &r.model.config {
         if let Err(e) = model::ModelConfig::from_json(cfg.clone(), &format!("{origin} [model.config]")) {
             p.push(e.to_string());

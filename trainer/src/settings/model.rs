@@ -50,6 +50,89 @@ pub struct ModelSpec {
     #[serde(default, skip_serializing_if = "is_default")]
     #[schemars(extend("default" = "float32"))]
     pub optimizer_dtype: StateDtype,
+    /// Train a LoRA adapter instead of the whole model (PEFT's keys and defaults): the base stays frozen in
+    /// `dtype`, the adapter trains in fp32, checkpoints and the output are PEFT adapters, and the reference
+    /// model of KL and DPO is the base with the adapter switched off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSpec>,
+    /// Continue training an existing PEFT adapter directory (adapter_config.json, adapter_model.safetensors)
+    /// on the base `path`: its rank, alpha and targets come from its adapter_config.json.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<PathBuf>,
+}
+
+/// `[model] lora`: PEFT's LoraConfig keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSpec {
+    /// Rank of the adapter matrices.
+    #[serde(default = "default_r")]
+    pub r: i64,
+    /// Scale numerator: the delta is multiplied by lora_alpha / r (lora_alpha / √r with use_rslora).
+    #[serde(default = "default_alpha")]
+    pub lora_alpha: f64,
+    /// Dropout on the adapter's input during training (only 0, PEFT's default, is implemented).
+    #[serde(default)]
+    pub lora_dropout: f64,
+    /// Module names (a module matches when its name ends with `.` + one), a regular expression over full
+    /// module names, or "all-linear". Default: PEFT's per-architecture default (q_proj and v_proj for Llama
+    /// and Qwen; Phi-3 has none: name them, e.g. ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_modules: Option<TargetModules>,
+    /// Rank-stabilised scaling lora_alpha / √r (Kalajdzievski 2023).
+    #[serde(default)]
+    pub use_rslora: bool,
+}
+
+/// `target_modules`: a list of names, or one string (a regular expression, or "all-linear").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(untagged)]
+pub enum TargetModules {
+    Names(Vec<String>),
+    Pattern(String),
+}
+
+fn default_r() -> i64 {
+    8
+}
+fn default_alpha() -> f64 {
+    8.0
+}
+
+impl LoraSpec {
+    /// The adapter config for a model of `model_type`.
+    pub fn config(&self, model_type: &str) -> Result<model::lora::LoraConfig> {
+        use model::lora::Targets;
+        let target_modules = match &self.target_modules {
+            Some(TargetModules::Names(n)) => Targets::Names(n.clone()),
+            Some(TargetModules::Pattern(p)) if p == "all-linear" => Targets::AllLinear,
+            Some(TargetModules::Pattern(p)) => Targets::Regex(p.clone()),
+            None => Targets::peft_default(model_type).ok_or_else(|| {
+                anyhow::anyhow!("[model] lora: PEFT has no default target_modules for model_type \"{model_type}\"; name them, e.g. target_modules = [\"qkv_proj\", \"o_proj\", \"gate_up_proj\", \"down_proj\"] or \"all-linear\"")
+            })?,
+        };
+        Ok(model::lora::LoraConfig { r: self.r, lora_alpha: self.lora_alpha, lora_dropout: self.lora_dropout, target_modules, use_rslora: self.use_rslora, init_lora_weights: true })
+    }
+
+    /// Problems with the values.
+    pub fn validate(&self, origin: &str, p: &mut Vec<String>) {
+        if self.r < 1 {
+            p.push(format!("{origin}: [model] lora.r must be a positive integer, got {}", self.r));
+        }
+        if !(self.lora_alpha > 0.0 && self.lora_alpha.is_finite()) {
+            p.push(format!("{origin}: [model] lora.lora_alpha must be a positive number, got {}", self.lora_alpha));
+        }
+        if self.lora_dropout != 0.0 {
+            p.push(format!("{origin}: [model] lora.lora_dropout = {}: adapter dropout is not implemented; use 0 (PEFT's default)", self.lora_dropout));
+        }
+        if let Some(TargetModules::Pattern(r)) = &self.target_modules {
+            if r != "all-linear" {
+                if let Err(e) = model::lora::check_pattern(r) {
+                    p.push(format!("{origin}: [model] lora.target_modules \"{r}\" is not a valid regular expression: {e}"));
+                }
+            }
+        }
+    }
 }
 
 
@@ -66,6 +149,20 @@ impl ModelSpec {
     /// How the optimizer updates the weights (the run seed seeds stochastic rounding).
     pub fn update_precision(&self, seed: u64) -> UpdatePrecision {
         UpdatePrecision { update: self.weight_update, state: self.optimizer_dtype, seed }
+    }
+
+    /// Problems with the adapter keys.
+    pub fn validate_adapter(&self, origin: &str, p: &mut Vec<String>) {
+        if let Some(l) = &self.lora {
+            l.validate(origin, p);
+        }
+        match (&self.lora, &self.adapter) {
+            (Some(_), Some(_)) => p.push(format!("{origin}: [model] has both `lora` and `adapter`; give one (an existing adapter brings its own lora settings)")),
+            (_, Some(a)) if !model::lora::is_adapter_dir(a) => {
+                p.push(format!("{origin}: [model] adapter {}: no {} there (expected a PEFT adapter directory)", a.display(), model::lora::CONFIG_FILE))
+            }
+            _ => {}
+        }
     }
 
     /// Problems with the precision keys.

@@ -26,7 +26,7 @@ use crate::observe::metrics::obj;
 use crate::observe::progress::Bar;
 use crate::settings::SyntheticSpec;
 use crate::training::checkpoint::Checkpoint;
-use crate::training::{data_parallel, step, Ctx, Health, HeldOut, Progress, TrainingKeys};
+use crate::training::{data_parallel, models, step, Ctx, Health, HeldOut, Progress, TrainingKeys};
 
 /// Declares a DPO stage's table: the given fields, the DPO keys both kinds share (tokenize, beta, loss_type,
 /// label_smoothing, rpo_alpha, length_normalize, batch_size, grad_accum, epochs), and through
@@ -389,6 +389,9 @@ fn compute_ref(ctx: &Ctx, model: &Model, pairs: &[Pair], bs: usize, chunk: i64, 
 /// stage's starting model) and written. On resume the model has moved, so the key saved in the checkpoint is
 /// used and the cache must exist.
 fn reference(ctx: &Ctx, name: &str, model: &Model, pairs: &[Pair], a: &DpoArgs, resume: Option<&Checkpoint>) -> Result<RefLogps> {
+    // under LoRA the reference is the base with the adapter off; else the stage's starting model
+    let off = models::adapter_off(model);
+    let model = off.as_ref().unwrap_or(model);
     let key = match resume.and_then(|c| c.state.extra.get("ref_key")).and_then(|v| v.as_str()) {
         Some(k) => k.to_string(),
         None if resume.is_some() => bail!("[{name}] the checkpoint does not name its reference log-prob cache; restart the stage with --resume never"),

@@ -54,8 +54,10 @@ impl Checkpoint {
     /// (every safetensors file's size against its header), and a mid-stage checkpoint's optimizer state.
     pub fn damage(&self) -> Option<String> {
         let model = self.model_dir();
-        if let Err(e) = std::fs::read_to_string(model.join("config.json")).map_err(|e| e.to_string()).and_then(|t| serde_json::from_str::<serde_json::Value>(&t).map_err(|e| e.to_string())) {
-            return Some(format!("model/config.json: {e}"));
+        // a whole model's config.json, or (LoRA) the adapter's adapter_config.json
+        let config = if model::lora::is_adapter_dir(&model) { model::lora::CONFIG_FILE } else { "config.json" };
+        if let Err(e) = std::fs::read_to_string(model.join(config)).map_err(|e| e.to_string()).and_then(|t| serde_json::from_str::<serde_json::Value>(&t).map_err(|e| e.to_string())) {
+            return Some(format!("model/{config}: {e}"));
         }
         let mut files: Vec<PathBuf> = std::fs::read_dir(&model)
             .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "safetensors")).collect())

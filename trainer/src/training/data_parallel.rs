@@ -29,9 +29,10 @@ pub fn shard<T>(ctx: &Ctx, items: Vec<T>) -> Vec<T> {
     items.into_iter().skip(r * per).take(per).collect()
 }
 
-/// Sums the model's gradients over the ranks (no-op on one process).
+/// Sums the gradients of the model's trainable parameters over the ranks (no-op on one process); an
+/// adapter's are all there is to send.
 pub fn sync_grads(ctx: &Ctx, model: &Model) -> Result<()> {
-    Ok(ctx.comm.all_reduce_grads(model.net.params.tensors())?)
+    Ok(ctx.comm.all_reduce_grads(model.net.trainable().tensors())?)
 }
 
 /// Gradient accumulation as a sum of whole micro-batch gradients: A_k = A_(k−1) + G_k, where G_k is the
@@ -48,7 +49,7 @@ pub struct Accum {
 impl Accum {
     /// Starts a step: every gradient is defined and zero (call after `zero_grad`).
     pub fn new(model: &Model) -> Accum {
-        let params: Vec<tch::Tensor> = model.net.params.tensors().iter().map(|p| p.shallow_clone()).collect();
+        let params: Vec<tch::Tensor> = model.net.trainable().tensors().iter().map(|p| p.shallow_clone()).collect();
         for p in &params {
             if p.requires_grad() && !p.grad().defined() {
                 (p * 0.0).sum(p.kind()).backward();
@@ -119,10 +120,11 @@ pub fn local_accum(ctx: &Ctx, name: &str, grad_accum: usize, resume: Option<&Che
     Ok(global / world)
 }
 
-/// SHA-256 of the model's parameters (names and bytes, in order).
+/// SHA-256 of the model's parameters and its adapter's (names and bytes, in order).
 pub fn fingerprint(model: &Model) -> String {
     let mut h = Sha256::new();
-    for (n, t) in model.net.params.iter() {
+    let adapter = model.net.adapters().map(|a| &a.params);
+    for (n, t) in model.net.params.iter().chain(adapter.into_iter().flat_map(|a| a.iter())) {
         let t = t.detach().to_device(tch::Device::Cpu).contiguous();
         let mut bytes = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
         t.copy_data_u8(&mut bytes, t.numel());

@@ -52,11 +52,37 @@ pub fn stage_start_model(ctx: &Ctx, index: usize, kind: Kind, device: Device) ->
         .filter(|c| c.state.stage == index - 1 && c.state.stage_complete)
         .last()
         .with_context(|| format!("no final checkpoint of stage {} in {}", index, ctx.output.display()))?;
-    Ok(Model::load(&prev.model_dir(), Some(kind), device)?)
+    checkpoint_model(&ctx.model_spec, &ctx.output, &prev.model_dir(), kind, device)
 }
 
-/// The starting model of the first stage.
+/// The starting model of the first stage: the base, with the run's adapter when it trains one (`[model]
+/// adapter`, or a new one from `[model] lora`).
 pub fn base_model(m: &ModelSpec, output: &Path, kind: Kind, device: Device) -> Result<Model> {
+    let mut model = frozen_base(m, output, kind, device)?;
+    match (&m.adapter, &m.lora) {
+        (Some(dir), _) => model.load_adapter(dir).with_context(|| format!("[model] adapter {}", dir.display()))?,
+        (None, Some(lora)) => {
+            // seeded: every rank draws the same adapter
+            tch::manual_seed(m.init_seed);
+            model.net.add_lora(&lora.config(model.net.cfg.family.name())?).context("[model] lora")?;
+        }
+        (None, None) => {}
+    }
+    Ok(model)
+}
+
+/// The model a checkpoint's `model/` directory holds: a whole model, or an adapter on the run's base.
+pub fn checkpoint_model(m: &ModelSpec, output: &Path, dir: &Path, kind: Kind, device: Device) -> Result<Model> {
+    if !model::lora::is_adapter_dir(dir) {
+        return Ok(Model::load(dir, Some(kind), device)?);
+    }
+    let mut model = frozen_base(m, output, kind, device)?;
+    model.load_adapter(dir)?;
+    Ok(model)
+}
+
+/// The base weights (`[model] path` or `config`), without an adapter.
+fn frozen_base(m: &ModelSpec, output: &Path, kind: Kind, device: Device) -> Result<Model> {
     if let Some(cfg) = &m.config {
         let cfg = model::ModelConfig::from_json(cfg.clone(), "[model.config]")?;
         return Ok(Model::random(&cfg, kind, device, m.init_seed));
@@ -66,6 +92,26 @@ pub fn base_model(m: &ModelSpec, output: &Path, kind: Kind, device: Device) -> R
         return Ok(Model::load(&converted_gguf(path, output)?, Some(kind), device)?);
     }
     Ok(Model::load(path, Some(kind), device)?)
+}
+
+/// What a saved adapter names as its base (`base_model_name_or_path`): the model directory (a GGUF's
+/// converted one); none for a random-initialised base.
+pub fn base_name(m: &ModelSpec, output: &Path) -> Option<String> {
+    let path = m.path.as_ref()?;
+    let dir = if path.is_file() { gguf_dir(path, output) } else { path.clone() };
+    Some(dir.to_string_lossy().into_owned())
+}
+
+/// With an adapter, the base with the adapter switched off: a view sharing the base's tensors (no second
+/// model in memory), the reference model of KL and DPO under LoRA (as TRL's with a PEFT model).
+pub fn adapter_off(model: &Model) -> Option<Model> {
+    model.net.adapters().is_some().then(|| Model { net: model.net.base_view(), source_dir: model.source_dir.clone() })
+}
+
+/// The reference model of a stage that trains `model`: [`adapter_off`] with an adapter, else `full()` (a
+/// frozen copy of the stage's starting weights).
+pub fn reference_model(model: &Model, full: impl FnOnce() -> Result<Model>) -> Result<Model> {
+    adapter_off(model).map_or_else(full, Ok)
 }
 
 /// Refuses a tokenizer with more ids than the model has embedding rows (an id past them would index out of

@@ -59,9 +59,10 @@ impl Progress {
     }
 }
 
-/// Refuses to checkpoint weights holding NaN or infinity (a resume would start from them).
+/// Refuses to checkpoint weights holding NaN or infinity (a resume would start from them); only trained ones
+/// can have become so.
 fn check_finite(model: &Model, name: &str, step: usize) -> Result<()> {
-    for (n, t) in model.net.params.iter() {
+    for (n, t) in model.net.trainable().iter() {
         let bad = tch::no_grad(|| t.isfinite().logical_not().sum(tch::Kind::Int64).int64_value(&[]));
         if bad > 0 {
             bail!("[{name}] step {step}: {bad} non-finite value(s) in {n}; no checkpoint written (the previous one is intact)");
@@ -90,7 +91,12 @@ fn write_checkpoint(ctx: &Ctx, state: &TrainState, model: &Model, opt: Option<&A
             eos: ctx.tok.stop_token_ids().into_iter().map(i64::from).collect(),
             pad: Some(ctx.tok.pad_id.into()),
         };
-        model.save(&d.join("model"), &model::weights::SaveOptions { source_dir: Some(&ctx.tok_dir), token_ids, ..Default::default() })?;
+        if model.net.adapters().is_some() {
+            let base = super::models::base_name(&ctx.model_spec, &ctx.output);
+            model.save_adapter(&d.join("model"), base.as_deref(), Some(&ctx.tok_dir))?;
+        } else {
+            model.save(&d.join("model"), &model::weights::SaveOptions { source_dir: Some(&ctx.tok_dir), token_ids, ..Default::default() })?;
+        }
         if let Some(opt) = opt.filter(|_| !state.stage_complete) {
             faults::point(&format!("ckpt-write:{index}:{done}"));
             opt.save(&d.join("optimizer.safetensors"))?;

@@ -159,13 +159,14 @@ impl OptimArgs {
         crate::training::optim::lr_at(self.schedule, self.lr, step, total, self.warmup(total), self.min_lr_ratio)
     }
 
-    /// AdamW over all the model's parameters (gradients switched on), with the run's update precision.
+    /// AdamW over the model's trainable parameters (all of them, or its adapter's; gradients switched on),
+    /// with the run's update precision.
     pub fn optimizer(&self, ctx: &Ctx, model: &Model) -> AdamW {
         self.optimizer_with(model, ctx.model_spec.update_precision(ctx.run.seed))
     }
 
     pub fn optimizer_with(&self, model: &Model, precision: UpdatePrecision) -> AdamW {
-        let params: Vec<(String, Tensor)> = model.net.params.iter().map(|(n, t)| (n.to_string(), t.shallow_clone())).collect();
+        let params: Vec<(String, Tensor)> = model.net.trainable().iter().map(|(n, t)| (n.to_string(), t.shallow_clone())).collect();
         for (_, p) in &params {
             let _ = p.shallow_clone().requires_grad_(true);
         }

@@ -124,7 +124,8 @@ fn reference_model(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, start:
     if s.kl_coef <= 0.0 {
         return Ok(None);
     }
-    Ok(Some(if start == 0 { update::frozen_copy(model) } else { models::stage_start_model(ctx, index, model.net.params.tensors()[0].kind(), model.net.device())? }))
+    let full = || if start == 0 { Ok(update::frozen_copy(model)) } else { models::stage_start_model(ctx, index, model.net.kind(), model.net.device()) };
+    Ok(Some(models::reference_model(model, full)?))
 }
 
 /// What a data-parallel GRPO stage needs: prompts shared evenly (a group stays on one rank).
