@@ -2,7 +2,10 @@
 //! scripts/bench/generate.py, which runs transformers' `generate` on the same model files and prompts.
 //!
 //!     rollout-bench --model DIR --prompts prompts.json --n 8 --new-tokens 128 --repeats 5 --warmup 1 --threads 1 \
-//!         [--device cuda] [--dtype bfloat16] [--max-batch-seqs N] [--no-fuse] [--batches 64,128,256]
+//!         [--device cuda] [--dtype bfloat16] [--max-batch-seqs N] [--no-fuse] [--batches 64,128,256] [--adapter DIR]
+//!
+//! `--adapter DIR` puts a PEFT LoRA adapter on the model: fused decoding then runs on weights with the adapter
+//! merged in (once per call), `--no-fuse` applies it unmerged in every projection.
 //!
 //! `prompts.json` is a JSON list of token id lists. Prints one JSON object per batch size (`--batches`: the first
 //! k prompts; default all): per-call seconds, tokens per call, median tokens/s and the process's peak resident
@@ -34,6 +37,7 @@ fn run() -> Result<(), String> {
     let mut dtype = "float32".to_string();
     let mut max_batch = 1024usize;
     let mut fuse = true;
+    let mut adapter = None;
     let mut batches: Option<Vec<usize>> = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -51,6 +55,7 @@ fn run() -> Result<(), String> {
             "--device" => device = val()?,
             "--dtype" => dtype = val()?,
             "--no-fuse" => fuse = false,
+            "--adapter" => adapter = Some(PathBuf::from(val()?)),
             "--batches" => batches = Some(val()?.split(',').map(|x| num(x.to_string())).collect::<Result<_, _>>()?),
             _ => return Err(format!("unknown argument {a}")),
         }
@@ -62,7 +67,10 @@ fn run() -> Result<(), String> {
     let kind = model::parse_kind(&dtype)?;
     let text = std::fs::read_to_string(&prompts_path).map_err(|e| format!("{}: {e}", prompts_path.display()))?;
     let prompts: Vec<Vec<i64>> = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", prompts_path.display()))?;
-    let m = Model::load(&model_dir, Some(kind), device).map_err(|e| e.to_string())?;
+    let mut m = Model::load(&model_dir, Some(kind), device).map_err(|e| e.to_string())?;
+    if let Some(dir) = &adapter {
+        m.load_adapter(dir).map_err(|e| e.to_string())?;
+    }
     // whether decode steps run on model::native (what the engine's decode_weights picks)
     let native = fuse && m.net.decodes_natively();
     // one process for several batch sizes (the first k prompts each), to load the model once

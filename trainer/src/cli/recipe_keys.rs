@@ -68,7 +68,9 @@ fn walk(s: &Value, defs: &Map<String, Value>, prefix: &str, out: &mut Vec<[Strin
         if let Some(values) = value_docs(target) {
             doc = format!("{doc} Values: {values}").trim().to_string();
         }
-        let default = sub.get("default").map(|d| d.to_string()).unwrap_or_else(|| "required".into());
+        // a key with no default is required where the table lists it so, else optional (absent: off)
+        let required = r.get("required").and_then(|q| q.as_array()).is_some_and(|q| q.iter().any(|x| x.as_str() == Some(k)));
+        let default = sub.get("default").map(|d| d.to_string()).unwrap_or_else(|| if required { "required" } else { "none" }.into());
         out.push([path.clone(), type_name(sub, defs), default, doc]);
         if target.get("properties").is_some() {
             walk(target, defs, &path, out);
