@@ -168,3 +168,23 @@ fn lora_sft_then_dpo_continue_one_adapter_and_merge_lora_writes_the_whole_model(
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("[model] adapter /nonexistent/adapter: no adapter_config.json there"), "{err}");
 }
+
+/// What `[model] lora` refuses, each in one line naming the key.
+#[test]
+fn lora_keys_are_checked_in_one_line() {
+    let root = tempfile::tempdir().unwrap();
+    let phi3 = MODEL.replace("model_type = \"llama\"", "model_type = \"phi3\"").replace(", target_modules = \"all-linear\"", "");
+    let cases = [
+        (MODEL.replace("lora_alpha = 8", "lora_alpha = 8, lora_dropout = 0.05"), "[model] lora.lora_dropout = 0.05: adapter dropout is not implemented"),
+        (MODEL.replace("r = 4", "r = 0"), "[model] lora.r must be a positive integer, got 0"),
+        (MODEL.replace("\"all-linear\"", "[\"qq_proj\"]"), "lora target_modules [\"qq_proj\"] match no projection of this model; its projections are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
+        (phi3, "PEFT has no default target_modules for model_type \"phi3\""),
+    ];
+    for (i, (model, want)) in cases.iter().enumerate() {
+        let d = setup(root.path(), &format!("c{i}"), &format!("{model}{GRPO}"));
+        let o = train(&d, None);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "want «{want}», got:\n{err}");
+        assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{err}");
+    }
+}
