@@ -164,6 +164,12 @@ impl LoraConfig {
     }
 }
 
+/// (projections adapted, adapter parameters) of `cfg` on a model `model` (no network is built).
+pub fn adapter_size(cfg: &LoraConfig, model: &crate::ModelConfig) -> (usize, i64) {
+    let hit: Vec<(String, i64, i64)> = crate::Transformer::projection_shapes(model).into_iter().filter(|(n, _, _)| cfg.target_modules.matches(n)).collect();
+    (hit.len(), hit.iter().map(|(_, i, o)| cfg.r * (i + o)).sum())
+}
+
 /// One projection's adapter.
 pub(crate) struct LoraLayer {
     pub a: Tensor,

@@ -287,6 +287,29 @@ impl Transformer {
         out
     }
 
+    /// Every projection `build` makes for `cfg`: (module name, in features, out features), in parameter
+    /// order — what an adapter's size is computed from without building the network.
+    pub fn projection_shapes(cfg: &ModelConfig) -> Vec<(String, i64, i64)> {
+        let h = cfg.hidden_size;
+        let (nh, nkv, hd, inter) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size);
+        let mut out = vec![];
+        for i in 0..cfg.num_hidden_layers {
+            let (a, m) = (format!("model.layers.{i}.self_attn"), format!("model.layers.{i}.mlp"));
+            let attn: Vec<(&str, i64, i64)> = match cfg.family {
+                Family::Phi3 => vec![("qkv_proj", h, (nh + 2 * nkv) * hd)],
+                _ => vec![("q_proj", h, nh * hd), ("k_proj", h, nkv * hd), ("v_proj", h, nkv * hd)],
+            };
+            let mlp: Vec<(&str, i64, i64)> = match cfg.family {
+                Family::Phi3 => vec![("gate_up_proj", h, 2 * inter), ("down_proj", inter, h)],
+                _ => vec![("gate_proj", h, inter), ("up_proj", h, inter), ("down_proj", inter, h)],
+            };
+            out.extend(attn.into_iter().map(|(n, i, o)| (format!("{a}.{n}"), i, o)));
+            out.push((format!("{a}.o_proj"), nh * hd, h));
+            out.extend(mlp.into_iter().map(|(n, i, o)| (format!("{m}.{n}"), i, o)));
+        }
+        out
+    }
+
     /// Puts a new LoRA adapter ([`crate::lora`]) on every projection `cfg.target_modules` names; the base's
     /// parameters are left as they are (the caller freezes them). Returns how many projections got one.
     pub fn add_lora(&mut self, cfg: &LoraConfig) -> crate::Result<usize> {

@@ -115,6 +115,8 @@ fn only_the_adapter_takes_gradients_and_the_base_view_is_the_base() {
     let cfg = LoraConfig { r: 4, lora_alpha: 8.0, lora_dropout: 0.0, target_modules: Targets::AllLinear, use_rslora: false, init_lora_weights: true };
     tch::manual_seed(0);
     assert_eq!(m.net.add_lora(&cfg).unwrap(), 2 * 7);
+    // the size computed from the config alone is the built adapter's
+    assert_eq!(model::lora::adapter_size(&cfg, &m.net.cfg), (14, m.net.trainable().numel()));
     // a fresh adapter (B = 0) is the identity
     assert_eq!(max_diff(&logits(&m, "llama"), &logits(&plain, "llama")), 0.0);
     let mut ps: Vec<Tensor> = m.net.trainable().tensors().iter().map(|t| t.shallow_clone()).collect();

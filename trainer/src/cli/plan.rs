@@ -12,9 +12,19 @@ pub fn plan(r: &Recipe) -> String {
     let device = model::runtime::parse_device(&r.model.device).unwrap_or(Device::Cpu);
     let kind = r.model.precision(device).map(|(k, _)| k).unwrap_or(Kind::Float);
     let update = r.model.update_precision(r.run.seed);
-    let params = r.model.config.as_ref().and_then(|c| model::ModelConfig::from_json(c.clone(), "").ok()).map(|c| c.num_parameters());
-    let params = params.or_else(|| r.model.path.as_ref().filter(|p| p.is_dir()).and_then(|p| model::ModelConfig::from_path(p).ok()).map(|c| c.num_parameters()));
-    if let Some(n) = params {
+    let cfg = r.model.config.as_ref().and_then(|c| model::ModelConfig::from_json(c.clone(), "").ok());
+    let cfg = cfg.or_else(|| r.model.path.as_ref().filter(|p| p.is_dir()).and_then(|p| model::ModelConfig::from_path(p).ok()));
+    let lora = cfg.as_ref().and_then(|c| r.model.lora.as_ref().and_then(|l| l.config(c.family.name()).ok()).map(|l| (model::lora::adapter_size(&l, c), l.r)));
+    if let (Some(c), Some(((projections, n), rank))) = (&cfg, lora) {
+        let base = c.num_parameters() as f64 * kind.elt_size_in_bytes() as f64 / 1e9;
+        s.push_str(&format!(
+            "model: {:.1} M parameters, frozen: {base:.2} GB in {}; LoRA r {rank} on {projections} projections: {:.2} M adapter parameters, training state ≈ {:.1} MB (4 B weights + 4 B gradients + 8 B AdamW moments per adapter parameter)\n",
+            c.num_parameters() as f64 / 1e6,
+            model::weights::torch_dtype_name(kind),
+            n as f64 / 1e6,
+            n as f64 * 16.0 / 1e6
+        ));
+    } else if let Some(n) = cfg.map(|c| c.num_parameters()) {
         let [w, extra, g, m] = precision::bytes_per_parameter(kind, &update);
         let gb = |b: usize| n as f64 * b as f64 / 1e9;
         s.push_str(&format!(
