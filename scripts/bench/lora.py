@@ -5,10 +5,11 @@ step time, and rollout sampling with the adapter merged into the decode weights 
     bash scripts/fetch-smollm2.sh target/release/train && cargo build --release -p trainer -p rollout
     python3 scripts/bench/lora.py [--steps 8] [--threads 1] [--rounds 3]
 
-SFT: synthetic arithmetic, batch 8, max_length 64, `--steps` steps with a checkpoint at half of them; full
+SFT: synthetic arithmetic, batch 8, max_length 64, `--steps` steps; full
 fine-tuning and `lora = { r = 16, lora_alpha = 32, target_modules = "all-linear" }` run alternately `--rounds`
-times (this machine is shared: medians of the per-step times of all rounds, steps after the first). Sizes are
-those of the mid-stage checkpoint. Sampling: rollout-bench on the adapter the first LoRA run saved, 16
+times (this machine is shared: medians of the per-step times of all rounds, steps after the first). Sizes: a
+mid-stage checkpoint's optimizer state and weights (a 2-step run killed right after writing it) and a final
+output. Sampling: rollout-bench on the adapter the first LoRA run saved, 16
 prompts x 4 samples x 32 new tokens, fused (merged) and --no-fuse (unmerged), and the base without adapter both
 ways.
 """
@@ -52,20 +53,34 @@ def size(path):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-def sft(lora, a, keep):
+def sft(lora, a, keep, steps, kill=None):
+    """One SFT run; `kill`: the fault point it is SIGKILLed at (to keep a mid-stage checkpoint on disk)."""
     out = os.path.join(keep, "lora" if lora else "full")
     subprocess.run(["rm", "-rf", out], check=True)
     r = os.path.join(keep, "r.toml")
     with open(r, "w") as f:
-        f.write(RECIPE.format(model=SMOL, lora=LORA if lora else "", out=out, threads=a.threads, half=a.steps // 2,
-                              steps=a.steps, lr="2e-4" if lora else "2e-5"))
-    subprocess.run([os.path.join(TARGET, "release", "train"), "--recipe", r, "--resume", "never"], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        f.write(RECIPE.format(model=SMOL, lora=LORA if lora else "", out=out, threads=a.threads, half=max(steps // 2, 1),
+                              steps=steps, lr="2e-4" if lora else "2e-5"))
+    env = dict(os.environ, **({"WHET_TEST_KILL": kill} if kill else {}))
+    subprocess.run([os.path.join(TARGET, "release", "train"), "--recipe", r, "--resume", "never"], check=not kill,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    return out
+
+
+def step_times(out):
     steps = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
-    times = [s["step_s"] for s in steps if "step_s" in s][1:]
-    mid = os.path.join(out, "checkpoints", "s00-step%07d" % (a.steps // 2))
-    return times, {"optimizer": size(os.path.join(mid, "optimizer.safetensors")), "weights": size(os.path.join(mid, "model")),
-                   "final": size(os.path.join(out, "checkpoints", "s00-final", "model"))}, out
+    return [s["step_s"] for s in steps if "step_s" in s][1:]
+
+
+def sizes_of(lora, a, keep):
+    """Bytes of a mid-stage checkpoint's optimizer state and weights (the run is killed right after writing it)
+    and of a finished run's final output."""
+    out = sft(lora, a, keep, 2, kill="after-ckpt:0:1")
+    mid = os.path.join(out, "checkpoints", "s00-step0000001")
+    s = {"optimizer": size(os.path.join(mid, "optimizer.safetensors")), "weights": size(os.path.join(mid, "model"))}
+    out = sft(lora, a, keep, 1)
+    s["final"] = size(os.path.join(out, "checkpoints", "s00-final", "model"))
+    return s, os.path.join(out, "checkpoints", "s00-final", "model")
 
 
 def sample(adapter, fuse, a, prompts):
@@ -90,11 +105,13 @@ def main():
     sizes = {}
     for _ in range(a.rounds):
         for lora in (False, True):
-            t, s, out = sft(lora, a, keep)
-            times[lora] += t
-            sizes[lora] = s
-            if lora:
-                adapter = os.path.join(out, "checkpoints", "s00-final", "model")
+            times[lora] += step_times(sft(lora, a, keep, a.steps))
+    adapter_keep = tempfile.mkdtemp(prefix="whet-lora-adapter-")
+    for lora in (False, True):
+        sizes[lora], final = sizes_of(lora, a, keep)
+        if lora:
+            adapter = os.path.join(adapter_keep, "adapter")
+            subprocess.run(["cp", "-r", final, adapter], check=True)
     mb = lambda b: "%.1f MB" % (b / 1e6)
     print("| SmolLM2-135M SFT | optimizer state | weights in a checkpoint | final output | step time (median) |")
     print("|---|---:|---:|---:|---:|")
