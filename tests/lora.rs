@@ -119,12 +119,19 @@ fn lora_grpo_saves_peft_adapters_keeps_the_base_as_reference_and_resumes_bit_ide
     adapted.load_adapter(&out).unwrap();
     let moved = (logits(&adapted) - logits(&base)).abs().max().double_value(&[]);
     assert!(moved > 1e-4, "the trained adapter left the logits as they were ({moved})");
-    // SIGKILL after step 3 (a checkpoint at step 2), then resume: the same adapter, bit for bit
-    let killed = setup(root.path(), "killed", &recipe);
-    assert!(!train(&killed, Some("step:0:3")).status.success(), "the run should have been killed");
-    ok(&train(&killed, None));
+    // SIGKILL after step 3 (a checkpoint at step 2), then resume: the same adapter, bit for bit — also with
+    // adapter dropout under activation checkpointing (the masks are keyed by seed, step and rank)
     let read = |d: &Path| std::fs::read(final_dir(d, 0).join("adapter_model.safetensors")).unwrap();
-    assert!(read(&reference) == read(&killed), "resumed adapter differs from the uninterrupted run");
+    let dropout = format!("{}{}", MODEL.replace("lora_alpha = 8", "lora_alpha = 8, lora_dropout = 0.2"), GRPO.replace("kl_coef = 0.05", "kl_coef = 0.05\ngradient_checkpointing = true"));
+    let with_dropout = setup(root.path(), "dropout", &dropout);
+    ok(&train(&with_dropout, None));
+    assert!(read(&with_dropout) != read(&reference), "lora_dropout changed nothing");
+    for (name, recipe, want) in [("killed", &recipe, &reference), ("killed-dropout", &dropout, &with_dropout)] {
+        let killed = setup(root.path(), name, recipe);
+        assert!(!train(&killed, Some("step:0:3")).status.success(), "{name}: the run should have been killed");
+        ok(&train(&killed, None));
+        assert!(read(want) == read(&killed), "{name}: resumed adapter differs from the uninterrupted run");
+    }
 }
 
 #[test]
@@ -175,7 +182,7 @@ fn lora_keys_are_checked_in_one_line() {
     let root = tempfile::tempdir().unwrap();
     let phi3 = MODEL.replace("model_type = \"llama\"", "model_type = \"phi3\"").replace(", target_modules = \"all-linear\"", "");
     let cases = [
-        (MODEL.replace("lora_alpha = 8", "lora_alpha = 8, lora_dropout = 0.05"), "[model] lora.lora_dropout = 0.05: adapter dropout is not implemented"),
+        (MODEL.replace("lora_alpha = 8", "lora_alpha = 8, lora_dropout = 1.0"), "[model] lora.lora_dropout must be in [0, 1), got 1"),
         (MODEL.replace("r = 4", "r = 0"), "[model] lora.r must be a positive integer, got 0"),
         (MODEL.replace("\"all-linear\"", "[\"qq_proj\"]"), "lora target_modules [\"qq_proj\"] match no projection of this model; its projections are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
         (phi3, "PEFT has no default target_modules for model_type \"phi3\""),

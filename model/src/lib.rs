@@ -27,6 +27,15 @@ pub use transformer::{AttnMask, Batch, Checkpoints, DecodeWeights, Transformer};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
 
+/// A 64-bit mix for keys from counters: SplitMix64's step and finaliser (Steele, Lea & Flood 2014). Seeds adapter
+/// dropout here and the trainer's rounding and dither keys.
+pub fn mix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// A model and where it came from.
 pub struct Model {
     pub net: Transformer,

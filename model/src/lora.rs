@@ -175,12 +175,15 @@ pub(crate) struct LoraLayer {
     pub a: Tensor,
     pub b: Tensor,
     pub scaling: f64,
+    /// `lora_dropout`: applied to the adapter's input while `dropping` is on (training forwards).
+    pub dropout: f64,
+    pub dropping: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl LoraLayer {
     /// New adapter tensors for a projection `[out, inp]`, created in `ps` (fp32) as `<module>.lora_A.weight`
     /// and `<module>.lora_B.weight`.
-    pub fn create(ps: &mut ParamStore, module: &str, inp: i64, out: i64, cfg: &LoraConfig) -> LoraLayer {
+    pub fn create(ps: &mut ParamStore, module: &str, inp: i64, out: i64, cfg: &LoraConfig, dropping: &std::sync::Arc<std::sync::atomic::AtomicBool>) -> LoraLayer {
         let device = ps.device;
         // kaiming_uniform_(a = √5) of a [fan_out, fan_in] matrix: U(−1/√fan_in, 1/√fan_in)
         let uniform = |shape: &[i64], fan_in: i64| {
@@ -195,13 +198,17 @@ impl LoraLayer {
                 b.shallow_clone().copy_(&uniform(&[out, cfg.r], cfg.r));
             }
         });
-        LoraLayer { a, b, scaling: cfg.scaling() }
+        LoraLayer { a, b, scaling: cfg.scaling(), dropout: cfg.lora_dropout, dropping: dropping.clone() }
     }
 
-    /// `y + s · (x Aᵀ) Bᵀ`, computed in the adapter's dtype and cast back to `y`'s.
+    /// `y + s · (dropout(x) Aᵀ) Bᵀ`, computed in the adapter's dtype and cast back to `y`'s. Dropout (inverted,
+    /// as nn.Dropout: kept inputs scaled by 1 / (1 − p)) draws from libtorch's global generator, which the
+    /// network seeds per layer (see [`crate::Transformer::set_dropout_seed`]).
     pub fn add_to(&self, y: Tensor, x: &Tensor) -> Tensor {
         let k = self.a.kind();
-        let delta = x.to_kind(k).linear(&self.a, None::<Tensor>).linear(&self.b, None::<Tensor>) * self.scaling;
+        let x = x.to_kind(k);
+        let x = if self.dropout > 0.0 && self.dropping.load(std::sync::atomic::Ordering::Relaxed) { x.dropout(self.dropout, true) } else { x };
+        let delta = x.linear(&self.a, None::<Tensor>).linear(&self.b, None::<Tensor>) * self.scaling;
         if y.kind() == delta.kind() {
             y + delta
         } else {
@@ -221,6 +228,8 @@ impl LoraLayer {
 pub struct Adapters {
     pub cfg: LoraConfig,
     pub params: ParamStore,
+    /// On while a training forward (or its checkpointed recompute) runs with dropout.
+    pub(crate) dropping: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// PEFT's name of an adapter tensor.

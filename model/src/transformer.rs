@@ -4,6 +4,7 @@
 
 use crate::config::{Family, ModelConfig};
 use crate::kv_cache::KvCache;
+use crate::mix64;
 use crate::lora::{Adapters, LoraConfig, LoraLayer};
 use crate::params::{Fill, ParamStore};
 use crate::rope::Rope;
@@ -163,6 +164,9 @@ pub struct Transformer {
     autocast: std::sync::atomic::AtomicI8,
     /// LoRA adapters on some projections ([`Transformer::add_lora`]).
     adapters: Option<Adapters>,
+    /// Adapter dropout in training forwards: the seed of the running optimizer step and the forwards taken in
+    /// it ([`Transformer::set_dropout_seed`]).
+    dropout_seed: std::sync::Mutex<Option<(u64, u64)>>,
 }
 
 /// What [`Transformer::hidden_states_checkpointed`] keeps for the backward: each decoder layer's input,
@@ -174,6 +178,8 @@ pub struct Checkpoints {
     mask: Option<Tensor>,
     /// `num_hidden_layers + 1` tensors `[B, T, hidden]`: the embeddings, each layer's output.
     saved: Vec<Tensor>,
+    /// The forward's adapter-dropout key: the recompute draws each layer's masks again from it.
+    dropout: Option<u64>,
 }
 
 /// `Σ out ⊙ grad` back-propagated: accumulates `gradᵀ ∂out/∂θ` into the parameters (and leaves) that `out`
@@ -251,7 +257,7 @@ impl Transformer {
         let rope = Rope::new(cfg, device);
         let checkpointing = Default::default();
         let autocast = crate::autocast::encode(crate::autocast::default_kind()).into();
-        Transformer { cfg: cfg.clone(), params: ps, embed, blocks, norm, lm_head, rope, checkpointing, autocast, adapters: None }
+        Transformer { cfg: cfg.clone(), params: ps, embed, blocks, norm, lm_head, rope, checkpointing, autocast, adapters: None, dropout_seed: Default::default() }
     }
 
     /// Every projection of the decoder, in parameter order (not the output head).
@@ -319,12 +325,16 @@ impl Transformer {
         if cfg.r < 1 {
             return Err(crate::ModelError::Other(format!("lora r must be a positive integer, got {}", cfg.r)));
         }
+        if !(0.0..1.0).contains(&cfg.lora_dropout) {
+            return Err(crate::ModelError::Other(format!("lora_dropout must be in [0, 1), got {}", cfg.lora_dropout)));
+        }
         let mut ps = ParamStore::new(Kind::Float, self.device());
+        let dropping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut n = 0;
         for l in self.linears_mut() {
             if cfg.target_modules.matches(&l.name) {
                 let (out, inp) = l.w.size2().expect("a projection is a matrix");
-                l.lora = Some(LoraLayer::create(&mut ps, &l.name, inp, out, cfg));
+                l.lora = Some(LoraLayer::create(&mut ps, &l.name, inp, out, cfg, &dropping));
                 n += 1;
             }
         }
@@ -339,8 +349,38 @@ impl Transformer {
                 kinds.join(", ")
             )));
         }
-        self.adapters = Some(Adapters { cfg: cfg.clone(), params: ps });
+        self.adapters = Some(Adapters { cfg: cfg.clone(), params: ps, dropping });
         Ok(n)
+    }
+
+    /// Adapter dropout (`lora_dropout` > 0) in the training forwards of one optimizer step: `seed` (distinct
+    /// per step and rank) keys the step's forwards, the k-th forward [`Transformer::training_hidden_states`]
+    /// takes after this call getting masks drawn from (seed, k, layer). So a resumed run redraws the masks of an
+    /// uninterrupted one, and activation checkpointing's recompute redraws the forward's own. `None`: no
+    /// dropout (evaluation, sampling).
+    pub fn set_dropout_seed(&self, seed: Option<u64>) {
+        *self.dropout_seed.lock().expect("dropout seed") = seed.map(|s| (s, 0));
+    }
+
+    /// The key of a new training forward's dropout masks, when it has any.
+    fn next_dropout_key(&self) -> Option<u64> {
+        if !self.adapters.as_ref().is_some_and(|a| a.cfg.lora_dropout > 0.0) {
+            return None;
+        }
+        let mut g = self.dropout_seed.lock().expect("dropout seed");
+        let (seed, k) = g.as_mut()?;
+        *k += 1;
+        Some(mix64(*seed ^ mix64(*k)))
+    }
+
+    /// Runs `f` (one decoder layer) with adapter dropout drawn from (`key`, `layer`), or without dropout.
+    fn with_dropout<T>(&self, key: Option<u64>, layer: usize, f: impl FnOnce() -> T) -> T {
+        let (Some(key), Some(a)) = (key, &self.adapters) else { return f() };
+        tch::manual_seed((mix64(key ^ layer as u64) >> 1) as i64);
+        a.dropping.store(true, std::sync::atomic::Ordering::Relaxed);
+        let out = f();
+        a.dropping.store(false, std::sync::atomic::Ordering::Relaxed);
+        out
     }
 
     /// The adapters, when the network has them.
@@ -431,11 +471,21 @@ impl Transformer {
 
     /// Final hidden states `[B, T, hidden]` (after the last norm).
     pub fn hidden_states(&self, batch: &Batch) -> Tensor {
+        self.hidden_states_with(batch, None)
+    }
+
+    /// [`Transformer::hidden_states`] of a training loss: with adapter dropout when it is on
+    /// ([`Transformer::set_dropout_seed`]).
+    pub fn training_hidden_states(&self, batch: &Batch) -> Tensor {
+        self.hidden_states_with(batch, self.next_dropout_key())
+    }
+
+    fn hidden_states_with(&self, batch: &Batch, dropout: Option<u64>) -> Tensor {
         let (cos, sin, mask) = self.attention_inputs(batch);
         self.autocast(|| {
             let mut x = self.embed.embedding_fwd(batch.input_ids);
-            for blk in &self.blocks {
-                x = blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), None, None);
+            for (i, blk) in self.blocks.iter().enumerate() {
+                x = self.with_dropout(dropout, i, || blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), None, None));
             }
             self.norm.forward(&x)
         })
@@ -447,13 +497,16 @@ impl Transformer {
     /// push that leaf's gradient through the network, recomputing one layer at a time. Peak activation
     /// memory drops from every layer's intermediates to one `[B, T, hidden]` tensor per layer plus one
     /// layer's intermediates.
+    /// It is a training forward: adapter dropout applies when it is on ([`Transformer::set_dropout_seed`]), and
+    /// the recompute draws the same masks.
     pub fn hidden_states_checkpointed(&self, batch: &Batch) -> (Tensor, Checkpoints) {
         let (cos, sin, mask) = self.attention_inputs(batch);
+        let dropout = self.next_dropout_key();
         let (hidden, saved) = self.autocast(|| tch::no_grad(|| {
             let mut saved = Vec::with_capacity(self.blocks.len() + 1);
             let mut x = self.embed.embedding_fwd(batch.input_ids);
-            for blk in &self.blocks {
-                let next = blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), None, None);
+            for (i, blk) in self.blocks.iter().enumerate() {
+                let next = self.with_dropout(dropout, i, || blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), None, None));
                 saved.push(x);
                 x = next;
             }
@@ -461,7 +514,7 @@ impl Transformer {
             saved.push(x);
             (hidden, saved)
         }));
-        let ck = Checkpoints { input_ids: batch.input_ids.shallow_clone(), cos, sin, mask, saved };
+        let ck = Checkpoints { input_ids: batch.input_ids.shallow_clone(), cos, sin, mask, saved, dropout };
         (hidden.set_requires_grad(true), ck)
     }
 
@@ -471,15 +524,16 @@ impl Transformer {
     /// `Σ out ⊙ grad_out`, which accumulates the parameters' gradients and yields the input's gradient for
     /// the layer below; the embedding gets the last one.
     pub fn backward_checkpointed(&self, ck: Checkpoints, grad: &Tensor) {
-        let Checkpoints { input_ids, cos, sin, mask, mut saved } = ck;
+        let Checkpoints { input_ids, cos, sin, mask, mut saved, dropout } = ck;
         let leaf = |t: Tensor| t.detach().set_requires_grad(true);
         // recomputed under the same autocast setting as the forward; back-propagated outside it
         let x = leaf(saved.pop().expect("checkpoints"));
         backward_with(&self.autocast(|| self.norm.forward(&x)), grad);
         let mut g = x.grad();
-        for blk in self.blocks.iter().rev() {
+        for (i, blk) in self.blocks.iter().enumerate().rev() {
             let x = leaf(saved.pop().expect("one checkpoint per layer"));
-            backward_with(&self.autocast(|| blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), None, None)), &g);
+            let out = self.with_dropout(dropout, i, || self.autocast(|| blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), None, None)));
+            backward_with(&out, &g);
             g = x.grad();
         }
         backward_with(&self.autocast(|| self.embed.embedding_fwd(&input_ids)), &g);

@@ -180,3 +180,45 @@ fn merged_weights_and_decoding_compute_the_adapter() {
         assert!(d < 5e-5, "{adapter}: merged model differs by {d} (one more rounding per weight)");
     }
 }
+
+/// Adapter dropout: the masks come from (step seed, forward, layer), so activation checkpointing's recompute
+/// redraws the forward's own masks (the same gradients as without checkpointing), a new step draws others, and
+/// forwards outside training (no seed) drop nothing.
+#[test]
+fn adapter_dropout_is_redrawn_identically_by_the_checkpointed_recompute() {
+    tch::set_num_threads(1);
+    let mut m = Model::load(&fixture("llama"), None, Device::Cpu).unwrap();
+    let cfg = LoraConfig { r: 4, lora_alpha: 8.0, lora_dropout: 0.3, target_modules: Targets::AllLinear, use_rslora: false, init_lora_weights: false };
+    tch::manual_seed(1);
+    m.net.add_lora(&cfg).unwrap();
+    for t in m.net.trainable().tensors() {
+        let _ = t.shallow_clone().requires_grad_(true);
+    }
+    let ids = Tensor::from_slice(&[5i64, 9, 17, 33, 60, 2, 8, 99]).view([1, 8]);
+    // the adapters' gradients of one training forward + backward with step seed `seed`
+    let grads = |seed: Option<u64>, checkpointed: bool| -> Vec<Tensor> {
+        m.net.set_dropout_seed(seed);
+        for t in m.net.trainable().tensors() {
+            t.shallow_clone().zero_grad();
+        }
+        let head = |h: &Tensor| h.linear(m.net.lm_head_weight(), None::<Tensor>).log_softmax(-1, Kind::Float).select(2, 7).sum(Kind::Float);
+        if checkpointed {
+            let (h, ck) = m.net.hidden_states_checkpointed(&Batch::causal(&ids));
+            head(&h).backward();
+            m.net.backward_checkpointed(ck, &h.grad());
+        } else {
+            head(&m.net.training_hidden_states(&Batch::causal(&ids))).backward();
+        }
+        m.net.trainable().tensors().iter().map(|t| t.grad().copy()).collect()
+    };
+    let diff = |a: &[Tensor], b: &[Tensor]| a.iter().zip(b).map(|(x, y)| (x - y).abs().max().double_value(&[])).fold(0.0, f64::max);
+    let plain = grads(Some(7), false);
+    let recomputed = grads(Some(7), true);
+    assert!(diff(&plain, &recomputed) < 1e-6, "checkpointed recompute drew other masks: {}", diff(&plain, &recomputed));
+    let other_step = grads(Some(8), false);
+    let none = grads(None, false);
+    assert!(diff(&plain, &other_step) > 1e-4 && diff(&plain, &none) > 1e-4);
+    // no seed: the training forward is the plain forward
+    let none_ck = grads(None, true);
+    assert!(diff(&none, &none_ck) < 1e-6);
+}

@@ -71,7 +71,7 @@ impl Trunk {
             let (hidden, ck) = net.hidden_states_checkpointed(batch);
             Trunk { hidden, checkpoints: Some(ck) }
         } else {
-            Trunk { hidden: net.hidden_states(batch), checkpoints: None }
+            Trunk { hidden: net.training_hidden_states(batch), checkpoints: None }
         }
     }
 

@@ -71,7 +71,8 @@ pub struct LoraSpec {
     /// Scale numerator: the delta is multiplied by lora_alpha / r (lora_alpha / √r with use_rslora).
     #[serde(default = "default_alpha")]
     pub lora_alpha: f64,
-    /// Dropout on the adapter's input during training (only 0, PEFT's default, is implemented).
+    /// Dropout on the adapter's input in training forwards (inverted, as PEFT's nn.Dropout); masks are keyed
+    /// by the run seed, step and rank, so resume stays bit-identical.
     #[serde(default)]
     pub lora_dropout: f64,
     /// Module names (a module matches when its name ends with `.` + one), a regular expression over full
@@ -122,8 +123,8 @@ impl LoraSpec {
         if !(self.lora_alpha > 0.0 && self.lora_alpha.is_finite()) {
             p.push(format!("{origin}: [model] lora.lora_alpha must be a positive number, got {}", self.lora_alpha));
         }
-        if self.lora_dropout != 0.0 {
-            p.push(format!("{origin}: [model] lora.lora_dropout = {}: adapter dropout is not implemented; use 0 (PEFT's default)", self.lora_dropout));
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            p.push(format!("{origin}: [model] lora.lora_dropout must be in [0, 1), got {}", self.lora_dropout));
         }
         if let Some(TargetModules::Pattern(r)) = &self.target_modules {
             if r != "all-linear" {

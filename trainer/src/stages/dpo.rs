@@ -494,6 +494,7 @@ pub(super) fn train(ctx: &Ctx, index: usize, name: &str, records: &[Record], tab
     let mut health = Health::default();
     for step in start..total {
         let t0 = Instant::now();
+        step::key_dropout(ctx, model, step);
         let micro: Vec<Vec<usize>> = (0..world_micro).map(|_| sampler.next_batch(a.batch_size)).collect();
         let st = forward_backward(ctx, model, &pairs, &reference, &a, data_parallel::shard(ctx, micro))?;
         tokens += st.tokens as u64;

@@ -264,6 +264,7 @@ fn run(ctx: &Ctx, index: usize, name: &str, s: &SftStage, model: &Model, resume:
     let mut health = Health::default();
     for step in start..total {
         let t0 = Instant::now();
+        step::key_dropout(ctx, model, step);
         let micro: Vec<Vec<&Row>> = (0..world_micro).map(|_| sampler.next_batch(s.batch_size).into_iter().map(|i| &rows[i]).collect()).collect();
         let pass = forward_backward(ctx, model, data_parallel::shard(ctx, micro), chunk)?;
         tokens += pass.row_tokens as u64;

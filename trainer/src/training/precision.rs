@@ -180,13 +180,8 @@ fn by_chunks(x: &Tensor, kind: Kind, f: impl Fn(&Tensor, i64, i64) -> Tensor) ->
     out.view(x.size().as_slice())
 }
 
-/// A 64-bit mix (splitmix64's finaliser) for keys.
-pub fn mix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+/// A 64-bit mix for keys (the model crate's, which seeds adapter dropout too).
+pub use model::mix64;
 
 /// The dither key of parameter `index` in a run seeded `seed` (see [`dither`]).
 pub fn dither_key(seed: u64, index: usize) -> u64 {

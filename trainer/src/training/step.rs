@@ -12,6 +12,14 @@ use crate::settings::NonFinite;
 /// Steps skipped in a row for non-finite gradients before the run stops.
 const MAX_SKIPPED_IN_A_ROW: usize = 10;
 
+/// Keys the adapter dropout of optimizer step `step`'s training forwards (a no-op without `lora_dropout`):
+/// from the run seed, the step and the rank, so that a resumed run draws the masks an uninterrupted one drew
+/// and ranks draw different ones.
+pub fn key_dropout(ctx: &Ctx, model: &model::Model, step: usize) {
+    let seed = super::precision::mix64(ctx.run.seed ^ super::precision::mix64(step as u64 ^ ((ctx.comm.rank() as u64) << 40)));
+    model.net.set_dropout_seed(Some(seed));
+}
+
 /// Clips the gradients (all-reduced already) and takes an optimizer step at `lr` — unless their norm is NaN or
 /// infinite: then the step is skipped, leaving weights and optimizer state as they were, with a counted
 /// warning, or the run stops, as `[run] nonfinite` says (the decision is the same on every rank: the norm is

@@ -71,6 +71,7 @@ pub fn run(ctx: &Ctx, index: usize, name: &str, s: &GrpoStage, model: &Model, re
     let t_stage = Instant::now();
     for step in start..total {
         let t0 = Instant::now();
+        crate::training::step::key_dropout(ctx, model, step);
         let temperature = s.temperature_at(step);
         // draw → generate → score
         let samples = gen.step(&mut draw, &pool, step, temperature)?;
