@@ -180,3 +180,28 @@ fn checkpoints_keep_the_models_generation_config_when_the_tokenizer_lives_elsewh
     }
     assert!(g.get("pad_token_id").is_some(), "{g}");
 }
+
+/// The per-rank memory plan (issue 20): the Phi-4-mini recipe on 8 ranks × 80 GB, the model's shape read from a
+/// config.json alone. The dry run does not launch workers; every stage fits with the training state sharded;
+/// GRPO (sampling, KV cache) does not fit unsharded.
+#[test]
+fn dry_run_plans_memory_per_rank_for_the_phi4_recipe_on_8_ranks() {
+    let out = Command::new(env!("CARGO_BIN_EXE_train"))
+        .arg("--recipe")
+        .arg(root().join("recipes/phi4-mini-reasoning.toml"))
+        .args(["--dry-run", "--nproc-per-node", "8", "--gpu-memory", "80GB", "--model-config"])
+        .arg(root().join("recipes/configs/phi4-mini-instruct-shape.json"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("# memory per rank\n8 rank(s), GB per rank"), "{text}");
+    let rows = |mode: &str| -> Vec<String> { text.lines().filter(|l| l.starts_with(&format!("| {mode} |"))).map(str::to_string).collect() };
+    assert_eq!(rows("full").len(), 4, "{text}");
+    for mode in ["optimizer", "gradients", "full"] {
+        assert!(rows(mode).iter().all(|l| l.contains("| yes (")), "{mode}: {text}");
+    }
+    // unsharded, 16 B a parameter: 7.7 GB bf16 weights, 15.3 GB fp32 masters, 30.7 GB moments
+    assert!(rows("none")[0].starts_with("| none | 7.7 | 15.3 | 7.7 | 30.7 |"), "{text}");
+    assert!(rows("none")[3].contains("| no ("), "{text}");
+}

@@ -31,9 +31,17 @@ struct Cli {
     /// Resume even when the recipe changed since the checkpoint.
     #[arg(long)]
     force: bool,
-    /// Print the resolved recipe and the plan, then exit.
+    /// Print the resolved recipe and the plan (with the per-rank memory plan for the world size that
+    /// `--nproc-per-node` × `--nnodes` give), then exit.
     #[arg(long)]
     dry_run: bool,
+    /// With --dry-run: each rank's accelerator memory (e.g. 80GB); the memory plan says whether each stage fits.
+    #[arg(long, value_name = "SIZE")]
+    gpu_memory: Option<String>,
+    /// With --dry-run: read the model's shape from this config.json (when the model directory is not there
+    /// yet), e.g. recipes/configs/phi4-mini-instruct-shape.json.
+    #[arg(long, value_name = "FILE")]
+    model_config: Option<PathBuf>,
     /// Output directory (overrides run.output_dir).
     #[arg(long)]
     output: Option<PathBuf>,
@@ -118,7 +126,7 @@ fn run() -> Result<()> {
         }
         tch::set_num_threads(t);
     }
-    if let Some(n) = cli.launch.nproc_per_node {
+    if let Some(n) = cli.launch.nproc_per_node.filter(|_| !cli.dry_run) {
         if dist::WorkerEnv::read()?.is_none() {
             return cli::launch::agent(&cli.launch, n);
         }
@@ -132,7 +140,14 @@ fn run() -> Result<()> {
         if cli.command.is_some() {
             bail!("--recipe runs a recipe; it cannot be combined with a subcommand");
         }
-        return cli::run::run(recipe, &cli.overrides, cli.output.clone(), cli::run::Options { resume: cli.resume.clone(), force: cli.force, dry_run: cli.dry_run });
+        return cli::run::run(recipe, &cli.overrides, cli.output.clone(), cli::run::Options {
+            resume: cli.resume.clone(),
+            force: cli.force,
+            dry_run: cli.dry_run,
+            world: cli.launch.nproc_per_node.unwrap_or(1) * cli.launch.nnodes,
+            gpu_memory: cli.gpu_memory.as_deref().map(cli::plan::parse_gpu_memory).transpose()?,
+            model_config: cli.model_config.clone(),
+        });
     }
     let device = model::runtime::parse_device(&cli.device).map_err(anyhow::Error::msg)?;
     model::runtime::check_device(device).map_err(anyhow::Error::msg)?;

@@ -35,6 +35,12 @@ pub struct Options {
     pub resume: Resume,
     pub force: bool,
     pub dry_run: bool,
+    /// The world size the dry run plans memory for.
+    pub world: usize,
+    /// Each rank's accelerator memory in bytes, for the dry run's fit check.
+    pub gpu_memory: Option<f64>,
+    /// A config.json the dry run reads the model's shape from.
+    pub model_config: Option<PathBuf>,
 }
 
 /// Runs a recipe: its stages in order, from where `opts.resume` says.
@@ -44,8 +50,7 @@ pub fn run(recipe_path: &Path, overrides: &[String], output: Option<PathBuf>, op
         r.run.output_dir = o;
     }
     if opts.dry_run {
-        print_dry_run(&r, &missing);
-        return Ok(());
+        return print_dry_run(&r, &missing, &opts);
     }
     let (comm, device, kind) = start_runtime(&r)?;
     // data parallel: rank 0 prepares the shared files (tokenizer, converted GGUF, metrics) first
@@ -74,12 +79,21 @@ pub fn run(recipe_path: &Path, overrides: &[String], output: Option<PathBuf>, op
     Ok(())
 }
 
-fn print_dry_run(r: &recipe::Recipe, missing: &[String]) {
+fn print_dry_run(r: &recipe::Recipe, missing: &[String], opts: &Options) -> Result<()> {
     println!("# resolved recipe\n{}", toml::to_string_pretty(r).unwrap_or_default());
     for m in missing {
         println!("# needed before a real run: {m}");
     }
     println!("# plan\n{}", super::plan::plan(r));
+    let cfg = match &opts.model_config {
+        Some(f) => Some(model::ModelConfig::from_path(f).with_context(|| format!("--model-config {}", f.display()))?),
+        None => super::plan::model_config(r),
+    };
+    match cfg {
+        Some(cfg) => println!("# memory per rank\n{}", super::plan::memory_plan(r, &cfg, opts.world, opts.gpu_memory)),
+        None => println!("# memory per rank: the model's config.json is not there yet; give --model-config FILE"),
+    }
+    Ok(())
 }
 
 /// Threads, the device (joining the data-parallel job when launched as one of its workers) and the precision:

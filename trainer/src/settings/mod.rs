@@ -9,5 +9,5 @@ mod run;
 
 pub use eval::{EvalSpec, SyntheticSpec};
 pub use generation::GenerationSpec;
-pub use model::{is_default, ModelSpec, UpdatePrecision, WeightUpdate};
+pub use model::{is_default, ModelSpec, StateDtype, UpdatePrecision, WeightUpdate};
 pub use run::{check_run_id, NonFinite, RunSpec};

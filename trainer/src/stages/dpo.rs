@@ -26,6 +26,7 @@ use crate::observe::metrics::obj;
 use crate::observe::progress::Bar;
 use crate::settings::SyntheticSpec;
 use crate::training::checkpoint::Checkpoint;
+use crate::training::memory::StageShape;
 use crate::training::{data_parallel, models, step, Ctx, Health, HeldOut, Progress, TrainingKeys};
 
 /// Declares a DPO stage's table: the given fields, the DPO keys both kinds share (tokenize, beta, loss_type,
@@ -185,6 +186,12 @@ impl DpoArgs {
         }
     }
 
+    /// A step's memory shape: chosen and rejected rows of `max_length` tokens (the reference log-probs are
+    /// cached: no reference model).
+    pub fn memory_shape(&self, max_length: usize, checkpointing: bool) -> StageShape {
+        StageShape { micro_tokens: (2 * self.batch_size * max_length) as i64, checkpointing, logit_rows: self.loss_chunk as i64, ..Default::default() }
+    }
+
     pub fn plan(&self) -> String {
         let steps = match self.max_steps {
             Some(n) => format!("{n} steps"),
@@ -229,6 +236,10 @@ impl crate::stages::kind::StageKind for DpoStage {
             p.push(format!("{at}: tokenize.max_length must be at least 2"));
         }
         self.args().validate(at, p);
+    }
+
+    fn memory_shape(&self, _: &crate::settings::GenerationSpec) -> StageShape {
+        self.args().memory_shape(self.tokenize.max_length, self.gradient_checkpointing)
     }
 
     fn plan(&self) -> String {

@@ -108,6 +108,11 @@ impl Stage {
         self.table().plan()
     }
 
+    /// What a step holds besides the model (see [`StageKind::memory_shape`]).
+    pub fn memory_shape(&self, generation: &crate::settings::GenerationSpec) -> crate::training::memory::StageShape {
+        self.table().memory_shape(generation)
+    }
+
     /// Runs the stage (see [`StageKind::run`]).
     pub fn run(&self, ctx: &Ctx, index: usize, model: &Model, resume: Option<&Checkpoint>) -> Result<f64> {
         self.table().run(ctx, index, &self.name(index), model, resume)

@@ -153,6 +153,15 @@ impl crate::stages::kind::StageKind for RolloutDpoStage {
         self.args().validate(at, p);
     }
 
+    fn memory_shape(&self, g: &crate::settings::GenerationSpec) -> crate::training::memory::StageShape {
+        let mut s = self.args().memory_shape(self.tokenize.max_length, self.gradient_checkpointing);
+        if self.teacher_rollouts.is_none() {
+            let problems = self.synthetic.as_ref().map_or(g.max_batch_seqs, |p| p.count);
+            s.sampling = Some((super::kind::kv_slots(g, problems * self.num_samples, self.tokenize.max_length), g.fuse_weights));
+        }
+        s
+    }
+
     fn plan(&self) -> String {
         let src = match (&self.teacher_rollouts, &self.data, &self.synthetic) {
             (Some(t), _, _) => format!("teacher rollouts {}", t.display()),

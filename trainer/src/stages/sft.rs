@@ -84,6 +84,15 @@ impl crate::stages::kind::StageKind for SftStage {
         }
     }
 
+    fn memory_shape(&self, _: &crate::settings::GenerationSpec) -> crate::training::memory::StageShape {
+        crate::training::memory::StageShape {
+            micro_tokens: (self.batch_size * self.tokenize.max_length) as i64,
+            checkpointing: self.gradient_checkpointing,
+            logit_rows: self.loss_chunk as i64,
+            ..Default::default()
+        }
+    }
+
     fn plan(&self) -> String {
         let steps = match self.max_steps {
             Some(n) => format!("{n} steps"),

@@ -10,6 +10,7 @@ pub mod data_parallel;
 pub mod faults;
 pub mod generate;
 pub mod held_out;
+pub mod memory;
 pub mod models;
 pub mod optim;
 pub mod precision;

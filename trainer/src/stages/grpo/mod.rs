@@ -38,6 +38,17 @@ impl crate::stages::kind::StageKind for GrpoStage {
         GrpoStage::plan(self)
     }
 
+    fn memory_shape(&self, g: &crate::settings::GenerationSpec) -> crate::training::memory::StageShape {
+        let len = self.max_prompt_length + self.max_completion_length;
+        crate::training::memory::StageShape {
+            micro_tokens: (self.micro_batch_size * len) as i64,
+            reference: self.kl_coef > 0.0,
+            sampling: Some((super::kind::kv_slots(g, self.prompts_per_step * self.num_generations, len), g.fuse_weights)),
+            checkpointing: self.gradient_checkpointing,
+            logit_rows: self.loss_chunk as i64,
+        }
+    }
+
     fn run(&self, ctx: &Ctx, index: usize, name: &str, model: &Model, resume: Option<&Checkpoint>) -> Result<f64> {
         run::run(ctx, index, name, self, model, resume)
     }
