@@ -9,5 +9,7 @@ mod run;
 
 pub use eval::{EvalSpec, SyntheticSpec};
 pub use generation::GenerationSpec;
-pub use model::{is_default, ModelSpec, StateDtype, UpdatePrecision, WeightUpdate};
+pub use model::{is_default, ModelSpec, UpdatePrecision, WeightUpdate};
+#[cfg(test)]
+pub use model::StateDtype;
 pub use run::{check_run_id, NonFinite, RunSpec};
