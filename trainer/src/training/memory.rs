@@ -187,7 +187,7 @@ fn activations(m: &ModelShape, s: &StageShape, bytes: f64) -> f64 {
     let t = s.micro_tokens as f64;
     let per_layer = t * (16 * m.hidden + 4 * m.intermediate) as f64 * bytes;
     let trunk = if s.checkpointing { t * m.hidden as f64 * bytes * m.layers as f64 + per_layer } else { per_layer * m.layers as f64 };
-    trunk + 2.0 * (s.logit_rows * m.vocab) as f64 * 4.0
+    trunk + 2.0 * (s.logit_rows.min(s.micro_tokens) * m.vocab) as f64 * 4.0
 }
 
 /// Parses a memory size: `80GB`, `80G`, `80GiB`, `141 GB`, or bytes.
