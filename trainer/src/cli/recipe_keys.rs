@@ -11,15 +11,26 @@ fn resolve<'a>(s: &'a Value, defs: &'a Map<String, Value>) -> &'a Value {
     }
     // Option<T>: anyOf [T, null]
     if let Some(any) = s.get("anyOf").and_then(|a| a.as_array()) {
-        if let Some(t) = any.iter().find(|x| x.get("type").and_then(|t| t.as_str()) != Some("null")) {
+        let some: Vec<&Value> = any.iter().filter(|x| x.get("type").and_then(|t| t.as_str()) != Some("null")).collect();
+        if let [t] = some.as_slice() {
             return resolve(t, defs);
         }
     }
     s
 }
 
+/// The types of an untagged enum (`anyOf` of several non-null types), e.g. "array of string or string".
+fn alternatives(r: &Value, defs: &Map<String, Value>) -> Option<String> {
+    let any = r.get("anyOf")?.as_array()?;
+    let some: Vec<String> = any.iter().filter(|x| x.get("type").and_then(|t| t.as_str()) != Some("null")).map(|x| type_name(x, defs)).collect();
+    (some.len() > 1).then(|| some.join(" or "))
+}
+
 fn type_name(s: &Value, defs: &Map<String, Value>) -> String {
     let r = resolve(s, defs);
+    if let Some(alt) = alternatives(r, defs) {
+        return alt;
+    }
     if let Some(e) = r.get("enum").and_then(|e| e.as_array()) {
         return e.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(" / ");
     }

@@ -62,8 +62,8 @@ pub fn base_model(m: &ModelSpec, output: &Path, kind: Kind, device: Device) -> R
     match (&m.adapter, &m.lora) {
         (Some(dir), _) => model.load_adapter(dir).with_context(|| format!("[model] adapter {}", dir.display()))?,
         (None, Some(lora)) => {
-            // seeded: every rank draws the same adapter
-            tch::manual_seed(m.init_seed);
+            // seeded: every rank draws the same adapter (from a stream of its own, not the random base's)
+            tch::manual_seed((model::mix64(m.init_seed as u64 ^ 0x4c6f_5241) >> 1) as i64);
             model.net.add_lora(&lora.config(model.net.cfg.family.name())?).context("[model] lora")?;
         }
         (None, None) => {}
