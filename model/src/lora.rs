@@ -175,15 +175,52 @@ pub(crate) struct LoraLayer {
     pub a: Tensor,
     pub b: Tensor,
     pub scaling: f64,
-    /// `lora_dropout`: applied to the adapter's input while `dropping` is on (training forwards).
+    /// `lora_dropout`: applied to the adapter's input while the layer's dropout key is set (training forwards).
     pub dropout: f64,
-    pub dropping: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub dropping: DropoutKey,
+    /// This projection's place among the network's adapters: its masks differ from its neighbours'.
+    pub salt: u64,
+}
+
+/// The running decoder layer's adapter-dropout key, shared by the network's adapters; 0 while no training
+/// forward runs (no dropout).
+pub(crate) type DropoutKey = std::sync::Arc<std::sync::atomic::AtomicU64>;
+
+/// Inverted dropout's multiplier for a tensor of `shape`: 0 where an element is dropped (probability `p`),
+/// 1 / (1 − p) where it is kept, as nn.Dropout. The draws are a counter-based hash of (`key`, element index)
+/// computed with tensor ops on the tensor's device, not libtorch's global generator: no other thread's draws
+/// can shift them, the checkpointed recompute redraws them exactly, and the CPU and a GPU draw the same masks.
+/// The hash is Wellons' "lowbias32" integer finalizer (github.com/skeeto/hash-prospector), applied twice with
+/// the key's two halves.
+pub(crate) fn dropout_multiplier(shape: &[i64], p: f64, key: u64, kind: Kind, device: tch::Device) -> Tensor {
+    const M32: i64 = 0xFFFF_FFFF;
+    let n: i64 = shape.iter().product();
+    let finalize = |h: &mut Tensor| {
+        for (shift, mul) in [(16, 0x7feb_352d_i64), (15, 0x846c_a68b_i64)] {
+            let s = h.bitwise_right_shift_tensor_scalar(shift);
+            let _ = h.bitwise_xor_tensor_(&s);
+            let _ = h.g_mul_scalar_(mul);
+            let _ = h.bitwise_and_(M32);
+        }
+        let s = h.bitwise_right_shift_tensor_scalar(16);
+        let _ = h.bitwise_xor_tensor_(&s);
+    };
+    let mut h = Tensor::arange(n, (Kind::Int64, device));
+    let _ = h.g_mul_scalar_(0x9e37_79b1_i64);
+    let _ = h.g_add_scalar_((key & 0xFFFF_FFFF) as i64);
+    let _ = h.bitwise_and_(M32);
+    finalize(&mut h);
+    let _ = h.bitwise_xor_(((key >> 32) & 0xFFFF_FFFF) as i64);
+    finalize(&mut h);
+    // the top 24 bits as a uniform draw in [0, 1)
+    let u = h.bitwise_right_shift_tensor_scalar(8).to_kind(Kind::Float) * (1.0 / (1u64 << 24) as f64);
+    (u.ge(p).to_kind(kind) * (1.0 / (1.0 - p))).view(shape)
 }
 
 impl LoraLayer {
     /// New adapter tensors for a projection `[out, inp]`, created in `ps` (fp32) as `<module>.lora_A.weight`
     /// and `<module>.lora_B.weight`.
-    pub fn create(ps: &mut ParamStore, module: &str, inp: i64, out: i64, cfg: &LoraConfig, dropping: &std::sync::Arc<std::sync::atomic::AtomicBool>) -> LoraLayer {
+    pub fn create(ps: &mut ParamStore, module: &str, inp: i64, out: i64, cfg: &LoraConfig, dropping: &DropoutKey, salt: u64) -> LoraLayer {
         let device = ps.device;
         // kaiming_uniform_(a = √5) of a [fan_out, fan_in] matrix: U(−1/√fan_in, 1/√fan_in)
         let uniform = |shape: &[i64], fan_in: i64| {
@@ -198,16 +235,22 @@ impl LoraLayer {
                 b.shallow_clone().copy_(&uniform(&[out, cfg.r], cfg.r));
             }
         });
-        LoraLayer { a, b, scaling: cfg.scaling(), dropout: cfg.lora_dropout, dropping: dropping.clone() }
+        LoraLayer { a, b, scaling: cfg.scaling(), dropout: cfg.lora_dropout, dropping: dropping.clone(), salt }
     }
 
     /// `y + s · (dropout(x) Aᵀ) Bᵀ`, computed in the adapter's dtype and cast back to `y`'s. Dropout (inverted,
-    /// as nn.Dropout: kept inputs scaled by 1 / (1 − p)) draws from libtorch's global generator, which the
-    /// network seeds per layer (see [`crate::Transformer::set_dropout_seed`]).
+    /// as nn.Dropout: kept inputs scaled by 1 / (1 − p)) draws its masks from the running layer's key and this
+    /// projection's salt ([`dropout_multiplier`], [`crate::Transformer::set_dropout_seed`]).
     pub fn add_to(&self, y: Tensor, x: &Tensor) -> Tensor {
         let k = self.a.kind();
         let x = x.to_kind(k);
-        let x = if self.dropout > 0.0 && self.dropping.load(std::sync::atomic::Ordering::Relaxed) { x.dropout(self.dropout, true) } else { x };
+        let key = self.dropping.load(std::sync::atomic::Ordering::Relaxed);
+        let x = if self.dropout > 0.0 && key != 0 {
+            let m = dropout_multiplier(&x.size(), self.dropout, crate::mix64(key ^ crate::mix64(self.salt)), k, x.device());
+            x * m
+        } else {
+            x
+        };
         let delta = x.linear(&self.a, None::<Tensor>).linear(&self.b, None::<Tensor>) * self.scaling;
         if y.kind() == delta.kind() {
             y + delta
@@ -228,8 +271,9 @@ impl LoraLayer {
 pub struct Adapters {
     pub cfg: LoraConfig,
     pub params: ParamStore,
-    /// On while a training forward (or its checkpointed recompute) runs with dropout.
-    pub(crate) dropping: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The running layer's dropout key while a training forward (or its checkpointed recompute) runs with
+    /// dropout, else 0.
+    pub(crate) dropping: DropoutKey,
 }
 
 /// PEFT's name of an adapter tensor.
@@ -311,6 +355,26 @@ pub fn load_tensors(adapters: &Adapters, dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dropout_masks_keep_one_minus_p_and_depend_only_on_the_key() {
+        let d = tch::Device::Cpu;
+        let m = dropout_multiplier(&[256, 1024], 0.3, 42, Kind::Float, d);
+        let kept = m.ne(0.0).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+        assert!((kept - 0.7).abs() < 0.005, "kept {kept}");
+        assert!((m.mean(Kind::Float).double_value(&[]) - 1.0).abs() < 0.01, "inverted dropout keeps the mean");
+        assert!(m.ne(0.0).sum(Kind::Int64).int64_value(&[]) > 0);
+        tch::manual_seed(5); // the global generator plays no part
+        assert!(m.equal(&dropout_multiplier(&[256, 1024], 0.3, 42, Kind::Float, d)));
+        let other = dropout_multiplier(&[256, 1024], 0.3, 43, Kind::Float, d);
+        let agree = m.eq_tensor(&other).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+        // independent masks agree on 0.7² + 0.3² = 58% of elements
+        assert!((agree - 0.58).abs() < 0.01, "masks of two keys agree on {agree}");
+        // neighbouring elements are independent: P(both kept) = 0.49
+        let k = m.ne(0.0).to_kind(Kind::Float).view([-1]);
+        let both = (k.narrow(0, 0, k.size()[0] - 1) * k.narrow(0, 1, k.size()[0] - 1)).mean(Kind::Float).double_value(&[]);
+        assert!((both - 0.49).abs() < 0.01, "neighbours kept together {both}");
+    }
 
     #[test]
     fn targets_match_as_peft_does() {

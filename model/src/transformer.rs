@@ -329,12 +329,12 @@ impl Transformer {
             return Err(crate::ModelError::Other(format!("lora_dropout must be in [0, 1), got {}", cfg.lora_dropout)));
         }
         let mut ps = ParamStore::new(Kind::Float, self.device());
-        let dropping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let dropping = crate::lora::DropoutKey::default();
         let mut n = 0;
         for l in self.linears_mut() {
             if cfg.target_modules.matches(&l.name) {
                 let (out, inp) = l.w.size2().expect("a projection is a matrix");
-                l.lora = Some(LoraLayer::create(&mut ps, &l.name, inp, out, cfg, &dropping));
+                l.lora = Some(LoraLayer::create(&mut ps, &l.name, inp, out, cfg, &dropping, n as u64));
                 n += 1;
             }
         }
@@ -376,10 +376,10 @@ impl Transformer {
     /// Runs `f` (one decoder layer) with adapter dropout drawn from (`key`, `layer`), or without dropout.
     fn with_dropout<T>(&self, key: Option<u64>, layer: usize, f: impl FnOnce() -> T) -> T {
         let (Some(key), Some(a)) = (key, &self.adapters) else { return f() };
-        tch::manual_seed((mix64(key ^ layer as u64) >> 1) as i64);
-        a.dropping.store(true, std::sync::atomic::Ordering::Relaxed);
+        // 0 means "no dropout"
+        a.dropping.store(mix64(key ^ layer as u64).max(1), std::sync::atomic::Ordering::Relaxed);
         let out = f();
-        a.dropping.store(false, std::sync::atomic::Ordering::Relaxed);
+        a.dropping.store(0, std::sync::atomic::Ordering::Relaxed);
         out
     }
 
