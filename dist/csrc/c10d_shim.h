@@ -37,6 +37,10 @@ const char* c10d_pg_backend_name(c10d_pg* pg);
 /* In-place SUM of each tensor (one collective per tensor, issued together, then all waited). */
 int c10d_pg_allreduce_sum(c10d_pg* pg, void* const* tensors, int n);
 int c10d_pg_broadcast(c10d_pg* pg, void* const* tensors, int n, int root);
+/* out (world × n elements, flat) ← every rank's `in` (n elements), in rank order. */
+int c10d_pg_allgather_flat(c10d_pg* pg, void* out, void* in);
+/* out (n elements) ← the SUM over the ranks of this rank's block of `in` (world × n elements, flat). */
+int c10d_pg_reduce_scatter_flat_sum(c10d_pg* pg, void* out, void* in);
 int c10d_pg_barrier(c10d_pg* pg);
 void c10d_pg_free(c10d_pg* pg);
 

@@ -27,6 +27,8 @@ extern "C" {
     pub fn c10d_pg_backend_name(pg: *mut c10d_pg) -> *const c_char;
     pub fn c10d_pg_allreduce_sum(pg: *mut c10d_pg, tensors: *const *mut c_void, n: c_int) -> c_int;
     pub fn c10d_pg_broadcast(pg: *mut c10d_pg, tensors: *const *mut c_void, n: c_int, root: c_int) -> c_int;
+    pub fn c10d_pg_allgather_flat(pg: *mut c10d_pg, out: *mut c_void, input: *mut c_void) -> c_int;
+    pub fn c10d_pg_reduce_scatter_flat_sum(pg: *mut c10d_pg, out: *mut c_void, input: *mut c_void) -> c_int;
     pub fn c10d_pg_barrier(pg: *mut c10d_pg) -> c_int;
     pub fn c10d_pg_free(pg: *mut c10d_pg);
 }

@@ -226,6 +226,26 @@ impl ProcessGroup {
         Ok(())
     }
 
+    /// `out` (world · n elements) ← every rank's `input` (n elements), in rank order.
+    pub fn all_gather_flat(&self, out: &Tensor, input: &Tensor) -> Result<()> {
+        check_flat(out, input, self.size())?;
+        // SAFETY: both are live at::Tensors for the call.
+        if unsafe { ffi::c10d_pg_allgather_flat(self.ptr, out.as_ptr() as *mut c_void, input.as_ptr() as *mut c_void) } != 0 {
+            return Err(last_error("all-gather"));
+        }
+        Ok(())
+    }
+
+    /// `out` (n elements) ← the sum over the ranks of this rank's block of `input` (world · n elements).
+    pub fn reduce_scatter_flat_sum(&self, out: &Tensor, input: &Tensor) -> Result<()> {
+        check_flat(input, out, self.size())?;
+        // SAFETY: as all_gather_flat.
+        if unsafe { ffi::c10d_pg_reduce_scatter_flat_sum(self.ptr, out.as_ptr() as *mut c_void, input.as_ptr() as *mut c_void) } != 0 {
+            return Err(last_error("reduce-scatter"));
+        }
+        Ok(())
+    }
+
     pub fn barrier(&self) -> Result<()> {
         // SAFETY: live group.
         if unsafe { ffi::c10d_pg_barrier(self.ptr) } != 0 {
@@ -240,6 +260,21 @@ impl Drop for ProcessGroup {
         // SAFETY: ptr came from c10d_pg_new_* and is freed once (shutdown, then delete).
         unsafe { ffi::c10d_pg_free(self.ptr) }
     }
+}
+
+/// A flat collective's buffers: `whole` holds `world` blocks of `block`'s size, both contiguous, one dtype.
+fn check_flat(whole: &Tensor, block: &Tensor, world: usize) -> Result<()> {
+    let ok = whole.is_contiguous() && block.is_contiguous() && whole.kind() == block.kind() && whole.numel() == block.numel() * world;
+    if !ok {
+        return Err(DistError(format!(
+            "flat collective: a buffer of {} {:?} elements is not {world} blocks of {} {:?} elements (contiguous)",
+            whole.numel(),
+            whole.kind(),
+            block.numel(),
+            block.kind()
+        )));
+    }
+    Ok(())
 }
 
 /// Gradient buckets are about this large (PyTorch DDP's default `bucket_cap_mb` is 25).
@@ -261,6 +296,10 @@ pub trait Communicator {
     /// Every rank's tensors become `root`'s.
     fn broadcast(&self, ts: &[Tensor], root: usize) -> Result<()>;
     fn barrier(&self) -> Result<()>;
+    /// `out` (world · n elements, flat) ← every rank's `input` (n elements), in rank order.
+    fn all_gather_flat(&self, out: &Tensor, input: &Tensor) -> Result<()>;
+    /// `out` (n elements) ← the sum over the ranks of this rank's block of `input` (world · n elements).
+    fn reduce_scatter_flat_sum(&self, out: &Tensor, input: &Tensor) -> Result<()>;
 
     fn is_main(&self) -> bool {
         self.rank() == 0
@@ -392,6 +431,16 @@ impl Communicator for Single {
     fn barrier(&self) -> Result<()> {
         Ok(())
     }
+    fn all_gather_flat(&self, out: &Tensor, input: &Tensor) -> Result<()> {
+        check_flat(out, input, 1)?;
+        tch::no_grad(|| out.shallow_clone().copy_(input));
+        Ok(())
+    }
+    fn reduce_scatter_flat_sum(&self, out: &Tensor, input: &Tensor) -> Result<()> {
+        check_flat(input, out, 1)?;
+        tch::no_grad(|| out.shallow_clone().copy_(input));
+        Ok(())
+    }
 }
 
 /// Data parallelism over c10d: a Gloo group for CPU tensors and, on GPUs, an NCCL group for CUDA tensors
@@ -461,6 +510,12 @@ impl Communicator for C10d {
     }
     fn barrier(&self) -> Result<()> {
         self.gloo.barrier()
+    }
+    fn all_gather_flat(&self, out: &Tensor, input: &Tensor) -> Result<()> {
+        self.group_for(std::slice::from_ref(input))?.all_gather_flat(out, input)
+    }
+    fn reduce_scatter_flat_sum(&self, out: &Tensor, input: &Tensor) -> Result<()> {
+        self.group_for(std::slice::from_ref(input))?.reduce_scatter_flat_sum(out, input)
     }
 }
 

@@ -128,3 +128,36 @@ fn joining_a_store_nobody_hosts_times_out_with_a_clear_error() {
     let msg = e.to_string();
     assert!(msg.contains(&format!("connecting to the rendezvous store at 127.0.0.1:{port}")), "{msg}");
 }
+
+/// Flat all-gather and reduce-scatter (the collectives sharded data parallelism runs on) over four ranks:
+/// the gathered buffer holds every rank's block in rank order, and each rank's scattered block is the sum
+/// of the ranks' blocks there, exactly (integers in fp32) and for fp32 values within a few ulp of the
+/// all-reduce's.
+#[test]
+fn flat_all_gather_and_reduce_scatter_over_four_ranks() {
+    let out = ranks(4, |c| {
+        let r = c.rank() as f64;
+        let mine = Tensor::arange(3, (Kind::Float, tch::Device::Cpu)) + 10.0 * r;
+        let all = Tensor::zeros([12], (Kind::Float, tch::Device::Cpu));
+        c.all_gather_flat(&all, &mine).unwrap();
+        // every rank contributes 12 values; rank r keeps block r of the sum
+        let contrib = Tensor::arange(12, (Kind::Float, tch::Device::Cpu)) * (r + 1.0);
+        let block = Tensor::zeros([3], (Kind::Float, tch::Device::Cpu));
+        c.reduce_scatter_flat_sum(&block, &contrib).unwrap();
+        // a mismatched buffer is an error, not a crash
+        let bad = c.all_gather_flat(&Tensor::zeros([5], (Kind::Float, tch::Device::Cpu)), &mine).unwrap_err();
+        (Vec::<f32>::try_from(all).unwrap(), Vec::<f32>::try_from(block).unwrap(), bad.to_string())
+    });
+    for (r, (all, block, bad)) in out.into_iter().enumerate() {
+        assert_eq!(all, vec![0., 1., 2., 10., 11., 12., 20., 21., 22., 30., 31., 32.]);
+        // Σ_k (k + 1) · i = 10 · i for i in block r
+        let want: Vec<f32> = (0..3).map(|j| 10.0 * (3 * r + j) as f32).collect();
+        assert_eq!(block, want);
+        assert!(bad.contains("not 4 blocks of 3"), "{bad}");
+    }
+    let one = Single;
+    let t = Tensor::from_slice(&[1.0f32, 2.0]);
+    let o = Tensor::zeros([2], (Kind::Float, tch::Device::Cpu));
+    one.all_gather_flat(&o, &t).unwrap();
+    assert_eq!(Vec::<f32>::try_from(&o).unwrap(), vec![1.0, 2.0]);
+}
