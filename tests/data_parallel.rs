@@ -399,3 +399,54 @@ fn two_rank_lora_grpo_is_bitwise_one_process() {
     let adapter = |d: &Path| std::fs::read(d.join("out/checkpoints/s00-final/model/adapter_model.safetensors")).unwrap();
     assert_eq!(adapter(&one), adapter(&two), "2-rank LoRA GRPO differs from 1 process");
 }
+
+/// `[run] sharding = "optimizer"` (ZeRO-1): each rank keeps AdamW's state for its block of every flat bucket,
+/// updates those elements and all-gathers the weights. AdamW is elementwise and the precision modes' random
+/// bits are keyed by the element's place in its whole parameter, so 2 ranks end with "none"'s weights bit for
+/// bit — fp32, and bf16 with fp32 master weights (sharded too) or stochastic rounding — and a checkpoint's
+/// optimizer file is the very file "none" writes: a sharded run resumes unsharded on another world size, and
+/// the reverse, to the same final weights.
+#[test]
+fn two_rank_optimizer_sharding_is_bitwise_unsharded_and_its_checkpoints_resume_in_any_mode() {
+    let root = tempfile::tempdir().unwrap();
+    let kill = [("WHET_TEST_KILL", "step:0:4"), ("WHET_TEST_KILL_RANK", "1")];
+    let sharding = |m: &str| format!("run.sharding=\"{m}\"");
+    let opt = |d: &Path| std::fs::read(d.join("out/checkpoints/s00-step0000003/optimizer.safetensors")).unwrap();
+    for (mode, dtype) in [("fp32", ""), ("master_fp32", "dtype = \"bfloat16\"\nweight_update = \"master_fp32\"\n"), ("stochastic_rounding", "dtype = \"bfloat16\"\nweight_update = \"stochastic_rounding\"\n")] {
+        let body = format!("{}{dtype}{SFT}", common::TINY_MODEL);
+        let none = setup(root.path(), &format!("none-{mode}"), &body);
+        let zero1 = setup(root.path(), &format!("zero1-{mode}"), &body);
+        ok(&train(&none, Some(2), &[], &[]));
+        let log = ok(&train(&zero1, Some(2), &["--set", &sharding("optimizer")], &[]));
+        assert!(log.contains("[sft] replicas identical on 2 ranks"), "{log}");
+        assert!(log.contains("sharding \"optimizer\" over 2 rank(s)"), "{log}");
+        assert_eq!(weights(&none, 0), weights(&zero1, 0), "{mode}: ZeRO-1 differs from unsharded");
+        // the same runs killed after their step-3 checkpoints: the same optimizer file
+        let (a, b) = (setup(root.path(), &format!("a-{mode}"), &body), setup(root.path(), &format!("b-{mode}"), &body));
+        assert!(!train(&a, Some(2), &[], &kill).status.success());
+        assert!(!train(&b, Some(2), &["--set", &sharding("optimizer")], &kill).status.success());
+        assert_eq!(opt(&a), opt(&b), "{mode}: the sharded optimizer's checkpoint differs from the unsharded one");
+        // resumed across modes and world sizes: ZeRO-1 on 2 ranks → none on 1 process, none → ZeRO-1
+        let log = ok(&train(&b, None, &[], &[]));
+        assert!(log.contains("resumed at step 3/6"), "{log}");
+        ok(&train(&a, Some(2), &["--set", &sharding("optimizer")], &[]));
+        assert_eq!(weights(&none, 0), weights(&b, 0), "{mode}: ZeRO-1 resumed unsharded differs");
+        assert_eq!(weights(&none, 0), weights(&a, 0), "{mode}: unsharded resumed with ZeRO-1 differs");
+    }
+}
+
+/// ZeRO-1 on 4 ranks for SFT, and on 2 ranks for DPO and GRPO (with its KL reference and μ = 2 updates per
+/// step): the weights are the unsharded run's bit for bit (the gradients are all-reduced as without
+/// sharding; only the update is split).
+#[test]
+fn optimizer_sharding_equals_unsharded_for_sft_on_4_ranks_and_dpo_and_grpo_on_2() {
+    let root = tempfile::tempdir().unwrap();
+    for (name, body, n) in [("sft", SFT, 4), ("dpo", DPO, 2), ("grpo", GRPO, 2)] {
+        let none = setup(root.path(), &format!("none-{name}"), body);
+        let zero1 = setup(root.path(), &format!("zero1-{name}"), body);
+        ok(&train(&none, Some(n), &[], &[]));
+        let log = ok(&train(&zero1, Some(n), &["--set", "run.sharding=\"optimizer\""], &[]));
+        assert!(log.contains(&format!("sharding \"optimizer\" over {n} rank(s): each rank keeps the optimizer state of at most")), "{log}");
+        assert_eq!(weights(&none, 0), weights(&zero1, 0), "{name}: ZeRO-1 on {n} ranks differs from unsharded");
+    }
+}

@@ -262,6 +262,27 @@ impl Drop for ProcessGroup {
     }
 }
 
+/// The flat buckets of `ts` (in their fixed order): runs of one dtype and device of about [`BUCKET_BYTES`]
+/// (a tensor larger than that is a bucket of its own). Gradient all-reduce and sharded data parallelism use
+/// the same buckets.
+pub fn buckets(ts: &[Tensor]) -> Vec<std::ops::Range<usize>> {
+    let mut out = vec![];
+    let mut start = 0;
+    while start < ts.len() {
+        let (kind, dev) = (ts[start].kind(), ts[start].device());
+        let size = |t: &Tensor| t.numel() as i64 * kind.elt_size_in_bytes() as i64;
+        let mut end = start;
+        let mut bytes = 0i64;
+        while end < ts.len() && ts[end].kind() == kind && ts[end].device() == dev && (end == start || bytes + size(&ts[end]) <= BUCKET_BYTES) {
+            bytes += size(&ts[end]);
+            end += 1;
+        }
+        out.push(start..end);
+        start = end;
+    }
+    out
+}
+
 /// A flat collective's buffers: `whole` holds `world` blocks of `block`'s size, both contiguous, one dtype.
 fn check_flat(whole: &Tensor, block: &Tensor, world: usize) -> Result<()> {
     let ok = whole.is_contiguous() && block.is_contiguous() && whole.kind() == block.kind() && whole.numel() == block.numel() * world;
@@ -362,16 +383,8 @@ pub trait Communicator {
                 }
             })
             .collect();
-        let mut start = 0;
-        while start < grads.len() {
-            let (kind, dev) = (grads[start].kind(), grads[start].device());
-            let mut end = start;
-            let mut bytes = 0i64;
-            while end < grads.len() && grads[end].kind() == kind && grads[end].device() == dev && (end == start || bytes + grads[end].numel() as i64 * kind.elt_size_in_bytes() as i64 <= BUCKET_BYTES) {
-                bytes += grads[end].numel() as i64 * kind.elt_size_in_bytes() as i64;
-                end += 1;
-            }
-            let group = &grads[start..end];
+        for range in buckets(&grads) {
+            let group = &grads[range];
             let flat = tch::no_grad(|| Tensor::cat(&group.iter().map(|g| g.reshape([-1])).collect::<Vec<_>>(), 0));
             self.all_reduce_sum(std::slice::from_ref(&flat))?;
             tch::no_grad(|| {
@@ -382,7 +395,6 @@ pub trait Communicator {
                     off += n;
                 }
             });
-            start = end;
         }
         Ok(())
     }

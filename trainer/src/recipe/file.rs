@@ -28,6 +28,8 @@ pub struct Recipe {
 pub const HARMLESS_KEYS: &[&str] = &[
     "run.log_every",
     "run.threads",
+    // the checkpoint holds the unsharded state whatever the mode (training::sharding)
+    "run.sharding",
     "run.save_every",
     "run.keep_last",
     "run.output_dir",

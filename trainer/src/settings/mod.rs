@@ -12,4 +12,4 @@ pub use generation::GenerationSpec;
 pub use model::{is_default, ModelSpec, UpdatePrecision, WeightUpdate};
 #[cfg(test)]
 pub use model::StateDtype;
-pub use run::{check_run_id, NonFinite, RunSpec};
+pub use run::{check_run_id, NonFinite, RunSpec, Sharding};

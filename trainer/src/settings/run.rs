@@ -12,6 +12,41 @@ pub enum NonFinite {
     Stop,
 }
 
+/// `[run] sharding`: how the training state is spread over the data-parallel ranks (ZeRO, Rajbhandari et al.
+/// 2020, arXiv 1910.02054).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Sharding {
+    /// Every rank holds everything.
+    #[default]
+    None,
+    /// ZeRO-1: AdamW moments and fp32 master weights sharded.
+    Optimizer,
+    /// ZeRO-2: gradients sharded too.
+    Gradients,
+    /// ZeRO-3 / FSDP: parameters sharded too, gathered one decoder layer at a time.
+    Full,
+}
+
+impl Sharding {
+    pub const ALL: [Sharding; 4] = [Sharding::None, Sharding::Optimizer, Sharding::Gradients, Sharding::Full];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Sharding::None => "none",
+            Sharding::Optimizer => "optimizer",
+            Sharding::Gradients => "gradients",
+            Sharding::Full => "full",
+        }
+    }
+}
+
+impl PartialOrd for Sharding {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        (*self as u8).partial_cmp(&(*other as u8))
+    }
+}
+
 /// `[run]`.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -40,6 +75,14 @@ pub struct RunSpec {
     #[serde(default, skip_serializing_if = "super::is_default")]
     #[schemars(extend("default" = "skip"))]
     pub nonfinite: NonFinite,
+    /// How data parallelism spreads the training state over the ranks: "none" (every rank holds all of it),
+    /// "optimizer" (ZeRO-1: each rank keeps AdamW's moments and the fp32 master weights of its 1/N of every
+    /// flat parameter bucket, updates that part and all-gathers the weights), "gradients" (ZeRO-2), "full"
+    /// (ZeRO-3). The final weights equal "none"'s; checkpoints are the same files whatever the mode and world
+    /// size.
+    #[serde(default, skip_serializing_if = "super::is_default")]
+    #[schemars(extend("default" = "none"))]
+    pub sharding: Sharding,
     /// Where metrics go besides `metrics.jsonl` (TRL's `report_to`): "tensorboard", "wandb", "all" or "none",
     /// a string or a list. Default: TensorBoard, plus Weights & Biases when `WANDB_API_KEY` is set.
     #[serde(default, deserialize_with = "string_or_list")]
@@ -85,6 +128,7 @@ impl Default for RunSpec {
             save_every: 0,
             keep_last: 2,
             nonfinite: NonFinite::Skip,
+            sharding: Sharding::None,
             report_to: None,
             wandb_project: None,
             wandb_entity: None,
@@ -118,6 +162,9 @@ fn string_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result
 impl RunSpec {
     /// Problems with the reporting keys.
     pub fn validate(&self, origin: &str, p: &mut Vec<String>) {
+        if matches!(self.sharding, Sharding::Gradients | Sharding::Full) {
+            p.push(format!("{origin}: [run] sharding = \"{}\" is not available yet (\"none\" and \"optimizer\" are; `--dry-run` plans all four)", self.sharding.name()));
+        }
         for r in self.report_to.iter().flatten() {
             if !REPORTERS.contains(&r.as_str()) {
                 p.push(format!("{origin}: [run] report_to: unknown destination \"{r}\" (expected tensorboard, wandb, all or none)"));

@@ -4,38 +4,12 @@
 //! over the ranks (ZeRO, Rajbhandari et al. 2020, arXiv 1910.02054: stage 1 shards the optimizer state, stage 2
 //! the gradients too, stage 3 the parameters too).
 //!
-//! whet implements `none` today; the sharded columns are what issue 20's modes will need (the plan comes first
-//! so that recipes can be sized before the modes land).
+//! The modes are `[run] sharding` (see `training::sharding` for what each one does).
 
 use tch::Kind;
 
+pub use crate::settings::Sharding;
 use crate::settings::UpdatePrecision;
-
-/// How the training state is spread over the ranks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sharding {
-    /// Every rank holds everything (whet's data parallelism today).
-    None,
-    /// ZeRO-1: AdamW moments and fp32 master weights sharded.
-    Optimizer,
-    /// ZeRO-2: gradients sharded too.
-    Gradients,
-    /// ZeRO-3 / FSDP: parameters sharded too, gathered one decoder layer at a time.
-    Full,
-}
-
-impl Sharding {
-    pub const ALL: [Sharding; 4] = [Sharding::None, Sharding::Optimizer, Sharding::Gradients, Sharding::Full];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Sharding::None => "none",
-            Sharding::Optimizer => "optimizer",
-            Sharding::Gradients => "gradients",
-            Sharding::Full => "full",
-        }
-    }
-}
 
 /// What a stage's step holds besides the model (from its keys).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -169,12 +143,6 @@ impl Plan {
         };
         r.step_temporaries = 3.0 * 4.0 * largest;
         r
-    }
-}
-
-impl PartialOrd for Sharding {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        (*self as u8).partial_cmp(&(*other as u8))
     }
 }
 

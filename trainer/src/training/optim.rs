@@ -24,7 +24,12 @@ pub struct AdamWConfig {
 
 pub struct AdamW {
     pub cfg: AdamWConfig,
+    /// The parameters (or, sharded, the pieces of them) this optimizer updates, with their state.
     params: Vec<Param>,
+    /// Every trained parameter, in the model's order (clipping and zeroing see all gradients).
+    all: Vec<(String, Tensor)>,
+    /// Sharded data parallelism: which elements of each parameter this rank updates ([`crate::training::sharding`]).
+    pub layout: Option<super::sharding::Layout>,
     pub step: i64,
     precision: UpdatePrecision,
     /// Of the last step: elements whose update fp32 arithmetic keeps, and of those the ones the weights'
@@ -36,10 +41,15 @@ pub struct AdamW {
     pub skipped: (usize, usize),
 }
 
-/// A parameter with its optimizer state.
+/// A parameter, or the piece of it this rank owns, with its optimizer state.
 struct Param {
     name: String,
+    /// The whole parameter.
     p: Tensor,
+    /// Its place in the model's trained parameters (keys the dither and the stochastic rounding).
+    index: usize,
+    /// Sharded: the elements `start..start + len` of the flattened parameter; `None`: all of it.
+    piece: Option<(i64, i64)>,
     /// Weight decay applies (see [`decays`]).
     decay: bool,
     m: Tensor,
@@ -55,20 +65,39 @@ pub fn decays(name: &str) -> bool {
 
 impl AdamW {
     pub fn new(params: Vec<(String, Tensor)>, cfg: AdamWConfig, precision: UpdatePrecision) -> AdamW {
+        let whole = params.iter().map(|_| None).collect();
+        AdamW::with_pieces(params, cfg, precision, whole, None)
+    }
+
+    /// AdamW over this rank's pieces of the parameters under sharded data parallelism: moments and update
+    /// state exist for the elements `layout` gives this rank only.
+    pub fn sharded(params: Vec<(String, Tensor)>, cfg: AdamWConfig, precision: UpdatePrecision, layout: super::sharding::Layout) -> AdamW {
+        let pieces = layout.owned().into_iter().map(|r| Some((r.start, r.end - r.start))).collect();
+        AdamW::with_pieces(params, cfg, precision, pieces, Some(layout))
+    }
+
+    fn with_pieces(params: Vec<(String, Tensor)>, cfg: AdamWConfig, precision: UpdatePrecision, pieces: Vec<Option<(i64, i64)>>, layout: Option<super::sharding::Layout>) -> AdamW {
         let state = precision.state.kind();
-        let params = params
-            .into_iter()
+        let mine = params
+            .iter()
+            .zip(pieces)
             .enumerate()
-            .map(|(i, (name, p))| Param {
-                decay: decays(&name),
-                m: Tensor::zeros(p.size(), (state, p.device())),
-                v: Tensor::zeros(p.size(), (state, p.device())),
-                slot: Slot::new(&p, precision.update, dither_key(precision.seed, i)),
-                name,
-                p,
+            .filter(|(_, (_, piece))| piece.is_none_or(|(_, len)| len > 0))
+            .map(|(i, ((name, p), piece))| {
+                let view = piece_of(p, piece);
+                Param {
+                    decay: decays(name),
+                    m: Tensor::zeros(view.size(), (state, p.device())),
+                    v: Tensor::zeros(view.size(), (state, p.device())),
+                    slot: Slot::new_at(&view, precision.update, dither_key(precision.seed, i), piece.map_or(0, |(s, _)| s)),
+                    name: name.clone(),
+                    p: p.shallow_clone(),
+                    index: i,
+                    piece,
+                }
             })
             .collect();
-        AdamW { cfg, params, step: 0, precision, lost: (0, 0), warned: false, skipped: (0, 0) }
+        AdamW { cfg, params: mine, all: params, layout, step: 0, precision, lost: (0, 0), warned: false, skipped: (0, 0) }
     }
 
     /// One update at learning rate `lr` from the gradients currently held by the parameters. The moments and
@@ -83,18 +112,19 @@ impl AdamW {
         let (seed, step) = (self.precision.seed, self.step);
         let mut lost = vec![];
         tch::no_grad(|| {
-            for (i, q) in self.params.iter_mut().enumerate() {
+            for q in self.params.iter_mut() {
                 let g = q.p.grad();
                 if !g.defined() {
                     continue;
                 }
-                let g = g.to_kind(Kind::Float);
+                let g = piece_of(&g, q.piece).to_kind(Kind::Float);
                 let m = moment(&mut q.m, |m| m.g_mul_scalar_(b1).g_add_(&(&g * (1.0 - b1))));
                 let v = moment(&mut q.v, |v| v.g_mul_scalar_(b2).g_add_(&(g.square() * (1.0 - b2))));
                 let denom = (v.sqrt() / bc2_sqrt) + self.cfg.eps;
                 let update = (m / denom) * (-lr / bc1);
                 let decay = if q.decay && self.cfg.weight_decay != 0.0 { 1.0 - lr * self.cfg.weight_decay } else { 1.0 };
-                let (lost_n, kept_n) = q.slot.apply(&mut q.p, &update, decay, rounding_key(seed, step, i));
+                let mut p = piece_of(&q.p, q.piece);
+                let (lost_n, kept_n) = q.slot.apply_at(&mut p, &update, decay, rounding_key(seed, step, q.index), q.piece.map_or(0, |(s, _)| s));
                 lost.push(Tensor::stack(&[lost_n, kept_n], 0));
             }
         });
@@ -128,7 +158,7 @@ impl AdamW {
             return None;
         }
         self.warned = true;
-        let kind = self.params.first().map(|q| q.p.kind()).unwrap_or(Kind::Float);
+        let kind = self.all.first().map(|(_, p)| p.kind()).unwrap_or(Kind::Float);
         // only low-precision weights under "direct" or "kahan" can lose updates (see precision::Slot::apply)
         let how = format!(
             "{kind:?} weights, [model] weight_update = \"{}\", lr {lr:.1e}; \"master_fp32\" (the default) or \"stochastic_rounding\" keep them",
@@ -138,16 +168,40 @@ impl AdamW {
     }
 
     pub fn zero_grad(&mut self) {
-        for q in &mut self.params {
-            q.p.zero_grad();
+        for (_, p) in &mut self.all {
+            p.zero_grad();
         }
+    }
+
+    /// Every trained parameter, in the model's order.
+    pub fn parameters(&self) -> &[(String, Tensor)] {
+        &self.all
+    }
+
+    /// The update precision (its rule decides which state a parameter has).
+    pub fn precision(&self) -> &UpdatePrecision {
+        &self.precision
+    }
+
+    /// This rank's state of parameter `index` (by prefix: `m`, `v`, and `master` or `kahan`), flat pieces
+    /// when sharded; empty when it owns none of it.
+    pub fn state_of(&self, index: usize) -> Vec<(&'static str, &Tensor)> {
+        let Some(q) = self.params.iter().find(|q| q.index == index) else { return vec![] };
+        let mut out = vec![("m", &q.m), ("v", &q.v)];
+        out.extend(q.slot.state());
+        out
+    }
+
+    /// The counts behind [`AdamW::lost_fraction`] (summed over the ranks when sharded).
+    pub fn lost_counts_mut(&mut self) -> &mut (i64, i64) {
+        &mut self.lost
     }
 
     /// Global L2 norm of all gradients; when `max_norm > 0` scales them down to at most `max_norm`
     /// (coefficient min(1, max_norm / (norm + 1e-6)), as torch.nn.utils.clip_grad_norm_). Returns the norm
     /// before clipping.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
-        let grads: Vec<Tensor> = self.params.iter().map(|q| q.p.grad()).filter(|g| g.defined()).collect();
+        let grads: Vec<Tensor> = self.all.iter().map(|(_, p)| p.grad()).filter(|g| g.defined()).collect();
         if grads.is_empty() {
             return 0.0;
         }
@@ -167,18 +221,22 @@ impl AdamW {
         total_f
     }
 
-    /// Saves moments, step and the precision state (safetensors; names `m.<param>`, `v.<param>`, `step`, and
-    /// `master.<param>` for fp32 master weights or `kahan.<param>` for Kahan compensation).
-    pub fn save(&self, path: &Path) -> Result<()> {
+    /// The state a checkpoint holds, unsharded: moments, step and the precision state (names `m.<param>`,
+    /// `v.<param>`, `step`, and `master.<param>` for fp32 master weights or `kahan.<param>` for Kahan
+    /// compensation). Sharded optimizers gather theirs into the same tensors ([`crate::training::sharding`]).
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut ts: Vec<(String, Tensor)> = vec![("step".into(), Tensor::from_slice(&[self.step]))];
         for q in &self.params {
-            ts.push((format!("m.{}", q.name), q.m.shallow_clone()));
-            ts.push((format!("v.{}", q.name), q.v.shallow_clone()));
-            if let Some((prefix, t)) = q.slot.state() {
+            for (prefix, t) in self.state_of(q.index) {
                 ts.push((format!("{prefix}.{}", q.name), t.shallow_clone()));
             }
         }
-        model::weights::write_safetensors(path, &ts, None)?;
+        ts
+    }
+
+    /// Writes the state (safetensors) [`AdamW::state_tensors`] or the sharded gather gives.
+    pub fn save(path: &Path, state: &[(String, Tensor)]) -> Result<()> {
+        model::weights::write_safetensors(path, state, None)?;
         Ok(())
     }
 
@@ -192,6 +250,7 @@ impl AdamW {
         let mut rebuilt = 0;
         for q in self.params.iter_mut() {
             let size = q.p.size();
+            let piece = q.piece;
             let mut dsts = vec![(format!("m.{}", q.name), &mut q.m), (format!("v.{}", q.name), &mut q.v)];
             if let Some((k, t)) = q.slot.state_mut().map(|(prefix, t)| (format!("{prefix}.{}", q.name), t)) {
                 if map.contains_key(&k) {
@@ -206,7 +265,7 @@ impl AdamW {
                 if src.size() != size {
                     bail!("{}: `{key}` has shape {:?}, parameter has {:?}", path.display(), src.size(), size);
                 }
-                tch::no_grad(|| dst.copy_(src));
+                tch::no_grad(|| dst.copy_(&piece_of(src, piece)));
             }
         }
         if rebuilt > 0 {
@@ -217,6 +276,14 @@ impl AdamW {
             );
         }
         Ok(())
+    }
+}
+
+/// The elements `piece` names of `t` flattened (a view), or `t` itself.
+fn piece_of(t: &Tensor, piece: Option<(i64, i64)>) -> Tensor {
+    match piece {
+        None => t.shallow_clone(),
+        Some((start, len)) => t.view([-1]).narrow(0, start, len),
     }
 }
 

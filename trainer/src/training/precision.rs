@@ -35,12 +35,19 @@ impl Slot {
     /// The slot for weights `p` under `update` (fp32 weights need none). Master weights start at the weights
     /// plus a dither `key` draws within their rounding interval (see [`dither`]), so the weights themselves are
     /// unchanged.
+    #[cfg(test)]
     pub fn new(p: &Tensor, update: WeightUpdate, key: u64) -> Slot {
+        Slot::new_at(p, update, key, 0)
+    }
+
+    /// [`Slot::new`] for `p`, the flat piece of a parameter starting at element `offset` (a shard of sharded
+    /// data parallelism): its dither is that piece of the whole parameter's.
+    pub fn new_at(p: &Tensor, update: WeightUpdate, key: u64, offset: i64) -> Slot {
         if !low_precision(p.kind()) {
             return Slot::Full;
         }
         tch::no_grad(|| match update {
-            WeightUpdate::MasterFp32 => Slot::Master(p.detach().to_kind(Kind::Float) + dither(p, key)),
+            WeightUpdate::MasterFp32 => Slot::Master(p.detach().to_kind(Kind::Float) + dither_at(p, key, offset)),
             // no dither: a compensation buffer of the weights' dtype holding up to half an ulp would resolve
             // updates 2^8 times more coarsely (measured: 6% of updates lost at lr 5e-7), so Kahan's rounded
             // weights start moving only once the accumulated update passes half an ulp
@@ -84,7 +91,14 @@ impl Slot {
     /// differs from the old), and of those, the ones the weights' storage lost (value and compensation
     /// unchanged). Nothing is lost to fp32 weights or fp32 master weights by construction, nor to stochastic
     /// rounding, which keeps every update in expectation; `direct` and `kahan` can lose updates.
+    #[cfg(test)]
     pub fn apply(&mut self, p: &mut Tensor, update: &Tensor, decay: f64, key: u64) -> (Tensor, Tensor) {
+        self.apply_at(p, update, decay, key, 0)
+    }
+
+    /// [`Slot::apply`] to the flat piece of a parameter starting at element `offset`: stochastic rounding
+    /// draws that piece of the whole parameter's bits.
+    pub fn apply_at(&mut self, p: &mut Tensor, update: &Tensor, decay: f64, key: u64, offset: i64) -> (Tensor, Tensor) {
         let scaled = |w: &Tensor| if decay != 1.0 { w * decay } else { w.copy() };
         let device = p.device();
         let none = || Tensor::zeros([], (Kind::Int64, device));
@@ -125,7 +139,7 @@ impl Slot {
                 let mut new = scaled(&w);
                 let _ = new.g_add_(update);
                 let kept = count(&new.ne_tensor(&w));
-                p.copy_(&stochastic_round_bf16(&new, key));
+                p.copy_(&stochastic_round_bf16_at(&new, key, offset));
                 (none(), kept)
             }
             Slot::Direct => {
@@ -149,9 +163,15 @@ impl Slot {
 /// master at a uniformly dithered point of the interval (subtractive dither: E[round(w + U + δ)] = w + δ for U
 /// uniform over one interval; Schuchman 1964) makes the rounded copy follow the accumulated update from the
 /// first step, on average, while it starts equal to the loaded weights. Deterministic in `key`.
+#[cfg(test)]
 pub fn dither(p: &Tensor, key: u64) -> Tensor {
+    dither_at(p, key, 0)
+}
+
+/// [`dither`] of the elements `offset…` of a parameter, `p` being those elements.
+pub fn dither_at(p: &Tensor, key: u64, offset: i64) -> Tensor {
     let kind = p.kind();
-    by_chunks(p, Kind::Float, |w, start, len| {
+    by_chunks(p, offset, Kind::Float, |w, start, len| {
         let mag = w.abs();
         let bits = mag.view_dtype(Kind::Int16).to_kind(Kind::Int64);
         let at = |b: Tensor| b.to_kind(Kind::Int16).view_dtype(kind).to_kind(Kind::Float);
@@ -164,17 +184,18 @@ pub fn dither(p: &Tensor, key: u64) -> Tensor {
     })
 }
 
-/// `f` over the flattened `x` in chunks of [`ROUND_CHUNK`] elements (`f` gets the chunk, its start and its
-/// length), the results gathered into a tensor of `x`'s shape and dtype `kind`: bounds the int64
-/// temporaries of the random bits for an embedding of half a billion weights.
-fn by_chunks(x: &Tensor, kind: Kind, f: impl Fn(&Tensor, i64, i64) -> Tensor) -> Tensor {
+/// `f` over the flattened `x` in chunks of [`ROUND_CHUNK`] elements (`f` gets the chunk, its start — counted
+/// from `offset`, where `x` starts in its whole parameter — and its length), the results gathered into a
+/// tensor of `x`'s shape and dtype `kind`: bounds the int64 temporaries of the random bits for an embedding
+/// of half a billion weights.
+fn by_chunks(x: &Tensor, offset: i64, kind: Kind, f: impl Fn(&Tensor, i64, i64) -> Tensor) -> Tensor {
     let flat = x.contiguous().view([-1]);
     let n = flat.size()[0];
     let out = Tensor::empty([n], (kind, x.device()));
     let mut start = 0;
     while start < n {
         let len = ROUND_CHUNK.min(n - start);
-        out.narrow(0, start, len).copy_(&f(&flat.narrow(0, start, len), start, len));
+        out.narrow(0, start, len).copy_(&f(&flat.narrow(0, start, len), offset + start, len));
         start += len;
     }
     out.view(x.size().as_slice())
@@ -214,8 +235,14 @@ fn random_bits16(start: i64, len: i64, key: u64, device: tch::Device) -> Tensor 
 /// Rounds fp32 `x` to bfloat16 stochastically: adds 16 random bits below bf16's last place to the fp32 bit
 /// pattern and truncates, so x rounds up with probability (x − down) / (up − down) and the result is unbiased.
 /// Deterministic for a given `key`.
+#[cfg(test)]
 pub fn stochastic_round_bf16(x: &Tensor, key: u64) -> Tensor {
-    by_chunks(&x.to_kind(Kind::Float), Kind::BFloat16, |chunk, start, len| {
+    stochastic_round_bf16_at(x, key, 0)
+}
+
+/// [`stochastic_round_bf16`] of the elements `offset…` of a parameter, `x` being those elements.
+pub fn stochastic_round_bf16_at(x: &Tensor, key: u64, offset: i64) -> Tensor {
+    by_chunks(&x.to_kind(Kind::Float), offset, Kind::BFloat16, |chunk, start, len| {
         let bits = chunk.view_dtype(Kind::Int);
         let noise = random_bits16(start, len, key, x.device()).to_kind(Kind::Int);
         // the sign is the top bit: adding to the pattern rounds the magnitude, so negatives round alike

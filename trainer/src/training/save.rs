@@ -75,14 +75,16 @@ fn check_finite(model: &Model, name: &str, step: usize) -> Result<()> {
 /// fault-injection points the resume tests use.
 /// Data parallel: rank 0 writes (the replicas are identical) and every rank waits at a barrier after.
 fn save_checkpoint(ctx: &Ctx, state: &TrainState, model: &Model, opt: Option<&AdamW>) -> Result<()> {
+    // a sharded optimizer's state is gathered by every rank (collectives), written by rank 0
+    let opt = opt.filter(|_| !state.stage_complete).map(|o| super::sharding::full_state(ctx, o)).transpose()?;
     if ctx.comm.is_main() {
-        write_checkpoint(ctx, state, model, opt)?;
+        write_checkpoint(ctx, state, model, opt.as_deref())?;
     }
     ctx.comm.barrier()?;
     Ok(())
 }
 
-fn write_checkpoint(ctx: &Ctx, state: &TrainState, model: &Model, opt: Option<&AdamW>) -> Result<PathBuf> {
+fn write_checkpoint(ctx: &Ctx, state: &TrainState, model: &Model, opt: Option<&[(String, tch::Tensor)]>) -> Result<PathBuf> {
     let (index, done) = (state.stage, state.step);
     check_finite(model, &state.stage_name, done)?;
     let dir = checkpoint::write(&ctx.output, state, |d| {
@@ -99,7 +101,7 @@ fn write_checkpoint(ctx: &Ctx, state: &TrainState, model: &Model, opt: Option<&A
         }
         if let Some(opt) = opt.filter(|_| !state.stage_complete) {
             faults::point(&format!("ckpt-write:{index}:{done}"));
-            opt.save(&d.join("optimizer.safetensors"))?;
+            AdamW::save(&d.join("optimizer.safetensors"), opt)?;
         }
         Ok(())
     })?;

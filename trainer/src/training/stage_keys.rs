@@ -7,7 +7,6 @@ use tch::Tensor;
 
 use super::optim::{AdamW, AdamWConfig, Schedule};
 use super::Ctx;
-use crate::settings::UpdatePrecision;
 
 /// Declares a stage's recipe table: the given fields plus the keys every trained stage has (name, steps,
 /// optimizer, schedule, clipping, loss chunking, held-out evaluation), with TRL's names as aliases.
@@ -160,18 +159,24 @@ impl OptimArgs {
     }
 
     /// AdamW over the model's trainable parameters (all of them, or its adapter's; gradients switched on),
-    /// with the run's update precision.
+    /// with the run's update precision, sharded over the ranks as `[run] sharding` says.
     pub fn optimizer(&self, ctx: &Ctx, model: &Model) -> AdamW {
-        self.optimizer_with(model, ctx.model_spec.update_precision(ctx.run.seed))
+        super::sharding::optimizer(ctx, trained(model), self.adam, ctx.model_spec.update_precision(ctx.run.seed))
     }
 
-    pub fn optimizer_with(&self, model: &Model, precision: UpdatePrecision) -> AdamW {
-        let params: Vec<(String, Tensor)> = model.net.trainable().iter().map(|(n, t)| (n.to_string(), t.shallow_clone())).collect();
-        for (_, p) in &params {
-            let _ = p.shallow_clone().requires_grad_(true);
-        }
-        AdamW::new(params, self.adam, precision)
+    #[cfg(test)]
+    pub fn optimizer_with(&self, model: &Model, precision: crate::settings::UpdatePrecision) -> AdamW {
+        AdamW::new(trained(model), self.adam, precision)
     }
+}
+
+/// The model's trainable parameters, gradients switched on.
+fn trained(model: &Model) -> Vec<(String, Tensor)> {
+    let params: Vec<(String, Tensor)> = model.net.trainable().iter().map(|(n, t)| (n.to_string(), t.shallow_clone())).collect();
+    for (_, p) in &params {
+        let _ = p.shallow_clone().requires_grad_(true);
+    }
+    params
 }
 
 /// Refuses rows longer than the model's positions (rotary positions past `max_position_embeddings` are

@@ -28,6 +28,7 @@ pub fn optimizer_step(ctx: &Ctx, name: &str, opt: &mut AdamW, optim: &OptimArgs,
     let norm = opt.clip_grad_norm(optim.max_grad_norm);
     if norm.is_finite() {
         opt.step(lr);
+        super::sharding::after_step(ctx, opt)?;
         opt.zero_grad();
         guard_updates(ctx, name, opt, lr, bar);
         return Ok((norm, true));
