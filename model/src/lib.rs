@@ -27,6 +27,16 @@ pub use transformer::{AttnMask, Batch, Checkpoints, DecodeWeights, Transformer};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
 
+/// Drops `t`'s gradient, freeing its memory (Python's `t.grad = None`); the next backward allocates a new one.
+pub fn release_grad(t: &tch::Tensor) {
+    extern "C" {
+        fn whet_release_grad(t: *mut std::ffi::c_void) -> std::ffi::c_int;
+    }
+    // SAFETY: `t` is a live at::Tensor for the call; resetting its grad slot cannot fail in practice
+    let rc = unsafe { whet_release_grad(t.as_ptr() as *mut std::ffi::c_void) };
+    debug_assert_eq!(rc, 0);
+}
+
 /// A 64-bit mix for keys from counters: SplitMix64's step and finaliser (Steele, Lea & Flood 2014). Seeds adapter
 /// dropout here and the trainer's rounding and dither keys.
 pub fn mix64(mut z: u64) -> u64 {

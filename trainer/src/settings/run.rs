@@ -162,8 +162,8 @@ fn string_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result
 impl RunSpec {
     /// Problems with the reporting keys.
     pub fn validate(&self, origin: &str, p: &mut Vec<String>) {
-        if matches!(self.sharding, Sharding::Gradients | Sharding::Full) {
-            p.push(format!("{origin}: [run] sharding = \"{}\" is not available yet (\"none\" and \"optimizer\" are; `--dry-run` plans all four)", self.sharding.name()));
+        if self.sharding == Sharding::Full {
+            p.push(format!("{origin}: [run] sharding = \"full\" is not available yet (\"none\", \"optimizer\" and \"gradients\" are; `--dry-run` plans all four)"));
         }
         for r in self.report_to.iter().flatten() {
             if !REPORTERS.contains(&r.as_str()) {

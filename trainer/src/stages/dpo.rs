@@ -507,7 +507,7 @@ pub(super) fn train(ctx: &Ctx, index: usize, name: &str, records: &[Record], tab
         let t0 = Instant::now();
         step::key_dropout(ctx, model, step);
         let micro: Vec<Vec<usize>> = (0..world_micro).map(|_| sampler.next_batch(a.batch_size)).collect();
-        let st = forward_backward(ctx, model, &pairs, &reference, &a, data_parallel::shard(ctx, micro))?;
+        let st = forward_backward(ctx, model, &opt, &pairs, &reference, &a, data_parallel::shard(ctx, micro))?;
         tokens += st.tokens as u64;
         let lr = optim.lr_at(step, total);
         let (grad_norm, stepped) = step::optimizer_step(ctx, name, &mut opt, &optim, lr, step + 1, &bar)?;
@@ -560,19 +560,18 @@ fn with_ref_key(mut extra: serde_json::Value, key: &str) -> serde_json::Value {
 /// Forward and backward of this rank's micro-batches of pair indices (gradients summed over them and over the
 /// ranks, ready for the optimizer step); returns the step's sums over the ranks. The loss is a mean over the
 /// whole step's pairs (RPO's NLL a mean over its chosen tokens).
-fn forward_backward(ctx: &Ctx, model: &Model, pairs: &[Pair], reference: &RefTargets, a: &DpoArgs, micro: Vec<Vec<usize>>) -> Result<StepStats> {
+fn forward_backward(ctx: &Ctx, model: &Model, opt: &crate::training::optim::AdamW, pairs: &[Pair], reference: &RefTargets, a: &DpoArgs, micro: Vec<Vec<usize>>) -> Result<StepStats> {
     // the global denominators: this rank's counts summed over the ranks
     let mut counts = [micro.iter().map(|m| m.len()).sum::<usize>() as f64, micro.iter().flatten().map(|&i| pairs[i].c.n).sum::<i64>() as f64];
     data_parallel::sum(ctx, &mut counts)?;
     let denoms = ((counts[0] as usize).max(1), (counts[1] as i64).max(1));
     let mut st = StepStats::default();
-    let mut acc = data_parallel::Accum::new(model);
+    let mut acc = data_parallel::Accum::new(ctx, opt, micro.iter().filter(|m| !m.is_empty()).count())?;
     for m in micro.iter().filter(|m| !m.is_empty()) {
-        acc.next();
+        acc.next()?;
         micro_step(model, pairs, m, reference, a, denoms, ctx.tok.pad_id as i64, &mut st);
     }
-    acc.finish();
-    data_parallel::sync_grads(ctx, model)?;
+    acc.finish()?;
     let mut sums = [st.loss, st.nll, st.chosen, st.rejected, st.acc, st.pairs as f64, st.tokens as f64];
     data_parallel::sum(ctx, &mut sums)?;
     let [loss, nll, chosen, rejected, acc, n, tokens] = sums;

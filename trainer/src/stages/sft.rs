@@ -275,7 +275,7 @@ fn run(ctx: &Ctx, index: usize, name: &str, s: &SftStage, model: &Model, resume:
         let t0 = Instant::now();
         step::key_dropout(ctx, model, step);
         let micro: Vec<Vec<&Row>> = (0..world_micro).map(|_| sampler.next_batch(s.batch_size).into_iter().map(|i| &rows[i]).collect()).collect();
-        let pass = forward_backward(ctx, model, data_parallel::shard(ctx, micro), chunk)?;
+        let pass = forward_backward(ctx, model, &opt, data_parallel::shard(ctx, micro), chunk)?;
         tokens += pass.row_tokens as u64;
         let lr = optim.lr_at(step, total);
         let (grad_norm, stepped) = step::optimizer_step(ctx, name, &mut opt, &optim, lr, step + 1, &bar)?;
@@ -319,16 +319,16 @@ struct Pass {
 
 /// Forward and backward of this rank's micro-batches of a step (gradients summed over them and over the
 /// ranks, ready for the optimizer step); the loss is a token mean over the whole step's labelled tokens.
-fn forward_backward(ctx: &Ctx, model: &Model, micro: Vec<Vec<&Row>>, chunk: i64) -> Result<Pass> {
+fn forward_backward(ctx: &Ctx, model: &Model, opt: &crate::training::optim::AdamW, micro: Vec<Vec<&Row>>, chunk: i64) -> Result<Pass> {
     // the global token count: this rank's, summed over the ranks
     let mut counts = [micro.iter().map(|m| loss_tokens(m)).sum::<i64>() as f64, micro.iter().flatten().map(|r| r.ids.len()).sum::<usize>() as f64];
     data_parallel::sum(ctx, &mut counts)?;
     let (n_tok, row_tokens) = ((counts[0] as i64).max(1), counts[1]);
     let (dev, pad) = (model.net.device(), ctx.tok.pad_id as i64);
     let mut loss_sum = 0.0;
-    let mut acc = data_parallel::Accum::new(model);
+    let mut acc = data_parallel::Accum::new(ctx, opt, micro.iter().filter(|m| !m.is_empty()).count())?;
     for m in micro.iter().filter(|m| !m.is_empty()) {
-        acc.next();
+        acc.next()?;
         let (ids, labels, pos, aux, packed) = collate(m, pad, dev);
         let full = !packed && m.iter().all(|r| r.ids.len() == m[0].ids.len());
         let batch = if packed {
@@ -342,8 +342,7 @@ fn forward_backward(ctx: &Ctx, model: &Model, micro: Vec<Vec<&Row>>, chunk: i64)
         let (l, _) = logprobs::causal_lm_backward(&model.net, &batch, &labels, 1.0 / n_tok as f64, chunk);
         loss_sum += l;
     }
-    acc.finish();
-    data_parallel::sync_grads(ctx, model)?;
+    acc.finish()?;
     let mut loss_sum = [loss_sum];
     data_parallel::sum(ctx, &mut loss_sum)?;
     Ok(Pass { loss_sum: loss_sum[0], loss_tokens: n_tok, row_tokens })

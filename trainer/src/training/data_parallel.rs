@@ -20,6 +20,7 @@ use model::Model;
 use sha2::{Digest, Sha256};
 
 use super::checkpoint::Checkpoint;
+use super::optim::AdamW;
 use super::Ctx;
 
 /// This rank's contiguous share of `items` (whose length is a multiple of the world size).
@@ -29,63 +30,99 @@ pub fn shard<T>(ctx: &Ctx, items: Vec<T>) -> Vec<T> {
     items.into_iter().skip(r * per).take(per).collect()
 }
 
-/// Sums the gradients of the model's trainable parameters over the ranks (no-op on one process); an
-/// adapter's are all there is to send.
-pub fn sync_grads(ctx: &Ctx, model: &Model) -> Result<()> {
-    Ok(ctx.comm.all_reduce_grads(model.net.trainable().tensors())?)
-}
-
-/// Gradient accumulation as a sum of whole micro-batch gradients: A_k = A_(k−1) + G_k, where G_k is the
-/// gradient micro-batch k's backward leaves in gradients set to zero. (Letting the backward passes of
-/// several micro-batches accumulate into one buffer adds each pass's pieces — loss chunks, trunk — one by
-/// one, and float addition is not associative.) Two ranks with one micro-batch each then sum exactly what
-/// one process with two accumulated micro-batches sums: G_1 + G_2.
-pub struct Accum {
+/// Gradient accumulation over a step's micro-batches and their sum over the ranks, ready for the optimizer.
+///
+/// Unsharded gradients (`[run] sharding` "none" or "optimizer"): a sum of whole micro-batch gradients,
+/// A_k = A_(k−1) + G_k, where G_k is the gradient micro-batch k's backward leaves in gradients set to zero
+/// (letting several backward passes accumulate into one buffer adds each pass's pieces — loss chunks, trunk —
+/// one by one, and float addition is not associative), then summed over the ranks in flat buckets. Two ranks
+/// with one micro-batch each then sum exactly what one process with two accumulated micro-batches sums:
+/// G_1 + G_2.
+///
+/// Sharded gradients ("gradients"): after each micro-batch's backward its gradients are reduce-scattered
+/// into this rank's gradient shards and released, so no rank holds more than one micro-batch's full gradient
+/// and its 1/N of the sum. Every rank takes part in as many reduce-scatters as the rank with the most
+/// micro-batches (contributing zeros when it has run out). The sum is Σ_k (Σ_ranks G_k): the unsharded
+/// order for one micro-batch per rank, otherwise equal up to rounding.
+pub struct Accum<'a> {
+    ctx: &'a Ctx,
+    opt: &'a AdamW,
     params: Vec<tch::Tensor>,
     saved: Vec<tch::Tensor>,
     started: usize,
+    /// Sharded gradients: the most micro-batches any rank runs this step.
+    rounds: Option<usize>,
 }
 
-impl Accum {
-    /// Starts a step: every gradient is defined and zero (call after `zero_grad`).
-    pub fn new(model: &Model) -> Accum {
-        let params: Vec<tch::Tensor> = model.net.trainable().tensors().iter().map(|p| p.shallow_clone()).collect();
-        for p in &params {
-            if p.requires_grad() && !p.grad().defined() {
-                (p * 0.0).sum(p.kind()).backward();
+impl<'a> Accum<'a> {
+    /// Starts a step of `micro` micro-batches on this rank (after `zero_grad`).
+    pub fn new(ctx: &'a Ctx, opt: &'a AdamW, micro: usize) -> Result<Accum<'a>> {
+        let params: Vec<tch::Tensor> = opt.parameters().iter().map(|(_, p)| p.shallow_clone()).collect();
+        let rounds = match opt.grad_shards() {
+            Some(_) => Some(gather_f64(ctx, &[micro as f64])?.0.into_iter().fold(0.0, f64::max) as usize),
+            None => {
+                // every gradient defined and zero
+                for p in &params {
+                    if p.requires_grad() && !p.grad().defined() {
+                        (p * 0.0).sum(p.kind()).backward();
+                    }
+                }
+                None
+            }
+        };
+        Ok(Accum { ctx, opt, params, saved: vec![], started: 0, rounds })
+    }
+
+    /// Before each micro-batch's backward: sets the previous micro-batches' sum aside (or reduces it into the
+    /// gradient shards).
+    pub fn next(&mut self) -> Result<()> {
+        if self.started > 0 {
+            if self.rounds.is_some() {
+                super::sharding::reduce_into_shards(self.ctx, self.opt, false)?;
+            } else {
+                self.set_aside();
             }
         }
-        Accum { params, saved: vec![], started: 0 }
-    }
-
-    /// Before each micro-batch's backward: sets the previous micro-batches' sum aside.
-    pub fn next(&mut self) {
-        if self.started > 0 {
-            tch::no_grad(|| {
-                for (i, p) in self.params.iter().enumerate() {
-                    let mut g = p.grad();
-                    if !g.defined() {
-                        continue;
-                    }
-                    if self.started == 1 {
-                        self.saved.push(g.copy());
-                    } else {
-                        let _ = self.saved[i].g_add_(&g);
-                    }
-                    let _ = g.zero_();
-                }
-            });
-        }
         self.started += 1;
+        Ok(())
     }
 
-    /// After the last micro-batch: the gradients hold the sum of all of them.
-    pub fn finish(self) {
+    fn set_aside(&mut self) {
+        tch::no_grad(|| {
+            for (i, p) in self.params.iter().enumerate() {
+                let mut g = p.grad();
+                if !g.defined() {
+                    continue;
+                }
+                if self.started == 1 {
+                    self.saved.push(g.copy());
+                } else {
+                    let _ = self.saved[i].g_add_(&g);
+                }
+                let _ = g.zero_();
+            }
+        });
+    }
+
+    /// After the last micro-batch: the gradients (or the shards) hold the sum over the micro-batches and the
+    /// ranks.
+    pub fn finish(self) -> Result<()> {
+        if let Some(rounds) = self.rounds {
+            if self.started > 0 {
+                super::sharding::reduce_into_shards(self.ctx, self.opt, false)?;
+            }
+            for _ in self.started..rounds {
+                super::sharding::reduce_into_shards(self.ctx, self.opt, true)?;
+            }
+            return Ok(());
+        }
         tch::no_grad(|| {
             for (p, s) in self.params.iter().zip(&self.saved) {
                 let _ = p.grad().g_add_(s);
             }
         });
+        // summed over the ranks (no-op on one process)
+        Ok(self.ctx.comm.all_reduce_grads(&self.params)?)
     }
 }
 

@@ -30,6 +30,8 @@ pub struct AdamW {
     all: Vec<(String, Tensor)>,
     /// Sharded data parallelism: which elements of each parameter this rank updates ([`crate::training::sharding`]).
     pub layout: Option<super::sharding::Layout>,
+    /// Sharded gradients (ZeRO-2): this rank's block of each bucket's summed gradient.
+    grad_shards: Option<Vec<Tensor>>,
     pub step: i64,
     precision: UpdatePrecision,
     /// Of the last step: elements whose update fp32 arithmetic keeps, and of those the ones the weights'
@@ -50,6 +52,8 @@ struct Param {
     index: usize,
     /// Sharded: the elements `start..start + len` of the flattened parameter; `None`: all of it.
     piece: Option<(i64, i64)>,
+    /// Sharded gradients: the piece's gradient, a view of its bucket's gradient shard.
+    grad: Option<Tensor>,
     /// Weight decay applies (see [`decays`]).
     decay: bool,
     m: Tensor,
@@ -66,18 +70,22 @@ pub fn decays(name: &str) -> bool {
 impl AdamW {
     pub fn new(params: Vec<(String, Tensor)>, cfg: AdamWConfig, precision: UpdatePrecision) -> AdamW {
         let whole = params.iter().map(|_| None).collect();
-        AdamW::with_pieces(params, cfg, precision, whole, None)
+        AdamW::with_pieces(params, cfg, precision, whole, None, false)
     }
 
     /// AdamW over this rank's pieces of the parameters under sharded data parallelism: moments and update
     /// state exist for the elements `layout` gives this rank only.
-    pub fn sharded(params: Vec<(String, Tensor)>, cfg: AdamWConfig, precision: UpdatePrecision, layout: super::sharding::Layout) -> AdamW {
+    /// With `shard_grads` the gradients are sharded too: the step reads each piece's gradient from this
+    /// rank's gradient shards ([`crate::training::sharding::reduce_into_shards`]).
+    pub fn sharded(params: Vec<(String, Tensor)>, cfg: AdamWConfig, precision: UpdatePrecision, layout: super::sharding::Layout, shard_grads: bool) -> AdamW {
         let pieces = layout.owned().into_iter().map(|r| Some((r.start, r.end - r.start))).collect();
-        AdamW::with_pieces(params, cfg, precision, pieces, Some(layout))
+        AdamW::with_pieces(params, cfg, precision, pieces, Some(layout), shard_grads)
     }
 
-    fn with_pieces(params: Vec<(String, Tensor)>, cfg: AdamWConfig, precision: UpdatePrecision, pieces: Vec<Option<(i64, i64)>>, layout: Option<super::sharding::Layout>) -> AdamW {
+    fn with_pieces(params: Vec<(String, Tensor)>, cfg: AdamWConfig, precision: UpdatePrecision, pieces: Vec<Option<(i64, i64)>>, layout: Option<super::sharding::Layout>, shard_grads: bool) -> AdamW {
         let state = precision.state.kind();
+        let grad_shards = layout.as_ref().filter(|_| shard_grads).map(|l| l.zero_blocks());
+        let places = layout.as_ref().map(|l| l.block_places()).unwrap_or_default();
         let mine = params
             .iter()
             .zip(pieces)
@@ -94,10 +102,11 @@ impl AdamW {
                     p: p.shallow_clone(),
                     index: i,
                     piece,
+                    grad: grad_shards.as_ref().zip(places.get(i).copied().flatten()).map(|(shards, (b, at))| shards[b].narrow(0, at, piece.map_or(0, |(_, len)| len))),
                 }
             })
             .collect();
-        AdamW { cfg, params: mine, all: params, layout, step: 0, precision, lost: (0, 0), warned: false, skipped: (0, 0) }
+        AdamW { cfg, params: mine, all: params, layout, grad_shards, step: 0, precision, lost: (0, 0), warned: false, skipped: (0, 0) }
     }
 
     /// One update at learning rate `lr` from the gradients currently held by the parameters. The moments and
@@ -113,11 +122,14 @@ impl AdamW {
         let mut lost = vec![];
         tch::no_grad(|| {
             for q in self.params.iter_mut() {
-                let g = q.p.grad();
+                let g = match &q.grad {
+                    Some(shard) => shard.shallow_clone(),
+                    None => q.p.grad(),
+                };
                 if !g.defined() {
                     continue;
                 }
-                let g = piece_of(&g, q.piece).to_kind(Kind::Float);
+                let g = if q.grad.is_some() { g } else { piece_of(&g, q.piece) }.to_kind(Kind::Float);
                 let m = moment(&mut q.m, |m| m.g_mul_scalar_(b1).g_add_(&(&g * (1.0 - b1))));
                 let v = moment(&mut q.v, |v| v.g_mul_scalar_(b2).g_add_(&(g.square() * (1.0 - b2))));
                 let denom = (v.sqrt() / bc2_sqrt) + self.cfg.eps;
@@ -171,6 +183,14 @@ impl AdamW {
         for (_, p) in &mut self.all {
             p.zero_grad();
         }
+        for s in self.grad_shards.iter_mut().flatten() {
+            let _ = s.zero_();
+        }
+    }
+
+    /// This rank's gradient shards (one block per bucket) when the gradients are sharded.
+    pub fn grad_shards(&self) -> Option<&[Tensor]> {
+        self.grad_shards.as_deref()
     }
 
     /// Every trained parameter, in the model's order.

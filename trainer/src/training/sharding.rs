@@ -80,6 +80,26 @@ impl Layout {
         out
     }
 
+    /// Where this rank's piece of each parameter sits in its bucket's block: (bucket, first element in the
+    /// block); `None` where it owns none of the parameter.
+    pub fn block_places(&self) -> Vec<Option<(usize, i64)>> {
+        let owned = self.owned();
+        let mut out = vec![None; self.numels.len()];
+        for (bi, b) in self.buckets.iter().enumerate() {
+            for &(i, start, _) in &b.members {
+                if !owned[i].is_empty() {
+                    out[i] = Some((bi, start + owned[i].start - b.block * self.rank as i64));
+                }
+            }
+        }
+        out
+    }
+
+    /// A zero tensor per bucket of one block's elements in the bucket's dtype (this rank's gradient shards).
+    pub fn zero_blocks(&self) -> Vec<Tensor> {
+        self.buckets.iter().map(|b| Tensor::zeros([b.block], (b.kind, b.device))).collect()
+    }
+
     /// The largest number of elements any rank owns (the plan's per-rank share, padding included).
     pub fn elements_per_rank(&self) -> i64 {
         self.buckets.iter().map(|b| b.block).sum()
@@ -87,7 +107,7 @@ impl Layout {
 }
 
 /// The optimizer a stage trains with: over every trained parameter, or over this rank's pieces of them when
-/// `[run] sharding` shards the optimizer state.
+/// `[run] sharding` shards the optimizer state (and with gradient shards when it shards the gradients).
 pub fn optimizer(ctx: &Ctx, params: Vec<(String, Tensor)>, cfg: super::optim::AdamWConfig, precision: crate::settings::UpdatePrecision) -> AdamW {
     match ctx.run.sharding {
         Sharding::None => AdamW::new(params, cfg, precision),
@@ -104,9 +124,55 @@ pub fn optimizer(ctx: &Ctx, params: Vec<(String, Tensor)>, cfg: super::optim::Ad
                     layout.buckets.len()
                 );
             }
-            AdamW::sharded(params, cfg, precision, layout)
+            AdamW::sharded(params, cfg, precision, layout, ctx.run.sharding >= Sharding::Gradients)
         }
     }
+}
+
+/// Sums this micro-batch's gradients over the ranks into each rank's gradient shards (ZeRO-2: one
+/// reduce-scatter per bucket) and releases the full gradients; `zeros` contributes nothing (a rank that ran out
+/// of micro-batches still takes part in the collective).
+pub fn reduce_into_shards(ctx: &Ctx, opt: &AdamW, zeros: bool) -> Result<()> {
+    let (Some(layout), Some(shards)) = (&opt.layout, opt.grad_shards()) else { return Ok(()) };
+    let params = opt.parameters();
+    for (b, shard) in layout.buckets.iter().zip(shards) {
+        let flat = Tensor::zeros([b.block * layout.world as i64], (b.kind, b.device));
+        let block = Tensor::zeros([b.block], (b.kind, b.device));
+        tch::no_grad(|| {
+            for &(i, start, n) in &b.members {
+                let g = params[i].1.grad();
+                if !zeros && g.defined() {
+                    flat.narrow(0, start, n).copy_(&g.reshape([-1]));
+                }
+            }
+        });
+        ctx.comm.reduce_scatter_flat_sum(&block, &flat)?;
+        let _ = tch::no_grad(|| shard.shallow_clone().g_add_(&block));
+    }
+    for (_, p) in params {
+        model::release_grad(p);
+    }
+    Ok(())
+}
+
+/// The gradients' global L2 norm, clipping them to `max_norm` as [`AdamW::clip_grad_norm`] does; with
+/// gradient shards, from the shards' sums of squares summed over the ranks (the same norm up to rounding).
+pub fn clip_grad_norm(ctx: &Ctx, opt: &mut AdamW, max_norm: f64) -> Result<f64> {
+    let Some(shards) = opt.grad_shards() else { return Ok(opt.clip_grad_norm(max_norm)) };
+    let mut sq = [shards.iter().map(|s| s.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[])).sum::<f64>()];
+    ctx.comm.all_reduce_f64(&mut sq)?;
+    let total = sq[0].sqrt();
+    if max_norm > 0.0 && total.is_finite() {
+        let coef = (max_norm / (total + 1e-6)).min(1.0);
+        if coef < 1.0 {
+            tch::no_grad(|| {
+                for s in shards {
+                    let _ = s.shallow_clone().g_mul_scalar_(coef);
+                }
+            });
+        }
+    }
+    Ok(total)
 }
 
 /// After a sharded optimizer step: every rank gets the weights the others updated (one all-gather per

@@ -25,7 +25,7 @@ pub fn key_dropout(ctx: &Ctx, model: &model::Model, step: usize) {
 /// warning, or the run stops, as `[run] nonfinite` says (the decision is the same on every rank: the norm is
 /// of the summed gradients). Returns the norm before clipping and whether the step was taken.
 pub fn optimizer_step(ctx: &Ctx, name: &str, opt: &mut AdamW, optim: &OptimArgs, lr: f64, step: usize, bar: &Bar) -> Result<(f64, bool)> {
-    let norm = opt.clip_grad_norm(optim.max_grad_norm);
+    let norm = super::sharding::clip_grad_norm(ctx, opt, optim.max_grad_norm)?;
     if norm.is_finite() {
         opt.step(lr);
         super::sharding::after_step(ctx, opt)?;

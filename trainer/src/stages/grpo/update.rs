@@ -136,9 +136,9 @@ pub fn update(ctx: &Ctx, s: &GrpoStage, model: &Model, sc: &Scored, groups: usiz
     };
     if !u.empty {
         for it in 0..s.num_iterations {
-            let mut acc = data_parallel::Accum::new(model);
+            let mut acc = data_parallel::Accum::new(ctx, o.opt, sc.micro.len())?;
             for ((mi, mr), a) in sc.micro.iter().enumerate().zip(sc.advs.chunks(s.micro_batch_size)) {
-                acc.next();
+                acc.next()?;
                 let old = sc.old_lp.as_ref().map(|o| &o[mi]);
                 let rf = sc.ref_lp.as_ref().map(|r| &r[mi]);
                 let st = micro_step(&model.net, mr, a, LogProbs { old, reference: rf, sampler: &sc.sampler_lp[mi] }, &lcfg);
@@ -155,8 +155,7 @@ pub fn update(ctx: &Ctx, s: &GrpoStage, model: &Model, sc: &Scored, groups: usiz
                     u.off_policy_masked += st.off_policy_masked;
                 }
             }
-            acc.finish();
-            data_parallel::sync_grads(ctx, model)?;
+            acc.finish()?;
             let (norm, took) = step::optimizer_step(ctx, o.name, o.opt, o.optim, lr, step + 1, o.bar)?;
             u.grad_norm = norm;
             u.stepped &= took;
