@@ -196,12 +196,17 @@ fn dry_run_plans_memory_per_rank_for_the_phi4_recipe_on_8_ranks() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("# memory per rank\n8 rank(s), GB per rank"), "{text}");
-    let rows = |mode: &str| -> Vec<String> { text.lines().filter(|l| l.starts_with(&format!("| {mode} |"))).map(str::to_string).collect() };
+    let rows = |mode: &str| -> Vec<String> { text.lines().filter(|l| l.starts_with(&format!("| {mode} "))).map(str::to_string).collect() };
     assert_eq!(rows("full").len(), 4, "{text}");
     for mode in ["optimizer", "gradients", "full"] {
         assert!(rows(mode).iter().all(|l| l.contains("| yes (")), "{mode}: {text}");
     }
-    // unsharded, 16 B a parameter: 7.7 GB bf16 weights, 15.3 GB fp32 masters, 30.7 GB moments
-    assert!(rows("none")[0].starts_with("| none | 7.7 | 15.3 | 7.7 | 30.7 |"), "{text}");
+    // the recipe's mode is ZeRO-2, marked, and fits every stage
+    assert!(rows("gradients").iter().all(|l| l.starts_with("| gradients ← |")), "{text}");
+    // unsharded, 16 B a parameter: 7.7 GB bf16 weights, 15.3 GB fp32 masters, 30.7 GB moments, and 128
+    // accumulated micro-batches keep two bf16 gradients (the sum and the running one)
+    assert!(rows("none")[0].starts_with("| none | 7.7 | 15.3 | 15.3 | 30.7 |"), "{text}");
     assert!(rows("none")[3].contains("| no ("), "{text}");
+    // ZeRO-2: a 1/8 shard of the gradient plus one micro-batch's whole gradient
+    assert!(rows("gradients")[0].starts_with("| gradients ← | 7.7 | 1.9 | 8.6 | 3.8 |"), "{text}");
 }

@@ -26,7 +26,7 @@ pub fn memory_plan(r: &Recipe, cfg: &model::ModelConfig, world: usize, gpu_memor
     let plan = Plan { model: memory::ModelShape::of(cfg), weights, compute: autocast.unwrap_or(weights), precision: r.model.update_precision(r.run.seed), adapter, world: world as i64 };
     let gb = |x: f64| format!("{:.1}", x / 1e9);
     let mut s = format!(
-        "{world} rank(s), GB per rank; sharding \"none\" is what runs today, the other modes are issue 20's plan (ZeRO-1/2/3); activations are an estimate for one micro-batch; total = the state and reference + the largest of sampling (decode copy + KV cache), activations and step temporaries, which come one after another\n"
+        "{world} rank(s), GB per rank, for each [run] sharding (\"none\", \"optimizer\" = ZeRO-1 and \"gradients\" = ZeRO-2 run; \"full\" = ZeRO-3 is planned, not built); the recipe's is marked ←; activations are an estimate for one micro-batch; total = the state and reference + the largest of sampling (decode copy + KV cache), activations and step temporaries, which come one after another\n"
     );
     for (i, st) in r.stage.iter().enumerate() {
         let shape = st.memory_shape(&r.generation);
@@ -38,8 +38,9 @@ pub fn memory_plan(r: &Recipe, cfg: &model::ModelConfig, world: usize, gpu_memor
             let m = plan.rank(&shape, sh);
             let fits = gpu_memory.map(|g| if m.total() <= g { format!(" yes ({} free) |", gb(g - m.total())) } else { format!(" no ({} over) |", gb(m.total() - g)) });
             s.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |{}\n",
+                "| {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |{}\n",
                 sh.name(),
+                if sh == r.run.sharding { " ←" } else { "" },
                 gb(m.weights),
                 gb(m.update_state),
                 gb(m.gradients),

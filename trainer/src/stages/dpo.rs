@@ -189,7 +189,7 @@ impl DpoArgs {
     /// A step's memory shape: chosen and rejected rows of `max_length` tokens (the reference log-probs are
     /// cached: no reference model).
     pub fn memory_shape(&self, max_length: usize, checkpointing: bool) -> StageShape {
-        StageShape { micro_tokens: (2 * self.batch_size * max_length) as i64, checkpointing, logit_rows: self.loss_chunk as i64, ..Default::default() }
+        StageShape { micro_tokens: (2 * self.batch_size * max_length) as i64, checkpointing, logit_rows: self.loss_chunk as i64, accumulates: self.grad_accum > 1, ..Default::default() }
     }
 
     pub fn plan(&self) -> String {

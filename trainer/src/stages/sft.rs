@@ -89,6 +89,7 @@ impl crate::stages::kind::StageKind for SftStage {
             micro_tokens: (self.batch_size * self.tokenize.max_length) as i64,
             checkpointing: self.gradient_checkpointing,
             logit_rows: self.loss_chunk as i64,
+            accumulates: self.grad_accum > 1,
             ..Default::default()
         }
     }

@@ -46,6 +46,7 @@ impl crate::stages::kind::StageKind for GrpoStage {
             sampling: Some((super::kind::kv_slots(g, self.prompts_per_step * self.num_generations, len), g.fuse_weights)),
             checkpointing: self.gradient_checkpointing,
             logit_rows: self.loss_chunk as i64,
+            accumulates: self.micro_batch_size < self.prompts_per_step * self.num_generations,
         }
     }
 
