@@ -73,6 +73,9 @@ pub fn run(recipe_path: &Path, overrides: &[String], output: Option<PathBuf>, op
     models::check_vocabulary(&ctx, &model)?;
     let summary = run_stages(&ctx, &r, first, model, mid, kind, device)?;
     ctx.metrics.finish();
+    if let Some(gb) = peak_resident_gb() {
+        eprintln!("peak resident memory of this process: {gb:.2} GB");
+    }
     if !summary.is_empty() && ctx.comm.is_main() {
         print_summary(&ctx, &summary)?;
     }
@@ -213,4 +216,11 @@ fn print_summary(ctx: &Ctx, summary: &[(String, &'static str, f64)]) -> Result<(
         println!("\nfinal model: {}", c.model_dir().display());
     }
     Ok(())
+}
+
+/// The process's peak resident set (VmHWM in /proc/self/status), in GB; `None` off Linux.
+fn peak_resident_gb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024.0 / 1e9)
 }
