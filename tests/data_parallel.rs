@@ -461,7 +461,17 @@ fn optimizer_sharding_equals_unsharded_for_sft_on_4_ranks_and_dpo_and_grpo_on_2(
 fn gradient_sharding_matches_unsharded_within_float_rounding_and_resumes_bitwise() {
     let root = tempfile::tempdir().unwrap();
     let grads = ["--set", "run.sharding=\"gradients\""];
-    for (name, body, extra) in [("sft", SFT, None), ("sft-accum2", SFT, Some("stage.0.grad_accum=2")), ("dpo", DPO, None), ("grpo", GRPO, None)] {
+    // with activation checkpointing each layer's gradients are reduced during the backward (the model's hook)
+    let ck = Some("stage.0.gradient_checkpointing=true");
+    for (name, body, extra) in [
+        ("sft", SFT, None),
+        ("sft-accum2", SFT, Some("stage.0.grad_accum=2")),
+        ("sft-checkpointing", SFT, ck),
+        ("dpo", DPO, None),
+        ("dpo-checkpointing", DPO, ck),
+        ("grpo", GRPO, None),
+        ("grpo-checkpointing", GRPO, ck),
+    ] {
         let none = setup(root.path(), &format!("none-{name}"), body);
         let zero2 = setup(root.path(), &format!("zero2-{name}"), body);
         let mut args: Vec<&str> = vec![];

@@ -182,6 +182,17 @@ pub struct Checkpoints {
     dropout: Option<u64>,
 }
 
+thread_local! {
+    static LAYER_BACKWARD_HOOK: std::cell::RefCell<Option<std::rc::Rc<dyn Fn(usize)>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Installs (or, with `None`, removes) the function [`Transformer::backward_checkpointed`] calls on this thread
+/// after each decoder layer's backward, with the layer's index (last layer first). Sharded data parallelism
+/// reduces and frees a layer's gradients there, while the layers below are still to come.
+pub fn set_layer_backward_hook(hook: Option<std::rc::Rc<dyn Fn(usize)>>) {
+    LAYER_BACKWARD_HOOK.with(|h| *h.borrow_mut() = hook);
+}
+
 /// `Σ out ⊙ grad` back-propagated: accumulates `gradᵀ ∂out/∂θ` into the parameters (and leaves) that `out`
 /// depends on. The derivative of the sum with respect to `out` is `grad` exactly.
 fn backward_with(out: &Tensor, grad: &Tensor) {
@@ -523,6 +534,8 @@ impl Transformer {
     /// first, are recomputed from a leaf copy of their saved input and back-propagated with
     /// `Σ out ⊙ grad_out`, which accumulates the parameters' gradients and yields the input's gradient for
     /// the layer below; the embedding gets the last one.
+    /// After each layer's backward, the hook [`set_layer_backward_hook`] installed on this thread (if any) is
+    /// called with the layer's index: that layer's parameter gradients are final for this backward.
     pub fn backward_checkpointed(&self, ck: Checkpoints, grad: &Tensor) {
         let Checkpoints { input_ids, cos, sin, mask, mut saved, dropout } = ck;
         let leaf = |t: Tensor| t.detach().set_requires_grad(true);
@@ -535,6 +548,11 @@ impl Transformer {
             let out = self.with_dropout(dropout, i, || self.autocast(|| blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), None, None)));
             backward_with(&out, &g);
             g = x.grad();
+            LAYER_BACKWARD_HOOK.with(|h| {
+                if let Some(h) = h.borrow().as_ref() {
+                    h(i)
+                }
+            });
         }
         backward_with(&self.autocast(|| self.embed.embedding_fwd(&input_ids)), &g);
     }

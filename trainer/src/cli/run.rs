@@ -177,7 +177,7 @@ fn context(r: &recipe::Recipe, output: PathBuf, fingerprint: serde_json::Value, 
         tok_dir,
         metrics,
         fingerprint,
-        comm,
+        comm: comm.into(),
         batch_world,
     })
 }

@@ -24,7 +24,8 @@ pub struct Ctx {
     /// The recipe as checkpoints record it (`recipe::fingerprint`): a resumed run is compared against it.
     pub fingerprint: serde_json::Value,
     /// Data parallelism: this process's rank among the job's (a single process is rank 0 of 1).
-    pub comm: Box<dyn dist::Communicator>,
+    /// (Shared: sharded data parallelism's per-layer gradient hook holds it too.)
+    pub comm: std::rc::Rc<dyn dist::Communicator>,
     /// The world size whose global batch the running stage keeps (see data_parallel::local_accum).
     pub batch_world: std::cell::Cell<usize>,
 }

@@ -39,27 +39,27 @@ pub fn shard<T>(ctx: &Ctx, items: Vec<T>) -> Vec<T> {
 /// with one micro-batch each then sum exactly what one process with two accumulated micro-batches sums:
 /// G_1 + G_2.
 ///
-/// Sharded gradients ("gradients"): after each micro-batch's backward its gradients are reduce-scattered
-/// into this rank's gradient shards and released, so no rank holds more than one micro-batch's full gradient
-/// and its 1/N of the sum. Every rank takes part in as many reduce-scatters as the rank with the most
-/// micro-batches (contributing zeros when it has run out). The sum is Σ_k (Σ_ranks G_k): the unsharded
-/// order for one micro-batch per rank, otherwise equal up to rounding.
+/// Sharded gradients ("gradients"): each micro-batch's gradients are reduce-scattered into this rank's
+/// gradient shards and released, layer by layer during the backward under activation checkpointing
+/// ([`super::sharding::GradReducer`]), so no rank holds the whole gradient. Every rank takes part in as many
+/// rounds of reductions as the rank with the most micro-batches (contributing zeros when it has run out).
+/// The sum is Σ_k (Σ_ranks G_k): the unsharded order for one micro-batch per rank, otherwise equal up to
+/// rounding.
 pub struct Accum<'a> {
     ctx: &'a Ctx,
-    opt: &'a AdamW,
     params: Vec<tch::Tensor>,
     saved: Vec<tch::Tensor>,
     started: usize,
-    /// Sharded gradients: the most micro-batches any rank runs this step.
-    rounds: Option<usize>,
+    /// Sharded gradients: the reducer, and the most micro-batches any rank runs this step.
+    sharded: Option<(std::rc::Rc<super::sharding::GradReducer>, usize)>,
 }
 
 impl<'a> Accum<'a> {
     /// Starts a step of `micro` micro-batches on this rank (after `zero_grad`).
     pub fn new(ctx: &'a Ctx, opt: &'a AdamW, micro: usize) -> Result<Accum<'a>> {
         let params: Vec<tch::Tensor> = opt.parameters().iter().map(|(_, p)| p.shallow_clone()).collect();
-        let rounds = match opt.grad_shards() {
-            Some(_) => Some(gather_f64(ctx, &[micro as f64])?.0.into_iter().fold(0.0, f64::max) as usize),
+        let sharded = match super::sharding::GradReducer::new(ctx, opt) {
+            Some(r) => Some((r, gather_f64(ctx, &[micro as f64])?.0.into_iter().fold(0.0, f64::max) as usize)),
             None => {
                 // every gradient defined and zero
                 for p in &params {
@@ -70,15 +70,15 @@ impl<'a> Accum<'a> {
                 None
             }
         };
-        Ok(Accum { ctx, opt, params, saved: vec![], started: 0, rounds })
+        Ok(Accum { ctx, params, saved: vec![], started: 0, sharded })
     }
 
     /// Before each micro-batch's backward: sets the previous micro-batches' sum aside (or reduces it into the
     /// gradient shards).
     pub fn next(&mut self) -> Result<()> {
         if self.started > 0 {
-            if self.rounds.is_some() {
-                super::sharding::reduce_into_shards(self.ctx, self.opt, false)?;
+            if let Some((r, _)) = &self.sharded {
+                r.finish_micro(false)?;
             } else {
                 self.set_aside();
             }
@@ -107,12 +107,12 @@ impl<'a> Accum<'a> {
     /// After the last micro-batch: the gradients (or the shards) hold the sum over the micro-batches and the
     /// ranks.
     pub fn finish(self) -> Result<()> {
-        if let Some(rounds) = self.rounds {
+        if let Some((r, rounds)) = &self.sharded {
             if self.started > 0 {
-                super::sharding::reduce_into_shards(self.ctx, self.opt, false)?;
+                r.finish_micro(false)?;
             }
-            for _ in self.started..rounds {
-                super::sharding::reduce_into_shards(self.ctx, self.opt, true)?;
+            for _ in self.started..*rounds {
+                r.finish_micro(true)?;
             }
             return Ok(());
         }

@@ -76,7 +76,7 @@ impl AdamW {
     /// AdamW over this rank's pieces of the parameters under sharded data parallelism: moments and update
     /// state exist for the elements `layout` gives this rank only.
     /// With `shard_grads` the gradients are sharded too: the step reads each piece's gradient from this
-    /// rank's gradient shards ([`crate::training::sharding::reduce_into_shards`]).
+    /// rank's gradient shards ([`crate::training::sharding::GradReducer`]).
     pub fn sharded(params: Vec<(String, Tensor)>, cfg: AdamWConfig, precision: UpdatePrecision, layout: super::sharding::Layout, shard_grads: bool) -> AdamW {
         let pieces = layout.owned().into_iter().map(|r| Some((r.start, r.end - r.start))).collect();
         AdamW::with_pieces(params, cfg, precision, pieces, Some(layout), shard_grads)

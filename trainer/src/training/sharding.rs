@@ -28,6 +28,8 @@ use crate::settings::Sharding;
 #[derive(Debug, Clone)]
 struct Bucket {
     members: Vec<(usize, i64, i64)>,
+    /// The decoder layer its parameters belong to (`None`: embedding, final norm, head).
+    layer: Option<usize>,
     /// Elements per rank (the bucket padded to `block · world`).
     block: i64,
     kind: Kind,
@@ -45,23 +47,44 @@ pub struct Layout {
 }
 
 impl Layout {
-    pub fn new(params: &[Tensor], rank: usize, world: usize) -> Layout {
-        let buckets = dist::buckets(params)
+    /// The layout of `params` (named as the model names them) on `world` ranks: a bucket per decoder layer
+    /// (`model.layers.N.…`, in layer order) and one for the rest (embedding, final norm, head), each split
+    /// by dtype and device where they mix.
+    pub fn new(params: &[(String, Tensor)], rank: usize, world: usize) -> Layout {
+        let mut groups: Vec<(Option<usize>, Kind, tch::Device, Vec<usize>)> = vec![];
+        for (i, (name, t)) in params.iter().enumerate() {
+            let key = (layer_of(name), t.kind(), t.device());
+            match groups.iter_mut().find(|g| (g.0, g.1, g.2) == key) {
+                Some(g) => g.3.push(i),
+                None => groups.push((key.0, key.1, key.2, vec![i])),
+            }
+        }
+        // the rest first, then the layers in order
+        groups.sort_by_key(|g| g.0.map_or(0, |l| l + 1));
+        let buckets = groups
             .into_iter()
-            .map(|r| {
+            .map(|(layer, kind, device, idx)| {
                 let mut at = 0i64;
-                let members: Vec<(usize, i64, i64)> = r
+                let members: Vec<(usize, i64, i64)> = idx
+                    .into_iter()
                     .map(|i| {
-                        let n = params[i].numel() as i64;
+                        let n = params[i].1.numel() as i64;
                         at += n;
                         (i, at - n, n)
                     })
                     .collect();
-                let first: &Tensor = &params[members.first().map_or(0, |m| m.0)];
-                Bucket { block: (at + world as i64 - 1) / world as i64, members, kind: first.kind(), device: first.device() }
+                Bucket { block: (at + world as i64 - 1) / world as i64, members, kind, device, layer }
             })
             .collect();
-        Layout { rank, world, buckets, numels: params.iter().map(|p| p.numel() as i64).collect() }
+        Layout { rank, world, buckets, numels: params.iter().map(|(_, p)| p.numel() as i64).collect() }
+    }
+
+    /// The order gradients are reduced in within a micro-batch: the layers last first (as the backward
+    /// finishes them), then the rest.
+    fn reduce_order(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.buckets.len()).collect();
+        order.sort_by_key(|&b| std::cmp::Reverse(self.buckets[b].layer.map_or(0, |l| l + 1)));
+        order
     }
 
     /// This rank's elements of each parameter (ranges of its flattened elements; empty where it owns none).
@@ -112,8 +135,7 @@ pub fn optimizer(ctx: &Ctx, params: Vec<(String, Tensor)>, cfg: super::optim::Ad
     match ctx.run.sharding {
         Sharding::None => AdamW::new(params, cfg, precision),
         _ => {
-            let ts: Vec<Tensor> = params.iter().map(|(_, p)| p.shallow_clone()).collect();
-            let layout = Layout::new(&ts, ctx.comm.rank(), ctx.comm.world());
+            let layout = Layout::new(&params, ctx.comm.rank(), ctx.comm.world());
             if ctx.comm.is_main() {
                 let total: i64 = layout.numels.iter().sum();
                 eprintln!(
@@ -129,30 +151,111 @@ pub fn optimizer(ctx: &Ctx, params: Vec<(String, Tensor)>, cfg: super::optim::Ad
     }
 }
 
-/// Sums this micro-batch's gradients over the ranks into each rank's gradient shards (ZeRO-2: one
-/// reduce-scatter per bucket) and releases the full gradients; `zeros` contributes nothing (a rank that ran out
-/// of micro-batches still takes part in the collective).
-pub fn reduce_into_shards(ctx: &Ctx, opt: &AdamW, zeros: bool) -> Result<()> {
-    let (Some(layout), Some(shards)) = (&opt.layout, opt.grad_shards()) else { return Ok(()) };
-    let params = opt.parameters();
-    for (b, shard) in layout.buckets.iter().zip(shards) {
-        let flat = Tensor::zeros([b.block * layout.world as i64], (b.kind, b.device));
+/// ZeRO-2's gradient reduction: each micro-batch's gradients are reduce-scattered into this rank's gradient
+/// shards bucket by bucket and released. Under activation checkpointing a decoder layer's bucket goes as soon
+/// as its backward is done (a hook the model calls), so a rank holds one layer's whole gradient besides the
+/// embedding's and head's; otherwise all buckets go after the micro-batch's backward. Either way every rank
+/// reduces the buckets of a micro-batch in the same order (layers last first, then the rest), and a rank with
+/// no micro-batch left reduces zeros.
+pub struct GradReducer {
+    comm: std::rc::Rc<dyn dist::Communicator>,
+    layout: Layout,
+    params: Vec<Tensor>,
+    shards: Vec<Tensor>,
+    /// Buckets reduced in the running micro-batch.
+    done: std::cell::RefCell<Vec<bool>>,
+    /// A collective that failed inside the backward (reported by [`GradReducer::finish_micro`]).
+    error: std::cell::RefCell<Option<String>>,
+}
+
+impl GradReducer {
+    /// The reducer of `opt`'s gradient shards, when it has them; it is the model's layer hook until dropped.
+    pub fn new(ctx: &Ctx, opt: &AdamW) -> Option<std::rc::Rc<GradReducer>> {
+        let (layout, shards) = (opt.layout.clone()?, opt.grad_shards()?);
+        let r = std::rc::Rc::new(GradReducer {
+            comm: ctx.comm.clone(),
+            done: std::cell::RefCell::new(vec![false; layout.buckets.len()]),
+            layout,
+            params: opt.parameters().iter().map(|(_, p)| p.shallow_clone()).collect(),
+            shards: shards.iter().map(|t| t.shallow_clone()).collect(),
+            error: Default::default(),
+        });
+        let hook = std::rc::Rc::downgrade(&r);
+        model::transformer::set_layer_backward_hook(Some(std::rc::Rc::new(move |layer| {
+            if let Some(r) = hook.upgrade() {
+                r.layer_done(layer);
+            }
+        })));
+        Some(r)
+    }
+
+    /// The model's hook: layer `layer`'s gradients are final for this micro-batch.
+    fn layer_done(&self, layer: usize) {
+        if self.error.borrow().is_some() {
+            return;
+        }
+        for b in 0..self.layout.buckets.len() {
+            if self.layout.buckets[b].layer == Some(layer) {
+                // every rank reduces a bucket once per micro-batch (so a rank out of micro-batches can match
+                // it with zeros): a second backward pass through the layers would need a second round
+                if self.done.borrow()[b] {
+                    *self.error.borrow_mut() = Some(format!("layer {layer}'s gradients were reduced twice in one micro-batch: sharding = \"gradients\" takes one backward pass per micro-batch"));
+                    return;
+                }
+                if let Err(e) = self.reduce(b, false) {
+                    *self.error.borrow_mut() = Some(e.to_string());
+                    return;
+                }
+            }
+        }
+    }
+
+    /// After a micro-batch's backward (or, `zeros`, in place of one): reduces the buckets not reduced yet.
+    pub fn finish_micro(&self, zeros: bool) -> Result<()> {
+        if let Some(e) = self.error.borrow_mut().take() {
+            anyhow::bail!("{e}");
+        }
+        for b in self.layout.reduce_order() {
+            if !self.done.borrow()[b] {
+                self.reduce(b, zeros)?;
+            }
+        }
+        self.done.borrow_mut().iter_mut().for_each(|d| *d = false);
+        Ok(())
+    }
+
+    /// Bucket `b`: this rank's block of the sum over the ranks added to its shard; the gradients released.
+    fn reduce(&self, bi: usize, zeros: bool) -> Result<()> {
+        let (b, world) = (&self.layout.buckets[bi], self.layout.world as i64);
+        let flat = Tensor::zeros([b.block * world], (b.kind, b.device));
         let block = Tensor::zeros([b.block], (b.kind, b.device));
         tch::no_grad(|| {
             for &(i, start, n) in &b.members {
-                let g = params[i].1.grad();
+                let g = self.params[i].grad();
                 if !zeros && g.defined() {
                     flat.narrow(0, start, n).copy_(&g.reshape([-1]));
                 }
             }
         });
-        ctx.comm.reduce_scatter_flat_sum(&block, &flat)?;
-        let _ = tch::no_grad(|| shard.shallow_clone().g_add_(&block));
+        self.comm.reduce_scatter_flat_sum(&block, &flat)?;
+        let _ = tch::no_grad(|| self.shards[bi].shallow_clone().g_add_(&block));
+        for &(i, _, _) in &b.members {
+            model::release_grad(&self.params[i]);
+        }
+        self.done.borrow_mut()[bi] = true;
+        Ok(())
     }
-    for (_, p) in params {
-        model::release_grad(p);
+}
+
+impl Drop for GradReducer {
+    fn drop(&mut self) {
+        model::transformer::set_layer_backward_hook(None);
     }
-    Ok(())
+}
+
+/// The decoder layer a parameter name belongs to (`model.layers.N.…`).
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
 }
 
 /// The gradients' global L2 norm, clipping them to `max_norm` as [`AdamW::clip_grad_norm`] does; with
@@ -259,7 +362,7 @@ mod tests {
 
     #[test]
     fn the_ranks_own_every_element_once_in_equal_blocks() {
-        let ts: Vec<Tensor> = [[7i64, 3], [5, 1], [1, 1], [4, 4]].iter().map(|s| Tensor::zeros(s.as_slice(), (Kind::Float, tch::Device::Cpu))).collect();
+        let ts: Vec<(String, Tensor)> = [[7i64, 3], [5, 1], [1, 1], [4, 4]].iter().map(|s| ("model.norm.weight".to_string(), Tensor::zeros(s.as_slice(), (Kind::Float, tch::Device::Cpu)))).collect();
         for world in [1usize, 2, 3, 4, 8] {
             let mut count = vec![0i64; ts.len()];
             for rank in 0..world {
@@ -278,5 +381,24 @@ mod tests {
         // rank 1 of 2 owns elements 22..44 of the bucket: none of the first tensor (0..21), the rest from 1 of the second
         let l = Layout::new(&ts, 1, 2).owned();
         assert_eq!(l, vec![0..0, 1..5, 0..1, 0..16]);
+    }
+}
+
+#[cfg(test)]
+mod layer_tests {
+    use super::*;
+
+    #[test]
+    fn buckets_follow_the_decoder_layers_and_reduce_last_layer_first() {
+        let t = |n: i64| Tensor::zeros([n], (Kind::Float, tch::Device::Cpu));
+        let names = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "model.layers.0.input_layernorm.weight", "model.layers.1.mlp.up_proj.weight", "model.norm.weight"];
+        let params: Vec<(String, Tensor)> = names.iter().zip([10, 6, 2, 6, 2]).map(|(n, k)| (n.to_string(), t(k))).collect();
+        let l = Layout::new(&params, 0, 2);
+        let members: Vec<Vec<usize>> = l.buckets.iter().map(|b| b.members.iter().map(|m| m.0).collect()).collect();
+        assert_eq!(members, vec![vec![0, 4], vec![1, 2], vec![3]]);
+        assert_eq!(l.buckets.iter().map(|b| b.layer).collect::<Vec<_>>(), vec![None, Some(0), Some(1)]);
+        assert_eq!(l.reduce_order(), vec![2, 1, 0]);
+        assert_eq!(layer_of("model.layers.12.self_attn.q_proj.lora_A.weight"), Some(12));
+        assert_eq!(layer_of("lm_head.weight"), None);
     }
 }
