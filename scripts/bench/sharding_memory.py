@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Per-rank peak memory of sharded data parallelism against the dry run's plan (issue 20): SFT on a random
 81 M-parameter Llama on the CPU (fp32; two micro-batches of 2 × 128 tokens per rank and step, so gradients
-accumulate), on 2 and 4 Gloo ranks, with `[run] sharding` "none", "optimizer" and "gradients". Prints the plan's
+accumulate), on 2 and 4 Gloo ranks, with `[run] sharding` "none", "optimizer" and "gradients" (and on 4 ranks
+with activation checkpointing, under which ZeRO-2 reduces layer by layer). Prints the plan's
 per-rank total (`--dry-run --nproc-per-node N`) next to the largest peak resident memory of the ranks (each rank
 prints its VmHWM when it ends; it includes libtorch's own few hundred MB and Gloo's buffers, which the last rows
 measure on a 0.1 M-parameter model).
@@ -34,6 +35,7 @@ tokenize = {{ max_length = 128 }}
 max_steps = 2
 batch_size = 2
 grad_accum = 2
+gradient_checkpointing = {ck}
 lr = 1e-4
 """
 
@@ -45,11 +47,13 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         big = dict(vocab=32000, hidden=768, inter=2048)
         tiny = dict(vocab=260, hidden=24, inter=48)
-        for world, sharding, shape, label in [(w, s, big, s) for w in [2, 4] for s in ["none", "optimizer", "gradients"]] + \
-                [(w, "none", tiny, "baseline: 0.1 M parameters") for w in [2, 4]]:
+        runs = [(w, s, big, "false", s) for w in [2, 4] for s in ["none", "optimizer", "gradients"]]
+        runs += [(4, s, big, "true", f"{s}, activation checkpointing") for s in ["none", "gradients"]]
+        runs += [(w, "none", tiny, "false", "baseline: 0.1 M parameters") for w in [2, 4]]
+        for world, sharding, shape, ck, label in runs:
             r = os.path.join(d, "r.toml")
             with open(r, "w") as f:
-                f.write(RECIPE.format(out=os.path.join(d, f"out-{world}-{label}"), sharding=sharding, **shape))
+                f.write(RECIPE.format(out=os.path.join(d, f"out-{world}-{label}"), sharding=sharding, ck=ck, **shape))
             launch = ["--nproc-per-node", str(world)]
             plan = subprocess.run([train, "--recipe", r, "--dry-run", *launch], capture_output=True, text=True, check=True).stdout
             row = [l for l in plan.splitlines() if l.startswith(f"| {sharding} ←")][0]

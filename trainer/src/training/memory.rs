@@ -126,7 +126,10 @@ impl Plan {
                 r.gradients = match sharding {
                     // the running micro-batch's gradient, and the sum of the earlier ones (data_parallel::Accum)
                     Sharding::None | Sharding::Optimizer => full * if s.accumulates { 2.0 } else { 1.0 },
-                    // this rank's shard of the sum, and one micro-batch's whole gradient until it is reduced
+                    // this rank's shard of the sum, and what the running micro-batch's backward holds before it is
+                    // reduced: with checkpointing one layer's gradient and the embedding's and head's (reduced
+                    // layer by layer), else the whole gradient
+                    Sharding::Gradients if s.checkpointing => full / w + (layer + m.embed_params as f64) * gb as f64,
                     Sharding::Gradients => full / w + full,
                     // (planned) per-layer reduction in the backward: the shard and one layer's gradient
                     Sharding::Full => full / w + layer * gb as f64,
@@ -196,8 +199,8 @@ mod tests {
     /// Phi-4-mini's 3.84 B parameters in bf16 with fp32 master weights on 8 ranks: 16 B a parameter unsharded,
     /// 2 + 2 + 12/8 with the optimizer sharded, 2 + 14/8 with gradients too, 16/8 with everything (the figures
     /// of issue 20: about 61, 21, 14 and 8 GB), plus what whet holds on top: one gathered layer under full
-    /// sharding, one micro-batch's whole gradient under gradient sharding, a second gradient when unsharded
-    /// gradients accumulate.
+    /// sharding, one micro-batch's whole gradient under gradient sharding (with activation checkpointing one
+    /// layer's and the embedding's), a second gradient when unsharded gradients accumulate.
     #[test]
     fn training_state_per_rank_follows_the_zero_stages() {
         let model = ModelShape { params: 3_840_000_000, layers: 32, hidden: 3072, intermediate: 8192, vocab: 200_064, kv_per_token_layer: 2 * 8 * 128, embed_params: 200_064 * 3072 };
@@ -212,6 +215,10 @@ mod tests {
         let accumulating = StageShape { accumulates: true, ..s };
         assert!((gb(plan.rank(&accumulating, Sharding::Optimizer).state()) - 3.84 * 7.5).abs() < 0.01);
         assert_eq!(plan.rank(&accumulating, Sharding::Gradients).state(), state(Sharding::Gradients));
+        // with activation checkpointing ZeRO-2 reduces layer by layer: one layer's gradient and the embedding's
+        let ck = StageShape { checkpointing: true, ..s };
+        let held = 2.0 * (layer + model.embed_params as f64);
+        assert!((gb(plan.rank(&ck, Sharding::Gradients).state() - held) - 3.84 * 3.75).abs() < 0.01);
         assert!((gb(state(Sharding::Full) - 4.0 * layer) - 3.84 * 2.0).abs() < 0.01);
         // LoRA: the frozen base and 16 B per adapter parameter
         let lora = Plan { adapter: Some(10_000_000), ..plan };
