@@ -398,6 +398,11 @@ fn two_rank_lora_grpo_is_bitwise_one_process() {
     assert!(log.contains("[rl] replicas identical on 2 ranks"), "{log}");
     let adapter = |d: &Path| std::fs::read(d.join("out/checkpoints/s00-final/model/adapter_model.safetensors")).unwrap();
     assert_eq!(adapter(&one), adapter(&two), "2-rank LoRA GRPO differs from 1 process");
+    // the adapter's optimizer state sharded too (ZeRO-1): the same adapter, bit for bit
+    let zero1 = setup(root.path(), "zero1", &body);
+    let log = ok(&train(&zero1, Some(2), &["--set", "run.sharding=\"optimizer\""], &[]));
+    assert!(log.contains("sharding \"optimizer\" over 2 rank(s)"), "{log}");
+    assert_eq!(adapter(&one), adapter(&zero1), "2-rank LoRA GRPO with ZeRO-1 differs from 1 process");
 }
 
 /// `[run] sharding = "optimizer"` (ZeRO-1): each rank keeps AdamW's state for its block of every flat bucket,
