@@ -126,11 +126,12 @@ impl Plan {
                 r.gradients = match sharding {
                     // the running micro-batch's gradient, and the sum of the earlier ones (data_parallel::Accum)
                     Sharding::None | Sharding::Optimizer => full * if s.accumulates { 2.0 } else { 1.0 },
-                    // this rank's shard of the sum, and what the running micro-batch's backward holds before it is
-                    // reduced: with checkpointing one layer's gradient and the embedding's and head's (reduced
-                    // layer by layer), else the whole gradient
-                    Sharding::Gradients if s.checkpointing => full / w + (layer + m.embed_params as f64) * gb as f64,
-                    Sharding::Gradients => full / w + full,
+                    // this rank's shard of the sum, what the running micro-batch's backward holds before it is
+                    // reduced (with checkpointing one layer's gradient and the embedding's and head's, reduced
+                    // layer by layer; else the whole gradient), and the reduce-scatter's flat buffer of the
+                    // largest bucket (the embedding's)
+                    Sharding::Gradients if s.checkpointing => full / w + (layer + 2.0 * m.embed_params as f64) * gb as f64,
+                    Sharding::Gradients => full / w + full + m.embed_params as f64 * gb as f64,
                     // (planned) per-layer reduction in the backward: the shard and one layer's gradient
                     Sharding::Full => full / w + layer * gb as f64,
                 };
@@ -211,13 +212,14 @@ mod tests {
         let state = |sh| plan.rank(&s, sh).state();
         assert!((gb(state(Sharding::None)) - 61.44).abs() < 0.01);
         assert!((gb(state(Sharding::Optimizer)) - 3.84 * 5.5).abs() < 0.01);
-        assert!((gb(state(Sharding::Gradients) - 2.0 * 3.84e9) - 3.84 * 3.75).abs() < 0.01);
+        let bucket = 2.0 * model.embed_params as f64;
+        assert!((gb(state(Sharding::Gradients) - 2.0 * 3.84e9 - bucket) - 3.84 * 3.75).abs() < 0.01);
         let accumulating = StageShape { accumulates: true, ..s };
         assert!((gb(plan.rank(&accumulating, Sharding::Optimizer).state()) - 3.84 * 7.5).abs() < 0.01);
         assert_eq!(plan.rank(&accumulating, Sharding::Gradients).state(), state(Sharding::Gradients));
         // with activation checkpointing ZeRO-2 reduces layer by layer: one layer's gradient and the embedding's
         let ck = StageShape { checkpointing: true, ..s };
-        let held = 2.0 * (layer + model.embed_params as f64);
+        let held = 2.0 * (layer + model.embed_params as f64) + bucket;
         assert!((gb(plan.rank(&ck, Sharding::Gradients).state() - held) - 3.84 * 3.75).abs() < 0.01);
         assert!((gb(state(Sharding::Full) - 4.0 * layer) - 3.84 * 2.0).abs() < 0.01);
         // LoRA: the frozen base and 16 B per adapter parameter
