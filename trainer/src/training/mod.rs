@@ -15,6 +15,7 @@ pub mod models;
 pub mod optim;
 pub mod precision;
 pub mod save;
+pub mod shard_layout;
 pub mod sharding;
 pub mod stage_keys;
 pub mod step;

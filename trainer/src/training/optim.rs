@@ -29,7 +29,7 @@ pub struct AdamW {
     /// Every trained parameter, in the model's order (clipping and zeroing see all gradients).
     all: Vec<(String, Tensor)>,
     /// Sharded data parallelism: which elements of each parameter this rank updates ([`crate::training::sharding`]).
-    pub layout: Option<super::sharding::Layout>,
+    pub layout: Option<super::shard_layout::Layout>,
     /// Sharded gradients (ZeRO-2): this rank's block of each bucket's summed gradient.
     grad_shards: Option<Vec<Tensor>>,
     pub step: i64,
@@ -77,12 +77,12 @@ impl AdamW {
     /// state exist for the elements `layout` gives this rank only.
     /// With `shard_grads` the gradients are sharded too: the step reads each piece's gradient from this
     /// rank's gradient shards ([`crate::training::sharding::GradReducer`]).
-    pub fn sharded(params: Vec<(String, Tensor)>, cfg: AdamWConfig, precision: UpdatePrecision, layout: super::sharding::Layout, shard_grads: bool) -> AdamW {
+    pub fn sharded(params: Vec<(String, Tensor)>, cfg: AdamWConfig, precision: UpdatePrecision, layout: super::shard_layout::Layout, shard_grads: bool) -> AdamW {
         let pieces = layout.owned().into_iter().map(|r| Some((r.start, r.end - r.start))).collect();
         AdamW::with_pieces(params, cfg, precision, pieces, Some(layout), shard_grads)
     }
 
-    fn with_pieces(params: Vec<(String, Tensor)>, cfg: AdamWConfig, precision: UpdatePrecision, pieces: Vec<Option<(i64, i64)>>, layout: Option<super::sharding::Layout>, shard_grads: bool) -> AdamW {
+    fn with_pieces(params: Vec<(String, Tensor)>, cfg: AdamWConfig, precision: UpdatePrecision, pieces: Vec<Option<(i64, i64)>>, layout: Option<super::shard_layout::Layout>, shard_grads: bool) -> AdamW {
         let state = precision.state.kind();
         let grad_shards = layout.as_ref().filter(|_| shard_grads).map(|l| l.zero_blocks());
         let places = layout.as_ref().map(|l| l.block_places()).unwrap_or_default();

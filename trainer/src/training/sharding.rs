@@ -21,113 +21,10 @@ use tch::{Kind, Tensor};
 
 use super::optim::AdamW;
 use super::precision::Slot;
+use super::shard_layout::Layout;
+use super::shard_layout::Bucket;
 use super::Ctx;
 use crate::settings::Sharding;
-
-/// One flat bucket: its parameters (index, first element in the bucket, elements) and the block each rank owns.
-#[derive(Debug, Clone)]
-struct Bucket {
-    members: Vec<(usize, i64, i64)>,
-    /// The decoder layer its parameters belong to (`None`: embedding, final norm, head).
-    layer: Option<usize>,
-    /// Elements per rank (the bucket padded to `block · world`).
-    block: i64,
-    kind: Kind,
-    device: tch::Device,
-}
-
-/// Which elements of every trained parameter each rank owns.
-#[derive(Debug, Clone)]
-pub struct Layout {
-    rank: usize,
-    world: usize,
-    buckets: Vec<Bucket>,
-    /// Elements per parameter.
-    numels: Vec<i64>,
-}
-
-impl Layout {
-    /// The layout of `params` (named as the model names them) on `world` ranks: a bucket per decoder layer
-    /// (`model.layers.N.…`, in layer order) and one for the rest (embedding, final norm, head), each split
-    /// by dtype and device where they mix.
-    pub fn new(params: &[(String, Tensor)], rank: usize, world: usize) -> Layout {
-        let mut groups: Vec<(Option<usize>, Kind, tch::Device, Vec<usize>)> = vec![];
-        for (i, (name, t)) in params.iter().enumerate() {
-            let key = (layer_of(name), t.kind(), t.device());
-            match groups.iter_mut().find(|g| (g.0, g.1, g.2) == key) {
-                Some(g) => g.3.push(i),
-                None => groups.push((key.0, key.1, key.2, vec![i])),
-            }
-        }
-        // the rest first, then the layers in order
-        groups.sort_by_key(|g| g.0.map_or(0, |l| l + 1));
-        let buckets = groups
-            .into_iter()
-            .map(|(layer, kind, device, idx)| {
-                let mut at = 0i64;
-                let members: Vec<(usize, i64, i64)> = idx
-                    .into_iter()
-                    .map(|i| {
-                        let n = params[i].1.numel() as i64;
-                        at += n;
-                        (i, at - n, n)
-                    })
-                    .collect();
-                Bucket { block: (at + world as i64 - 1) / world as i64, members, kind, device, layer }
-            })
-            .collect();
-        Layout { rank, world, buckets, numels: params.iter().map(|(_, p)| p.numel() as i64).collect() }
-    }
-
-    /// The order gradients are reduced in within a micro-batch: the layers last first (as the backward
-    /// finishes them), then the rest.
-    fn reduce_order(&self) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.buckets.len()).collect();
-        order.sort_by_key(|&b| std::cmp::Reverse(self.buckets[b].layer.map_or(0, |l| l + 1)));
-        order
-    }
-
-    /// This rank's elements of each parameter (ranges of its flattened elements; empty where it owns none).
-    pub fn owned(&self) -> Vec<Range<i64>> {
-        let mut out = vec![0..0; self.numels.len()];
-        for b in &self.buckets {
-            let mine = b.block * self.rank as i64..b.block * (self.rank as i64 + 1);
-            for &(i, start, n) in &b.members {
-                let lo = mine.start.max(start);
-                let hi = mine.end.min(start + n);
-                if lo < hi {
-                    out[i] = lo - start..hi - start;
-                }
-            }
-        }
-        out
-    }
-
-    /// Where this rank's piece of each parameter sits in its bucket's block: (bucket, first element in the
-    /// block); `None` where it owns none of the parameter.
-    pub fn block_places(&self) -> Vec<Option<(usize, i64)>> {
-        let owned = self.owned();
-        let mut out = vec![None; self.numels.len()];
-        for (bi, b) in self.buckets.iter().enumerate() {
-            for &(i, start, _) in &b.members {
-                if !owned[i].is_empty() {
-                    out[i] = Some((bi, start + owned[i].start - b.block * self.rank as i64));
-                }
-            }
-        }
-        out
-    }
-
-    /// A zero tensor per bucket of one block's elements in the bucket's dtype (this rank's gradient shards).
-    pub fn zero_blocks(&self) -> Vec<Tensor> {
-        self.buckets.iter().map(|b| Tensor::zeros([b.block], (b.kind, b.device))).collect()
-    }
-
-    /// The largest number of elements any rank owns (the plan's per-rank share, padding included).
-    pub fn elements_per_rank(&self) -> i64 {
-        self.buckets.iter().map(|b| b.block).sum()
-    }
-}
 
 /// The optimizer a stage trains with: over every trained parameter, or over this rank's pieces of them when
 /// `[run] sharding` shards the optimizer state (and with gradient shards when it shards the gradients).
@@ -253,10 +150,6 @@ impl Drop for GradReducer {
     }
 }
 
-/// The decoder layer a parameter name belongs to (`model.layers.N.…`).
-fn layer_of(name: &str) -> Option<usize> {
-    name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
-}
 
 /// The gradients' global L2 norm, clipping them to `max_norm` as [`AdamW::clip_grad_norm`] does; with
 /// gradient shards, from the shards' sums of squares summed over the ranks (the same norm up to rounding).
@@ -354,51 +247,4 @@ fn all_gather(ctx: &Ctx, layout: &Layout, b: &Bucket, owned: &[Range<i64>], piec
     let full = Tensor::zeros([b.block * layout.world as i64], (kind, b.device));
     ctx.comm.all_gather_flat(&full, &block)?;
     Ok(full)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_ranks_own_every_element_once_in_equal_blocks() {
-        let ts: Vec<(String, Tensor)> = [[7i64, 3], [5, 1], [1, 1], [4, 4]].iter().map(|s| ("model.norm.weight".to_string(), Tensor::zeros(s.as_slice(), (Kind::Float, tch::Device::Cpu)))).collect();
-        for world in [1usize, 2, 3, 4, 8] {
-            let mut count = vec![0i64; ts.len()];
-            for rank in 0..world {
-                let l = Layout::new(&ts, rank, world);
-                let owned = l.owned();
-                // 43 elements in one bucket: ⌈43 / world⌉ each
-                assert_eq!(l.elements_per_rank(), (43 + world as i64 - 1) / world as i64);
-                let mine: i64 = owned.iter().map(|r| r.end - r.start).sum();
-                assert!(mine <= l.elements_per_rank());
-                for (i, r) in owned.iter().enumerate() {
-                    count[i] += r.end - r.start;
-                }
-            }
-            assert_eq!(count, vec![21, 5, 1, 16], "world {world}");
-        }
-        // rank 1 of 2 owns elements 22..44 of the bucket: none of the first tensor (0..21), the rest from 1 of the second
-        let l = Layout::new(&ts, 1, 2).owned();
-        assert_eq!(l, vec![0..0, 1..5, 0..1, 0..16]);
-    }
-}
-
-#[cfg(test)]
-mod layer_tests {
-    use super::*;
-
-    #[test]
-    fn buckets_follow_the_decoder_layers_and_reduce_last_layer_first() {
-        let t = |n: i64| Tensor::zeros([n], (Kind::Float, tch::Device::Cpu));
-        let names = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "model.layers.0.input_layernorm.weight", "model.layers.1.mlp.up_proj.weight", "model.norm.weight"];
-        let params: Vec<(String, Tensor)> = names.iter().zip([10, 6, 2, 6, 2]).map(|(n, k)| (n.to_string(), t(k))).collect();
-        let l = Layout::new(&params, 0, 2);
-        let members: Vec<Vec<usize>> = l.buckets.iter().map(|b| b.members.iter().map(|m| m.0).collect()).collect();
-        assert_eq!(members, vec![vec![0, 4], vec![1, 2], vec![3]]);
-        assert_eq!(l.buckets.iter().map(|b| b.layer).collect::<Vec<_>>(), vec![None, Some(0), Some(1)]);
-        assert_eq!(l.reduce_order(), vec![2, 1, 0]);
-        assert_eq!(layer_of("model.layers.12.self_attn.q_proj.lora_A.weight"), Some(12));
-        assert_eq!(layer_of("lm_head.weight"), None);
-    }
 }
