@@ -182,15 +182,35 @@ pub struct Checkpoints {
     dropout: Option<u64>,
 }
 
-thread_local! {
-    static LAYER_BACKWARD_HOOK: std::cell::RefCell<Option<std::rc::Rc<dyn Fn(usize)>>> = const { std::cell::RefCell::new(None) };
+/// What the checkpointed training passes tell the layer hook ([`set_layer_hook`]) about decoder layer `i`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerEvent {
+    /// Layer `i`'s weights are about to be used (its forward, or its recompute before its backward).
+    Enter(usize),
+    /// Layer `i`'s backward is done: its parameter gradients are final for this backward.
+    BackwardDone(usize),
+    /// Layer `i`'s weights are not needed again in this pass.
+    Leave(usize),
 }
 
-/// Installs (or, with `None`, removes) the function [`Transformer::backward_checkpointed`] calls on this thread
-/// after each decoder layer's backward, with the layer's index (last layer first). Sharded data parallelism
-/// reduces and frees a layer's gradients there, while the layers below are still to come.
-pub fn set_layer_backward_hook(hook: Option<std::rc::Rc<dyn Fn(usize)>>) {
-    LAYER_BACKWARD_HOOK.with(|h| *h.borrow_mut() = hook);
+thread_local! {
+    static LAYER_HOOK: std::cell::RefCell<Option<std::rc::Rc<dyn Fn(LayerEvent)>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Installs (or, with `None`, removes) the function the checkpointed passes call on this thread around each
+/// decoder layer: [`Transformer::hidden_states_checkpointed`] with `Enter(i)` and `Leave(i)` around layer i's
+/// forward, [`Transformer::backward_checkpointed`] (last layer first) with `Enter(i)` before the recompute,
+/// `BackwardDone(i)` after the layer's backward and `Leave(i)`. Sharded data parallelism gathers a layer's
+/// weights on `Enter`, reduces and frees its gradients on `BackwardDone` and frees the weights on `Leave`.
+pub fn set_layer_hook(hook: Option<std::rc::Rc<dyn Fn(LayerEvent)>>) {
+    LAYER_HOOK.with(|h| *h.borrow_mut() = hook);
+}
+
+fn layer_event(e: LayerEvent) {
+    let hook = LAYER_HOOK.with(|h| h.borrow().clone());
+    if let Some(h) = hook {
+        h(e)
+    }
 }
 
 /// `Σ out ⊙ grad` back-propagated: accumulates `gradᵀ ∂out/∂θ` into the parameters (and leaves) that `out`
@@ -517,7 +537,9 @@ impl Transformer {
             let mut saved = Vec::with_capacity(self.blocks.len() + 1);
             let mut x = self.embed.embedding_fwd(batch.input_ids);
             for (i, blk) in self.blocks.iter().enumerate() {
+                layer_event(LayerEvent::Enter(i));
                 let next = self.with_dropout(dropout, i, || blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), None, None));
+                layer_event(LayerEvent::Leave(i));
                 saved.push(x);
                 x = next;
             }
@@ -534,8 +556,7 @@ impl Transformer {
     /// first, are recomputed from a leaf copy of their saved input and back-propagated with
     /// `Σ out ⊙ grad_out`, which accumulates the parameters' gradients and yields the input's gradient for
     /// the layer below; the embedding gets the last one.
-    /// After each layer's backward, the hook [`set_layer_backward_hook`] installed on this thread (if any) is
-    /// called with the layer's index: that layer's parameter gradients are final for this backward.
+    /// Around each layer the hook [`set_layer_hook`] installed on this thread (if any) is told what happens.
     pub fn backward_checkpointed(&self, ck: Checkpoints, grad: &Tensor) {
         let Checkpoints { input_ids, cos, sin, mask, mut saved, dropout } = ck;
         let leaf = |t: Tensor| t.detach().set_requires_grad(true);
@@ -545,14 +566,13 @@ impl Transformer {
         let mut g = x.grad();
         for (i, blk) in self.blocks.iter().enumerate().rev() {
             let x = leaf(saved.pop().expect("one checkpoint per layer"));
+            layer_event(LayerEvent::Enter(i));
             let out = self.with_dropout(dropout, i, || self.autocast(|| blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), None, None)));
             backward_with(&out, &g);
             g = x.grad();
-            LAYER_BACKWARD_HOOK.with(|h| {
-                if let Some(h) = h.borrow().as_ref() {
-                    h(i)
-                }
-            });
+            drop(out);
+            layer_event(LayerEvent::BackwardDone(i));
+            layer_event(LayerEvent::Leave(i));
         }
         backward_with(&self.autocast(|| self.embed.embedding_fwd(&input_ids)), &g);
     }

@@ -178,6 +178,7 @@ fn context(r: &recipe::Recipe, output: PathBuf, fingerprint: serde_json::Value, 
         metrics,
         fingerprint,
         comm: comm.into(),
+        weight_shards: Default::default(),
         batch_world,
     })
 }

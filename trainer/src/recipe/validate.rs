@@ -47,6 +47,13 @@ pub fn validate(r: &Recipe, origin: &str) -> Vec<String> {
     }
     for (i, s) in r.stage.iter().enumerate() {
         s.validate(&format!("{origin}: stage {} ({})", i + 1, s.name(i)), &mut p);
+        if r.run.sharding == crate::settings::Sharding::Full && !s.gradient_checkpointing() {
+            p.push(format!(
+                "{origin}: stage {} ({}): [run] sharding = \"full\" gathers one decoder layer at a time around its forward and its backward, which needs gradient_checkpointing = true in every stage",
+                i + 1,
+                s.name(i)
+            ));
+        }
     }
     p
 }

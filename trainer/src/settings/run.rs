@@ -162,9 +162,6 @@ fn string_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result
 impl RunSpec {
     /// Problems with the reporting keys.
     pub fn validate(&self, origin: &str, p: &mut Vec<String>) {
-        if self.sharding == Sharding::Full {
-            p.push(format!("{origin}: [run] sharding = \"full\" is not available yet (\"none\", \"optimizer\" and \"gradients\" are; `--dry-run` plans all four)"));
-        }
         for r in self.report_to.iter().flatten() {
             if !REPORTERS.contains(&r.as_str()) {
                 p.push(format!("{origin}: [run] report_to: unknown destination \"{r}\" (expected tensorboard, wandb, all or none)"));

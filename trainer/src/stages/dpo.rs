@@ -422,6 +422,7 @@ fn reference(ctx: &Ctx, name: &str, model: &Model, pairs: &[Pair], a: &DpoArgs, 
     let bs = a.batch_size.max(1);
     let batches = data_parallel::share_range(ctx, pairs.len().div_ceil(bs));
     let mine = &pairs[(batches.start * bs).min(pairs.len())..(batches.end * bs).min(pairs.len())];
+    crate::training::sharding::ensure_whole(ctx)?;
     let all = data_parallel::gather_concat(ctx, compute_ref(ctx, model, mine, bs, a.loss_chunk as i64, a.prompt_sharing))?;
     let r = RefLogps {
         key,
@@ -490,7 +491,7 @@ pub(super) fn train(ctx: &Ctx, index: usize, name: &str, records: &[Record], tab
     let reference = RefTargets { logps: reference(ctx, name, model, &pairs, &a, resume)?, averaged: a.averaged() };
     let mut sampler = Sampler::single(pairs.len(), SamplerConfig { seed: ctx.run.seed.wrapping_add(index as u64), shuffle: true, num_epochs: None, drop_last: false })?;
     let optim = table.optim();
-    let mut opt = optim.optimizer(ctx, model);
+    let mut opt = optim.optimizer(ctx, model)?;
     let (start, mut tokens) = step::restore(resume, &mut opt, &mut sampler, name, total)?;
 
     let held = HeldOut::new(table.eval_spec())?;

@@ -14,7 +14,7 @@ use crate::observe::metrics::obj;
 use crate::observe::progress::Bar;
 use crate::settings::SyntheticSpec;
 use crate::training::checkpoint::Checkpoint;
-use crate::training::{data_parallel, stage_keys, step, Ctx, Health, HeldOut, Progress, TrainingKeys};
+use crate::training::{data_parallel, sharding, stage_keys, step, Ctx, Health, HeldOut, Progress, TrainingKeys};
 
 crate::training::training_stage! {
     /// `kind = "sft"`.
@@ -254,7 +254,7 @@ fn run(ctx: &Ctx, index: usize, name: &str, s: &SftStage, model: &Model, resume:
 
     let mut sampler = Sampler::single(rows.len(), SamplerConfig { seed: ctx.run.seed.wrapping_add(index as u64), shuffle: true, num_epochs: None, drop_last: false })?;
     let optim = s.optim();
-    let mut opt = optim.optimizer(ctx, model);
+    let mut opt = optim.optimizer(ctx, model)?;
     let (start, mut tokens) = step::restore(resume, &mut opt, &mut sampler, name, total)?;
 
     let held = HeldOut::new(s.eval.as_ref())?;
@@ -266,6 +266,8 @@ fn run(ctx: &Ctx, index: usize, name: &str, s: &SftStage, model: &Model, resume:
     let eval_loss = || obj(json!({"eval_loss": heldout_loss(ctx, model, &erows, chunk)}));
     let mut before = f64::NAN;
     if let (Some(h), 0) = (&held, start) {
+        // every rank computes the held-out loss (ZeRO-3: on whole weights)
+        sharding::ensure_whole(ctx)?;
         before = h.at_start(ctx, model, index, name, eval_loss())?;
     }
 
@@ -301,7 +303,10 @@ fn run(ctx: &Ctx, index: usize, name: &str, s: &SftStage, model: &Model, resume:
     }
     bar.finish();
     let after = match &held {
-        Some(h) => h.at_end(ctx, model, index, name, total, before, eval_loss())?,
+        Some(h) => {
+            sharding::ensure_whole(ctx)?;
+            h.at_end(ctx, model, index, name, total, before, eval_loss())?
+        }
         None => f64::NAN,
     };
     progress(&sampler, tokens).finish(ctx, model, t_stage, "")?;

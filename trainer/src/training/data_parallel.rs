@@ -59,7 +59,10 @@ impl<'a> Accum<'a> {
     pub fn new(ctx: &'a Ctx, opt: &'a AdamW, micro: usize) -> Result<Accum<'a>> {
         let params: Vec<tch::Tensor> = opt.parameters().iter().map(|(_, p)| p.shallow_clone()).collect();
         let sharded = match super::sharding::GradReducer::new(ctx, opt) {
-            Some(r) => Some((r, gather_f64(ctx, &[micro as f64])?.0.into_iter().fold(0.0, f64::max) as usize)),
+            Some(r) => {
+                r.start_step()?;
+                Some((r, gather_f64(ctx, &[micro as f64])?.0.into_iter().fold(0.0, f64::max) as usize))
+            }
             None => {
                 // every gradient defined and zero
                 for p in &params {
@@ -114,6 +117,7 @@ impl<'a> Accum<'a> {
             for _ in self.started..*rounds {
                 r.finish_micro(true)?;
             }
+            r.end_step();
             return Ok(());
         }
         tch::no_grad(|| {
@@ -177,6 +181,7 @@ pub fn check_replicas(ctx: &Ctx, model: &Model, name: &str) -> Result<()> {
     if ctx.comm.world() == 1 {
         return Ok(());
     }
+    super::sharding::ensure_whole(ctx)?;
     let mine = fingerprint(model);
     let all = ctx.comm.all_gather_bytes(mine.as_bytes())?;
     let differ: Vec<usize> = all.iter().enumerate().filter(|(_, h)| h.as_slice() != mine.as_bytes()).map(|(r, _)| r).collect();

@@ -19,6 +19,8 @@ pub fn generate(ctx: &Ctx, net: &Transformer, prompts: &[Vec<i64>], n: usize, pa
 /// [`generate`] for `prompts` that sit at index `first` of a larger call (a data-parallel rank's share):
 /// each request is seeded as it would be in the whole call, so its samples do not depend on the sharding.
 pub fn generate_at(ctx: &Ctx, net: &Transformer, prompts: &[Vec<i64>], n: usize, params: &SamplingParams, seed: u64, first: usize) -> Result<Vec<Completion>> {
+    // ZeRO-3: the engine decodes on whole weights (gathered once for the round)
+    super::sharding::ensure_whole(ctx)?;
     let tok = &ctx.tok;
     let cfg = EngineConfig { eos_token_ids: stop_ids(tok), pad_token_id: tok.pad_id as i64, seed, ..ctx.generation.engine() };
     let engine = Engine::new(net, cfg)?;

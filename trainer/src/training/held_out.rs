@@ -37,6 +37,8 @@ impl<'a> HeldOut<'a> {
 
     /// The evaluation before the stage's first step (returns the accuracy); `extra` metrics go on the same line.
     pub fn at_start(&self, ctx: &Ctx, model: &Model, index: usize, name: &str, extra: Map<String, Value>) -> Result<f64> {
+        // rank 0 evaluates; under ZeRO-3 every rank first gathers the weights
+        super::sharding::ensure_whole(ctx)?;
         if !ctx.comm.is_main() {
             return Ok(f64::NAN);
         }
@@ -49,7 +51,11 @@ impl<'a> HeldOut<'a> {
 
     /// The evaluation every `eval.every` steps (not at the last one): `extra` is computed only when due.
     pub fn periodic(&self, ctx: &Ctx, model: &Model, index: usize, name: &str, done: usize, total: usize, extra: impl FnOnce() -> Map<String, Value>) -> Result<()> {
-        if !(self.spec.every > 0 && done % self.spec.every == 0 && done < total) || !ctx.comm.is_main() {
+        if !(self.spec.every > 0 && done % self.spec.every == 0 && done < total) {
+            return Ok(());
+        }
+        super::sharding::ensure_whole(ctx)?;
+        if !ctx.comm.is_main() {
             return Ok(());
         }
         let (acc, _) = self.accuracy(ctx, model)?;
@@ -59,6 +65,7 @@ impl<'a> HeldOut<'a> {
 
     /// The evaluation after the last step: prints a few samples and before → after; returns the accuracy.
     pub fn at_end(&self, ctx: &Ctx, model: &Model, index: usize, name: &str, total: usize, before: f64, extra: Map<String, Value>) -> Result<f64> {
+        super::sharding::ensure_whole(ctx)?;
         if !ctx.comm.is_main() {
             return Ok(f64::NAN);
         }

@@ -50,10 +50,14 @@ struct Param {
     p: Tensor,
     /// Its place in the model's trained parameters (keys the dither and the stochastic rounding).
     index: usize,
+    /// Its shape (the parameter itself is empty between uses under ZeRO-3).
+    shape: Vec<i64>,
     /// Sharded: the elements `start..start + len` of the flattened parameter; `None`: all of it.
     piece: Option<(i64, i64)>,
     /// Sharded gradients: the piece's gradient, a view of its bucket's gradient shard.
     grad: Option<Tensor>,
+    /// Sharded weights (ZeRO-3): the piece's weights, a view of its bucket's weight block (their home).
+    weight: Option<Tensor>,
     /// Weight decay applies (see [`decays`]).
     decay: bool,
     m: Tensor,
@@ -70,19 +74,21 @@ pub fn decays(name: &str) -> bool {
 impl AdamW {
     pub fn new(params: Vec<(String, Tensor)>, cfg: AdamWConfig, precision: UpdatePrecision) -> AdamW {
         let whole = params.iter().map(|_| None).collect();
-        AdamW::with_pieces(params, cfg, precision, whole, None, false)
+        AdamW::with_pieces(params, cfg, precision, whole, None, false, None)
     }
 
     /// AdamW over this rank's pieces of the parameters under sharded data parallelism: moments and update
     /// state exist for the elements `layout` gives this rank only.
     /// With `shard_grads` the gradients are sharded too: the step reads each piece's gradient from this
     /// rank's gradient shards ([`crate::training::sharding::GradReducer`]).
-    pub fn sharded(params: Vec<(String, Tensor)>, cfg: AdamWConfig, precision: UpdatePrecision, layout: super::shard_layout::Layout, shard_grads: bool) -> AdamW {
+    /// With `weight_blocks` (ZeRO-3) the step updates the weights in those blocks (one per bucket), not in
+    /// the parameters.
+    pub fn sharded(params: Vec<(String, Tensor)>, cfg: AdamWConfig, precision: UpdatePrecision, layout: super::shard_layout::Layout, shard_grads: bool, weight_blocks: Option<Vec<Tensor>>) -> AdamW {
         let pieces = layout.owned().into_iter().map(|r| Some((r.start, r.end - r.start))).collect();
-        AdamW::with_pieces(params, cfg, precision, pieces, Some(layout), shard_grads)
+        AdamW::with_pieces(params, cfg, precision, pieces, Some(layout), shard_grads, weight_blocks)
     }
 
-    fn with_pieces(params: Vec<(String, Tensor)>, cfg: AdamWConfig, precision: UpdatePrecision, pieces: Vec<Option<(i64, i64)>>, layout: Option<super::shard_layout::Layout>, shard_grads: bool) -> AdamW {
+    fn with_pieces(params: Vec<(String, Tensor)>, cfg: AdamWConfig, precision: UpdatePrecision, pieces: Vec<Option<(i64, i64)>>, layout: Option<super::shard_layout::Layout>, shard_grads: bool, weight_blocks: Option<Vec<Tensor>>) -> AdamW {
         let state = precision.state.kind();
         let grad_shards = layout.as_ref().filter(|_| shard_grads).map(|l| l.zero_blocks());
         let places = layout.as_ref().map(|l| l.block_places()).unwrap_or_default();
@@ -101,8 +107,10 @@ impl AdamW {
                     name: name.clone(),
                     p: p.shallow_clone(),
                     index: i,
+                    shape: p.size(),
                     piece,
                     grad: grad_shards.as_ref().zip(places.get(i).copied().flatten()).map(|(shards, (b, at))| shards[b].narrow(0, at, piece.map_or(0, |(_, len)| len))),
+                    weight: weight_blocks.as_ref().zip(places.get(i).copied().flatten()).map(|(blocks, (b, at))| blocks[b].narrow(0, at, piece.map_or(0, |(_, len)| len))),
                 }
             })
             .collect();
@@ -135,7 +143,10 @@ impl AdamW {
                 let denom = (v.sqrt() / bc2_sqrt) + self.cfg.eps;
                 let update = (m / denom) * (-lr / bc1);
                 let decay = if q.decay && self.cfg.weight_decay != 0.0 { 1.0 - lr * self.cfg.weight_decay } else { 1.0 };
-                let mut p = piece_of(&q.p, q.piece);
+                let mut p = match &q.weight {
+                    Some(w) => w.shallow_clone(),
+                    None => piece_of(&q.p, q.piece),
+                };
                 let (lost_n, kept_n) = q.slot.apply_at(&mut p, &update, decay, rounding_key(seed, step, q.index), q.piece.map_or(0, |(s, _)| s));
                 lost.push(Tensor::stack(&[lost_n, kept_n], 0));
             }
@@ -269,7 +280,7 @@ impl AdamW {
         self.step = step.int64_value(&[0]);
         let mut rebuilt = 0;
         for q in self.params.iter_mut() {
-            let size = q.p.size();
+            let size = q.shape.clone();
             let piece = q.piece;
             let mut dsts = vec![(format!("m.{}", q.name), &mut q.m), (format!("v.{}", q.name), &mut q.v)];
             if let Some((k, t)) = q.slot.state_mut().map(|(prefix, t)| (format!("{prefix}.{}", q.name), t)) {

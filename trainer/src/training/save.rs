@@ -75,7 +75,8 @@ fn check_finite(model: &Model, name: &str, step: usize) -> Result<()> {
 /// fault-injection points the resume tests use.
 /// Data parallel: rank 0 writes (the replicas are identical) and every rank waits at a barrier after.
 fn save_checkpoint(ctx: &Ctx, state: &TrainState, model: &Model, opt: Option<&AdamW>) -> Result<()> {
-    // a sharded optimizer's state is gathered by every rank (collectives), written by rank 0
+    // a sharded optimizer's state and ZeRO-3's weights are gathered by every rank (collectives), written by rank 0
+    super::sharding::ensure_whole(ctx)?;
     let opt = opt.filter(|_| !state.stage_complete).map(|o| super::sharding::full_state(ctx, o)).transpose()?;
     if ctx.comm.is_main() {
         write_checkpoint(ctx, state, model, opt.as_deref())?;

@@ -61,14 +61,6 @@ impl Layout {
         Layout { rank, world, buckets, numels: params.iter().map(|(_, p)| p.numel() as i64).collect() }
     }
 
-    /// The order gradients are reduced in within a micro-batch: the layers last first (as the backward
-    /// finishes them), then the rest.
-    pub(super) fn reduce_order(&self) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.buckets.len()).collect();
-        order.sort_by_key(|&b| std::cmp::Reverse(self.buckets[b].layer.map_or(0, |l| l + 1)));
-        order
-    }
-
     /// This rank's elements of each parameter (ranges of its flattened elements; empty where it owns none).
     pub fn owned(&self) -> Vec<Range<i64>> {
         let mut out = vec![0..0; self.numels.len()];
@@ -149,7 +141,7 @@ mod layer_tests {
     use super::*;
 
     #[test]
-    fn buckets_follow_the_decoder_layers_and_reduce_last_layer_first() {
+    fn buckets_follow_the_decoder_layers() {
         let t = |n: i64| Tensor::zeros([n], (Kind::Float, tch::Device::Cpu));
         let names = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "model.layers.0.input_layernorm.weight", "model.layers.1.mlp.up_proj.weight", "model.norm.weight"];
         let params: Vec<(String, Tensor)> = names.iter().zip([10, 6, 2, 6, 2]).map(|(n, k)| (n.to_string(), t(k))).collect();
@@ -157,7 +149,6 @@ mod layer_tests {
         let members: Vec<Vec<usize>> = l.buckets.iter().map(|b| b.members.iter().map(|m| m.0).collect()).collect();
         assert_eq!(members, vec![vec![0, 4], vec![1, 2], vec![3]]);
         assert_eq!(l.buckets.iter().map(|b| b.layer).collect::<Vec<_>>(), vec![None, Some(0), Some(1)]);
-        assert_eq!(l.reduce_order(), vec![2, 1, 0]);
         assert_eq!(layer_of("model.layers.12.self_attn.q_proj.lora_A.weight"), Some(12));
         assert_eq!(layer_of("lm_head.weight"), None);
     }

@@ -28,8 +28,13 @@ use crate::settings::Sharding;
 
 /// The optimizer a stage trains with: over every trained parameter, or over this rank's pieces of them when
 /// `[run] sharding` shards the optimizer state (and with gradient shards when it shards the gradients).
-pub fn optimizer(ctx: &Ctx, params: Vec<(String, Tensor)>, cfg: super::optim::AdamWConfig, precision: crate::settings::UpdatePrecision) -> AdamW {
-    match ctx.run.sharding {
+pub fn optimizer(ctx: &Ctx, params: Vec<(String, Tensor)>, cfg: super::optim::AdamWConfig, precision: crate::settings::UpdatePrecision) -> Result<AdamW> {
+    // a previous stage's ZeRO-3 weights: whole again before this stage lays them out
+    let previous = ctx.weight_shards.borrow_mut().take();
+    if let Some(w) = previous {
+        w.gather_all()?;
+    }
+    Ok(match ctx.run.sharding {
         Sharding::None => AdamW::new(params, cfg, precision),
         _ => {
             let layout = Layout::new(&params, ctx.comm.rank(), ctx.comm.world());
@@ -43,8 +48,111 @@ pub fn optimizer(ctx: &Ctx, params: Vec<(String, Tensor)>, cfg: super::optim::Ad
                     layout.buckets.len()
                 );
             }
-            AdamW::sharded(params, cfg, precision, layout, ctx.run.sharding >= Sharding::Gradients)
+            if ctx.run.sharding < Sharding::Full {
+                return Ok(AdamW::sharded(params, cfg, precision, layout, ctx.run.sharding >= Sharding::Gradients, None));
+            }
+            // ZeRO-3: the weights' home becomes this rank's blocks; the whole tensors are released
+            let shards = std::rc::Rc::new(WeightShards::new(ctx.comm.clone(), layout.clone(), &params));
+            let opt = AdamW::sharded(params, cfg, precision, layout, true, Some(shards.blocks.iter().map(|b| b.shallow_clone()).collect()));
+            shards.release_all();
+            *ctx.weight_shards.borrow_mut() = Some(shards);
+            opt
         }
+    })
+}
+
+/// ZeRO-3: the trained weights live in this rank's blocks (one per bucket); a bucket's parameters are whole
+/// only while gathered — a decoder layer's around its forward and its backward (the model's layer hook), the
+/// embedding, final norm and head for a step's training passes, and everything for the passes that read whole
+/// weights (sampling, log-probabilities without gradients, evaluation, checkpoints: [`ensure_whole`]).
+/// Released parameters are empty tensors (`set_data`), so the model's modules keep pointing at them.
+pub struct WeightShards {
+    comm: std::rc::Rc<dyn dist::Communicator>,
+    layout: Layout,
+    params: Vec<Tensor>,
+    shapes: Vec<Vec<i64>>,
+    blocks: Vec<Tensor>,
+    /// Per bucket: its parameters are whole now.
+    gathered: std::cell::RefCell<Vec<bool>>,
+}
+
+impl WeightShards {
+    /// From whole parameters: copies this rank's elements into its blocks (the parameters stay whole).
+    fn new(comm: std::rc::Rc<dyn dist::Communicator>, layout: Layout, params: &[(String, Tensor)]) -> WeightShards {
+        let owned = layout.owned();
+        let blocks = layout.buckets.iter().map(|b| block_of(b, &owned, |i| Some(params[i].1.shallow_clone()), b.kind)).collect();
+        WeightShards {
+            comm,
+            gathered: std::cell::RefCell::new(vec![true; layout.buckets.len()]),
+            layout,
+            shapes: params.iter().map(|(_, p)| p.size()).collect(),
+            params: params.iter().map(|(_, p)| p.shallow_clone()).collect(),
+            blocks,
+        }
+    }
+
+    /// Makes bucket `b`'s parameters whole (an all-gather), unless they are.
+    fn gather(&self, b: usize) -> Result<()> {
+        if self.gathered.borrow()[b] {
+            return Ok(());
+        }
+        let bucket = &self.layout.buckets[b];
+        let full = Tensor::zeros([bucket.block * self.layout.world as i64], (bucket.kind, bucket.device));
+        self.comm.all_gather_flat(&full, &self.blocks[b])?;
+        tch::no_grad(|| {
+            for &(i, start, n) in &bucket.members {
+                self.params[i].shallow_clone().set_data(&full.narrow(0, start, n).view(self.shapes[i].as_slice()));
+            }
+        });
+        self.gathered.borrow_mut()[b] = true;
+        Ok(())
+    }
+
+    /// Frees bucket `b`'s whole parameters (its block stays).
+    fn release(&self, b: usize) {
+        if !self.gathered.borrow()[b] {
+            return;
+        }
+        let bucket = &self.layout.buckets[b];
+        tch::no_grad(|| {
+            for &(i, _, _) in &bucket.members {
+                self.params[i].shallow_clone().set_data(&Tensor::empty([0], (bucket.kind, bucket.device)));
+            }
+        });
+        self.gathered.borrow_mut()[b] = false;
+    }
+
+    fn buckets_of(&self, layer: Option<usize>) -> Vec<usize> {
+        (0..self.layout.buckets.len()).filter(|&b| self.layout.buckets[b].layer == layer).collect()
+    }
+
+    fn gather_layer(&self, layer: Option<usize>) -> Result<()> {
+        self.buckets_of(layer).into_iter().try_for_each(|b| self.gather(b))
+    }
+
+    fn release_layer(&self, layer: Option<usize>) {
+        self.buckets_of(layer).into_iter().for_each(|b| self.release(b))
+    }
+
+    /// Every parameter whole (all-gathers the buckets that are not).
+    pub fn gather_all(&self) -> Result<()> {
+        (0..self.layout.buckets.len()).try_for_each(|b| self.gather(b))
+    }
+
+    /// Every whole parameter released.
+    pub fn release_all(&self) {
+        (0..self.layout.buckets.len()).for_each(|b| self.release(b))
+    }
+}
+
+/// Before a pass that reads whole weights (sampling, log-probabilities without gradients, evaluation,
+/// checkpoints, the KL reference's copy): under ZeRO-3 every rank gathers them. Every rank must call it at
+/// the same point (a no-op, and no collective, when the weights are whole already or not sharded).
+pub fn ensure_whole(ctx: &Ctx) -> Result<()> {
+    let shards = ctx.weight_shards.borrow().clone();
+    match shards {
+        Some(w) => w.gather_all(),
+        None => Ok(()),
     }
 }
 
@@ -56,6 +164,8 @@ pub fn optimizer(ctx: &Ctx, params: Vec<(String, Tensor)>, cfg: super::optim::Ad
 /// no micro-batch left reduces zeros.
 pub struct GradReducer {
     comm: std::rc::Rc<dyn dist::Communicator>,
+    /// ZeRO-3: the weights, gathered a layer at a time around its forward and backward.
+    weights: Option<std::rc::Rc<WeightShards>>,
     layout: Layout,
     params: Vec<Tensor>,
     shards: Vec<Tensor>,
@@ -69,8 +179,10 @@ impl GradReducer {
     /// The reducer of `opt`'s gradient shards, when it has them; it is the model's layer hook until dropped.
     pub fn new(ctx: &Ctx, opt: &AdamW) -> Option<std::rc::Rc<GradReducer>> {
         let (layout, shards) = (opt.layout.clone()?, opt.grad_shards()?);
+        let weights = ctx.weight_shards.borrow().clone();
         let r = std::rc::Rc::new(GradReducer {
             comm: ctx.comm.clone(),
+            weights,
             done: std::cell::RefCell::new(vec![false; layout.buckets.len()]),
             layout,
             params: opt.parameters().iter().map(|(_, p)| p.shallow_clone()).collect(),
@@ -78,12 +190,49 @@ impl GradReducer {
             error: Default::default(),
         });
         let hook = std::rc::Rc::downgrade(&r);
-        model::transformer::set_layer_backward_hook(Some(std::rc::Rc::new(move |layer| {
+        model::transformer::set_layer_hook(Some(std::rc::Rc::new(move |e| {
             if let Some(r) = hook.upgrade() {
-                r.layer_done(layer);
+                r.event(e);
             }
         })));
         Some(r)
+    }
+
+    /// The model's layer hook.
+    fn event(&self, e: model::transformer::LayerEvent) {
+        use model::transformer::LayerEvent;
+        match (e, &self.weights) {
+            (LayerEvent::Enter(layer), Some(w)) => self.note(w.gather_layer(Some(layer))),
+            (LayerEvent::Leave(layer), Some(w)) => w.release_layer(Some(layer)),
+            (LayerEvent::BackwardDone(layer), _) => self.layer_done(layer),
+            _ => {}
+        }
+    }
+
+    /// Keeps the first error of a collective inside the backward for [`GradReducer::finish_micro`].
+    fn note(&self, r: Result<()>) {
+        if let Err(e) = r {
+            self.error.borrow_mut().get_or_insert(e.to_string());
+        }
+    }
+
+    /// ZeRO-3, at the start of a step's training passes: the whole weights (from sampling or evaluation)
+    /// released, the embedding, final norm and head gathered for the step.
+    pub fn start_step(&self) -> Result<()> {
+        match &self.weights {
+            Some(w) => {
+                w.release_all();
+                w.gather_layer(None)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// ZeRO-3, after the step's training passes: the embedding, final norm and head released.
+    pub fn end_step(&self) {
+        if let Some(w) = &self.weights {
+            w.release_layer(None);
+        }
     }
 
     /// The model's hook: layer `layer`'s gradients are final for this micro-batch.
@@ -112,9 +261,33 @@ impl GradReducer {
         if let Some(e) = self.error.borrow_mut().take() {
             anyhow::bail!("{e}");
         }
-        for b in self.layout.reduce_order() {
-            if !self.done.borrow()[b] {
+        let layers: Vec<usize> = {
+            let mut l: Vec<usize> = self.layout.buckets.iter().filter_map(|b| b.layer).collect();
+            l.dedup();
+            l
+        };
+        // ZeRO-3, a rank without a micro-batch this round: the forward's gathers, layer by layer
+        if let (true, Some(w)) = (zeros, &self.weights) {
+            for &l in &layers {
+                w.gather_layer(Some(l))?;
+                w.release_layer(Some(l));
+            }
+        }
+        // the backward's reductions not done by the hook (no micro-batch, or no backward through the layers),
+        // in the hook's order and with its gathers: each layer last first, then the rest
+        for l in layers.iter().rev().map(|&l| Some(l)).chain([None]) {
+            let todo: Vec<usize> = (0..self.layout.buckets.len()).filter(|&b| self.layout.buckets[b].layer == l && !self.done.borrow()[b]).collect();
+            if todo.is_empty() {
+                continue;
+            }
+            if let (Some(w), Some(_)) = (&self.weights, l) {
+                w.gather_layer(l)?;
+            }
+            for b in todo {
                 self.reduce(b, zeros)?;
+            }
+            if let (Some(w), Some(_)) = (&self.weights, l) {
+                w.release_layer(l);
             }
         }
         self.done.borrow_mut().iter_mut().for_each(|d| *d = false);
@@ -146,7 +319,7 @@ impl GradReducer {
 
 impl Drop for GradReducer {
     fn drop(&mut self) {
-        model::transformer::set_layer_backward_hook(None);
+        model::transformer::set_layer_hook(None);
     }
 }
 
@@ -175,6 +348,11 @@ pub fn clip_grad_norm(ctx: &Ctx, opt: &mut AdamW, max_norm: f64) -> Result<f64> 
 /// bucket), and the lost-update counts are summed over the ranks. A no-op unsharded.
 pub fn after_step(ctx: &Ctx, opt: &mut AdamW) -> Result<()> {
     let Some(layout) = opt.layout.clone() else { return Ok(()) };
+    if let Some(w) = ctx.weight_shards.borrow().as_ref() {
+        // ZeRO-3: the blocks were updated; whole copies (none should be left) would be stale
+        w.release_all();
+        return sum_lost(ctx, opt);
+    }
     let params: Vec<Tensor> = opt.parameters().iter().map(|(_, p)| p.shallow_clone()).collect();
     let owned = layout.owned();
     for b in &layout.buckets {
@@ -185,6 +363,11 @@ pub fn after_step(ctx: &Ctx, opt: &mut AdamW) -> Result<()> {
             }
         });
     }
+    sum_lost(ctx, opt)
+}
+
+/// The lost-update counts summed over the ranks (each counted its own elements).
+fn sum_lost(ctx: &Ctx, opt: &mut AdamW) -> Result<()> {
     let lost = opt.lost_counts_mut();
     let mut c = [lost.0, lost.1];
     ctx.comm.all_reduce_i64(&mut c)?;
@@ -227,6 +410,15 @@ pub fn full_state(ctx: &Ctx, opt: &AdamW) -> Result<Vec<(String, Tensor)>> {
 /// One bucket, gathered: each rank contributes its block — the owned pieces of `piece(i)` (the whole
 /// parameter, or a flat state piece) in bucket order, zero-padded — and gets the whole flat bucket.
 fn all_gather(ctx: &Ctx, layout: &Layout, b: &Bucket, owned: &[Range<i64>], piece: impl Fn(usize) -> Option<Tensor>, kind: Kind) -> Result<Tensor> {
+    let block = block_of(b, owned, piece, kind);
+    let full = Tensor::zeros([b.block * layout.world as i64], (kind, b.device));
+    ctx.comm.all_gather_flat(&full, &block)?;
+    Ok(full)
+}
+
+/// This rank's block of bucket `b`: the owned pieces of `piece(i)` (the whole parameter, or a flat state
+/// piece) in bucket order, zero-padded.
+fn block_of(b: &Bucket, owned: &[Range<i64>], piece: impl Fn(usize) -> Option<Tensor>, kind: Kind) -> Tensor {
     let block = Tensor::zeros([b.block], (kind, b.device));
     tch::no_grad(|| {
         let mut at = 0;
@@ -244,7 +436,5 @@ fn all_gather(ctx: &Ctx, layout: &Layout, b: &Bucket, owned: &[Range<i64>], piec
             at += len;
         }
     });
-    let full = Tensor::zeros([b.block * layout.world as i64], (kind, b.device));
-    ctx.comm.all_gather_flat(&full, &block)?;
-    Ok(full)
+    block
 }

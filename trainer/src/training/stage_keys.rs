@@ -160,7 +160,7 @@ impl OptimArgs {
 
     /// AdamW over the model's trainable parameters (all of them, or its adapter's; gradients switched on),
     /// with the run's update precision, sharded over the ranks as `[run] sharding` says.
-    pub fn optimizer(&self, ctx: &Ctx, model: &Model) -> AdamW {
+    pub fn optimizer(&self, ctx: &Ctx, model: &Model) -> Result<AdamW> {
         super::sharding::optimizer(ctx, trained(model), self.adam, ctx.model_spec.update_precision(ctx.run.seed))
     }
 

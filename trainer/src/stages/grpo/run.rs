@@ -40,7 +40,7 @@ pub fn run(ctx: &Ctx, index: usize, name: &str, s: &GrpoStage, model: &Model, re
         eprintln!("[{name}] dropped {too_long} prompts longer than max_prompt_length = {}", s.max_prompt_length);
     }
     let optim = s.optim();
-    let mut opt = optim.optimizer(ctx, model);
+    let mut opt = optim.optimizer(ctx, model)?;
     let mut st: GrpoState = match resume {
         Some(c) => {
             opt.load(&c.optimizer_path())?;
@@ -125,6 +125,8 @@ fn reference_model(ctx: &Ctx, index: usize, s: &GrpoStage, model: &Model, start:
     if s.kl_coef <= 0.0 {
         return Ok(None);
     }
+    // ZeRO-3: the copy is of whole weights (and stays whole)
+    crate::training::sharding::ensure_whole(ctx)?;
     let full = || if start == 0 { Ok(update::frozen_copy(model)) } else { models::stage_start_model(ctx, index, model.net.kind(), model.net.device()) };
     Ok(Some(models::reference_model(model, full)?))
 }

@@ -35,6 +35,8 @@ pub struct Scored {
 /// Scores the step's groups: training rows, log-probabilities, KL in the reward when asked, and the
 /// advantages over the whole step's rewards (every rank's, in rank order; this rank keeps its own).
 pub fn score(ctx: &Ctx, s: &GrpoStage, model: &Model, reference: Option<&Model>, problems: &[Problem], groups: &[Group], temperature: f64) -> Result<Scored> {
+    // ZeRO-3: log-probabilities without gradients on whole weights (every rank, even one without rows)
+    crate::training::sharding::ensure_whole(ctx)?;
     let chunk = s.loss_chunk as i64;
     let mut rewards_flat: Vec<f64> = groups.iter().flat_map(|gr| gr.done.iter().map(|x| x.reward)).collect();
     let (rows, group_of) = rows_of(groups, problems, s.mask_truncated_completions);
