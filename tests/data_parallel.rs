@@ -403,6 +403,12 @@ fn two_rank_lora_grpo_is_bitwise_one_process() {
     let log = ok(&train(&zero1, Some(2), &["--set", "run.sharding=\"optimizer\""], &[]));
     assert!(log.contains("sharding \"optimizer\" over 2 rank(s)"), "{log}");
     assert_eq!(adapter(&one), adapter(&zero1), "2-rank LoRA GRPO with ZeRO-1 differs from 1 process");
+    // the adapter sharded whole (ZeRO-3, gathered per layer over the whole frozen base) trains ZeRO-2's adapter
+    let (zero2, zero3) = (setup(root.path(), "zero2", &body), setup(root.path(), "zero3", &body));
+    for (d, m) in [(&zero2, "gradients"), (&zero3, "full")] {
+        ok(&train(d, Some(2), &["--set", &format!("run.sharding=\"{m}\""), "--set", "stage.0.gradient_checkpointing=true"], &[]));
+    }
+    assert_eq!(adapter(&zero2), adapter(&zero3), "2-rank LoRA GRPO with ZeRO-3 differs from ZeRO-2");
 }
 
 /// `[run] sharding = "optimizer"` (ZeRO-1): each rank keeps AdamW's state for its block of every flat bucket,

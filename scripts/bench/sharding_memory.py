@@ -2,7 +2,7 @@
 """Per-rank peak memory of sharded data parallelism against the dry run's plan (issue 20): SFT on a random
 81 M-parameter Llama on the CPU (fp32; two micro-batches of 2 × 128 tokens per rank and step, so gradients
 accumulate), on 2 and 4 Gloo ranks, with `[run] sharding` "none", "optimizer" and "gradients" (and on 4 ranks
-with activation checkpointing, under which ZeRO-2 reduces layer by layer). Prints the plan's
+with activation checkpointing, under which ZeRO-2 reduces layer by layer and "full" (ZeRO-3) runs). Prints the plan's
 per-rank total (`--dry-run --nproc-per-node N`) next to the largest peak resident memory of the ranks (each rank
 prints its VmHWM when it ends; it includes libtorch's own few hundred MB and Gloo's buffers, which the last rows
 measure on a 0.1 M-parameter model).
@@ -48,7 +48,7 @@ def main():
         big = dict(vocab=32000, hidden=768, inter=2048)
         tiny = dict(vocab=260, hidden=24, inter=48)
         runs = [(w, s, big, "false", s) for w in [2, 4] for s in ["none", "optimizer", "gradients"]]
-        runs += [(4, s, big, "true", f"{s}, activation checkpointing") for s in ["none", "gradients"]]
+        runs += [(4, s, big, "true", f"{s}, activation checkpointing") for s in ["none", "gradients", "full"]]
         runs += [(w, "none", tiny, "false", "baseline: 0.1 M parameters") for w in [2, 4]]
         for world, sharding, shape, ck, label in runs:
             r = os.path.join(d, "r.toml")

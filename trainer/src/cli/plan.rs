@@ -26,7 +26,7 @@ pub fn memory_plan(r: &Recipe, cfg: &model::ModelConfig, world: usize, gpu_memor
     let plan = Plan { model: memory::ModelShape::of(cfg), weights, compute: autocast.unwrap_or(weights), precision: r.model.update_precision(r.run.seed), adapter, world: world as i64 };
     let gb = |x: f64| format!("{:.1}", x / 1e9);
     let mut s = format!(
-        "{world} rank(s), GB per rank, for each [run] sharding (\"none\", \"optimizer\" = ZeRO-1 and \"gradients\" = ZeRO-2 run; \"full\" = ZeRO-3 is planned, not built); the recipe's is marked ←; activations are an estimate for one micro-batch; total = the state and reference + the largest of sampling (decode copy + KV cache), activations and step temporaries, which come one after another\n"
+        "{world} rank(s), GB per rank, for each [run] sharding (\"none\", \"optimizer\" = ZeRO-1, \"gradients\" = ZeRO-2, \"full\" = ZeRO-3, whose decode copy column includes the whole weights it gathers for sampling, evaluation and checkpoints); the recipe's is marked ←; activations are an estimate for one micro-batch; total = the state and reference + the largest of sampling (decode copy + KV cache), activations and step temporaries, which come one after another\n"
     );
     for (i, st) in r.stage.iter().enumerate() {
         let shape = st.memory_shape(&r.generation);

@@ -4,8 +4,7 @@
 //! over the ranks (ZeRO, Rajbhandari et al. 2020, arXiv 1910.02054: stage 1 shards the optimizer state, stage 2
 //! the gradients too, stage 3 the parameters too).
 //!
-//! The modes are `[run] sharding` (see `training::sharding` for what each one does); "full" is not built yet
-//! and its column is the design's.
+//! The modes are `[run] sharding` (see `training::sharding` for what each one does).
 
 use tch::Kind;
 
@@ -113,14 +112,17 @@ impl Plan {
         let mut r = RankMemory::default();
         match self.adapter {
             Some(a) => {
-                // a frozen base (sharded only under full sharding, gathered a layer at a time) and an fp32 adapter
-                r.weights = n * wb as f64 * part(Sharding::Full) + if sharding == Sharding::Full { layer * wb as f64 } else { 0.0 } + a as f64 * 4.0;
-                r.gradients = a as f64 * 4.0;
-                r.moments = a as f64 * 8.0;
+                // a frozen base, whole on every rank (sharding spreads the trained parameters: the adapter)
+                let a = a as f64;
+                r.weights = n * wb as f64 + a * 4.0 * part(Sharding::Full);
+                r.gradients = a * 4.0 * part(Sharding::Gradients);
+                r.moments = a * 8.0 * part(Sharding::Optimizer);
             }
             None => {
-                // full sharding gathers one layer's weights for its forward (and again for its backward)
-                r.weights = n * wb as f64 * part(Sharding::Full) + if sharding == Sharding::Full { layer * wb as f64 } else { 0.0 };
+                // full sharding: this rank's blocks, one gathered layer, and the embedding, norm and head gathered
+                // for the step's training passes
+                let embed = m.embed_params as f64;
+                r.weights = n * wb as f64 * part(Sharding::Full) + if sharding == Sharding::Full { (layer + embed) * wb as f64 } else { 0.0 };
                 r.update_state = n * extra as f64 * part(Sharding::Optimizer);
                 let full = n * gb as f64;
                 r.gradients = match sharding {
@@ -130,25 +132,28 @@ impl Plan {
                     // reduced (with checkpointing one layer's gradient and the embedding's and head's, reduced
                     // layer by layer; else the whole gradient), and the reduce-scatter's flat buffer of the
                     // largest bucket (the embedding's)
-                    Sharding::Gradients if s.checkpointing => full / w + (layer + 2.0 * m.embed_params as f64) * gb as f64,
-                    Sharding::Gradients => full / w + full + m.embed_params as f64 * gb as f64,
-                    // (planned) per-layer reduction in the backward: the shard and one layer's gradient
-                    Sharding::Full => full / w + layer * gb as f64,
+                    // (full sharding runs under activation checkpointing)
+                    Sharding::Gradients | Sharding::Full if s.checkpointing || sharding == Sharding::Full => full / w + (layer + 2.0 * embed) * gb as f64,
+                    Sharding::Gradients | Sharding::Full => full / w + full + embed * gb as f64,
                 };
                 r.moments = n * mb as f64 * part(Sharding::Optimizer);
             }
         }
-        // GRPO's KL reference: a second copy of the weights (under LoRA the base with the adapter off: free)
+        // GRPO's KL reference: a second, whole copy of the weights (under LoRA the base with the adapter off: free)
         if s.reference && self.adapter.is_none() {
-            r.reference = n * wb as f64 * part(Sharding::Full);
+            r.reference = n * wb as f64;
         }
         let cb = self.compute.elt_size_in_bytes() as f64;
         if let Some((slots, fused)) = s.sampling {
             r.kv_cache = (slots * m.layers * m.kv_per_token_layer) as f64 * cb;
-            // the engine decodes on whole weights: a fused copy of the layers in the compute dtype, plus (under
-            // full sharding) the gathered weights it is made from
+            // the engine decodes on a fused copy of the layers in the compute dtype
             let layers = (m.params - m.embed_params) as f64;
-            r.decode_weights = if fused { layers * cb } else { 0.0 } + if sharding == Sharding::Full { layers * wb as f64 } else { 0.0 };
+            r.decode_weights = if fused { layers * cb } else { 0.0 };
+        }
+        // full sharding: sampling, log-probabilities without gradients, evaluation and checkpoints run on the
+        // whole weights, gathered for the pass
+        if sharding == Sharding::Full && self.adapter.is_none() {
+            r.decode_weights += n * wb as f64;
         }
         r.activations = activations(m, s, cb);
         // the largest tensor: the embedding (vocab × hidden), or an adapter's
@@ -200,8 +205,9 @@ mod tests {
     /// Phi-4-mini's 3.84 B parameters in bf16 with fp32 master weights on 8 ranks: 16 B a parameter unsharded,
     /// 2 + 2 + 12/8 with the optimizer sharded, 2 + 14/8 with gradients too, 16/8 with everything (the figures
     /// of issue 20: about 61, 21, 14 and 8 GB), plus what whet holds on top: one gathered layer under full
-    /// sharding, one micro-batch's whole gradient under gradient sharding (with activation checkpointing one
-    /// layer's and the embedding's), a second gradient when unsharded gradients accumulate.
+    /// sharding (and the embedding's), one micro-batch's whole gradient under gradient sharding (with activation
+    /// checkpointing one layer's and the embedding's, and the reduction's buffer), a second gradient when
+    /// unsharded gradients accumulate.
     #[test]
     fn training_state_per_rank_follows_the_zero_stages() {
         let model = ModelShape { params: 3_840_000_000, layers: 32, hidden: 3072, intermediate: 8192, vocab: 200_064, kv_per_token_layer: 2 * 8 * 128, embed_params: 200_064 * 3072 };
@@ -221,7 +227,8 @@ mod tests {
         let ck = StageShape { checkpointing: true, ..s };
         let held = 2.0 * (layer + model.embed_params as f64) + bucket;
         assert!((gb(plan.rank(&ck, Sharding::Gradients).state() - held) - 3.84 * 3.75).abs() < 0.01);
-        assert!((gb(state(Sharding::Full) - 4.0 * layer) - 3.84 * 2.0).abs() < 0.01);
+        let embed = model.embed_params as f64;
+        assert!((gb(state(Sharding::Full) - 2.0 * (2.0 * layer + 3.0 * embed)) - 3.84 * 2.0).abs() < 0.01);
         // LoRA: the frozen base and 16 B per adapter parameter
         let lora = Plan { adapter: Some(10_000_000), ..plan };
         assert!((lora.rank(&s, Sharding::None).state() - (3.84e9 * 2.0 + 16.0 * 1e7)).abs() < 1.0);
@@ -235,7 +242,7 @@ mod tests {
         let r = plan.rank(&s, Sharding::None);
         assert_eq!(r.kv_cache, 100.0 * 2.0 * 4.0 * 2.0);
         assert_eq!(r.decode_weights, 800.0 * 2.0);
-        assert_eq!(plan.rank(&s, Sharding::Full).decode_weights, 800.0 * 2.0 + 800.0 * 4.0);
+        assert_eq!(plan.rank(&s, Sharding::Full).decode_weights, 800.0 * 2.0 + 1000.0 * 4.0);
         // the peak holds sampling or a micro-batch's activations, not both
         let r = plan.rank(&StageShape { micro_tokens: 1, ..s }, Sharding::None);
         assert_eq!(r.total(), r.state() + r.decode_weights + r.kv_cache);
