@@ -77,9 +77,11 @@ pub struct RunSpec {
     pub nonfinite: NonFinite,
     /// How data parallelism spreads the training state over the ranks: "none" (every rank holds all of it),
     /// "optimizer" (ZeRO-1: each rank keeps AdamW's moments and the fp32 master weights of its 1/N of every
-    /// flat parameter bucket, updates that part and all-gathers the weights), "gradients" (ZeRO-2), "full"
-    /// (ZeRO-3). The final weights equal "none"'s; checkpoints are the same files whatever the mode and world
-    /// size.
+    /// flat parameter bucket, updates that part and all-gathers the weights), "gradients" (ZeRO-2: the summed
+    /// gradients sharded too, reduced layer by layer under activation checkpointing), "full" (ZeRO-3: the
+    /// weights sharded too, a decoder layer gathered around its forward and backward; needs
+    /// gradient_checkpointing). The final weights equal "none"'s (ZeRO-1 bit for bit, ZeRO-2/3 within float
+    /// rounding); checkpoints are the same files whatever the mode and world size.
     #[serde(default, skip_serializing_if = "super::is_default")]
     #[schemars(extend("default" = "none"))]
     pub sharding: Sharding,

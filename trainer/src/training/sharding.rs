@@ -10,6 +10,12 @@
 //!   ranks all-gather the updated weights bucket by bucket. AdamW is elementwise and the dither and stochastic
 //!   rounding bits are keyed by the element's place in its whole parameter, so the weights are bit-identical
 //!   to `none`'s in every precision mode.
+//! - `gradients` (ZeRO-2): each micro-batch's gradients are reduce-scattered into per-bucket gradient shards and
+//!   released — under activation checkpointing layer by layer as the backward finishes each layer
+//!   ([`GradReducer`], through the model's layer hook) — and AdamW reads its pieces from the shards.
+//! - `full` (ZeRO-3): the weights live in per-bucket blocks ([`WeightShards`]); a layer is gathered around its
+//!   forward and backward, the embedding group for a step's training passes, everything for the passes that
+//!   read whole weights ([`ensure_whole`]). The arithmetic is ZeRO-2's, so the weights are too, bit for bit.
 //! - Checkpoints hold the unsharded optimizer state: the ranks all-gather it bucket by bucket and rank 0
 //!   writes the very file `none` writes; a resume takes each rank's pieces from it, so a stage resumes on any
 //!   world size and in any sharding mode.
