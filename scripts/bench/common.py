@@ -15,6 +15,16 @@ def ensure_assets(assets):
         subprocess.run([VENV_PY, os.path.join(TRL, "assets.py"), "--out", assets], check=True)
 
 
+def random_llama_recipe(run_keys, stage, vocab=32000, hidden=768, inter=2048):
+    """A recipe (a format string with `{out}`) for SFT-style runs on a random 8-layer Llama — by default the
+    81 M-parameter one the memory benchmarks use — with extra `[run]` keys and a `[[stage]]` body."""
+    model = (f'config = {{{{ model_type = "llama", vocab_size = {vocab}, hidden_size = {hidden}, intermediate_size = {inter}, '
+             'num_hidden_layers = 8, num_attention_heads = 12, num_key_value_heads = 12, max_position_embeddings = 1024, '
+             'tie_word_embeddings = true }}')
+    return (f'\n[model]\n{model}\ntokenizer = "builtin:bytes"\ndevice = "cpu"\n\n[run]\noutput_dir = "{{out}}"\nthreads = 1\n'
+            f'save_every = 0\n{run_keys}\n[[stage]]\n{stage}')
+
+
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
 
 

@@ -11,21 +11,9 @@ import re
 import subprocess
 import tempfile
 
-from common import TARGET
+from common import TARGET, random_llama_recipe
 
-RECIPE = """
-[model]
-config = {{ model_type = "llama", vocab_size = 32000, hidden_size = 768, intermediate_size = 2048, num_hidden_layers = 8, num_attention_heads = 12, num_key_value_heads = 12, max_position_embeddings = 1024, tie_word_embeddings = true }}
-tokenizer = "builtin:bytes"
-device = "cpu"
-
-[run]
-output_dir = "{out}"
-threads = 1
-save_every = 0
-
-[[stage]]
-kind = "sft"
+RECIPE = random_llama_recipe("", """kind = "sft"
 synthetic = {{ count = 64, arithmetic = {{ seed = 1 }} }}
 tokenize = {{ max_length = {length} }}
 packing = true
@@ -33,7 +21,7 @@ max_steps = 2
 batch_size = {rows}
 gradient_checkpointing = {ck}
 lr = 1e-4
-"""
+""")
 
 
 def main():

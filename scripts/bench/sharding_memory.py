@@ -14,22 +14,9 @@ import re
 import subprocess
 import tempfile
 
-from common import TARGET
+from common import TARGET, random_llama_recipe
 
-RECIPE = """
-[model]
-config = {{ model_type = "llama", vocab_size = {vocab}, hidden_size = {hidden}, intermediate_size = {inter}, num_hidden_layers = 8, num_attention_heads = 12, num_key_value_heads = 12, max_position_embeddings = 1024, tie_word_embeddings = true }}
-tokenizer = "builtin:bytes"
-device = "cpu"
-
-[run]
-output_dir = "{out}"
-threads = 1
-save_every = 0
-sharding = "{sharding}"
-
-[[stage]]
-kind = "sft"
+STAGE = """kind = "sft"
 synthetic = {{ count = 64, arithmetic = {{ seed = 1 }} }}
 tokenize = {{ max_length = 128 }}
 max_steps = 2
@@ -45,7 +32,7 @@ def main():
     print("| ranks | sharding | plan per rank (GB) | measured peak RSS, largest rank (GB) | measured − plan (GB) |")
     print("|---:|---|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as d:
-        big = dict(vocab=32000, hidden=768, inter=2048)
+        big = dict()
         tiny = dict(vocab=260, hidden=24, inter=48)
         runs = [(w, s, big, "false", s) for w in [2, 4] for s in ["none", "optimizer", "gradients"]]
         runs += [(4, s, big, "true", f"{s}, activation checkpointing") for s in ["none", "gradients", "full"]]
@@ -53,7 +40,8 @@ def main():
         for world, sharding, shape, ck, label in runs:
             r = os.path.join(d, "r.toml")
             with open(r, "w") as f:
-                f.write(RECIPE.format(out=os.path.join(d, f"out-{world}-{label}"), sharding=sharding, ck=ck, **shape))
+                recipe = random_llama_recipe(f'sharding = "{sharding}"\n', STAGE, **shape)
+                f.write(recipe.format(out=os.path.join(d, f"out-{world}-{label}"), ck=ck))
             launch = ["--nproc-per-node", str(world)]
             plan = subprocess.run([train, "--recipe", r, "--dry-run", *launch], capture_output=True, text=True, check=True).stdout
             row = [l for l in plan.splitlines() if l.startswith(f"| {sharding} ←")][0]
@@ -63,6 +51,7 @@ def main():
             peaks = [float(x) for x in re.findall(r"peak resident memory of this process: ([0-9.]+) GB", run.stderr)]
             assert len(peaks) == world, run.stderr
             print(f"| {world} | {label} | {total:.2f} | {max(peaks):.2f} | {max(peaks) - total:+.2f} |", flush=True)
+
 
 if __name__ == "__main__":
     main()
