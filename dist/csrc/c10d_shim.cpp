@@ -33,6 +33,9 @@ struct c10d_pg {
   c10::intrusive_ptr<c10d::Backend> pg;
   std::string name;
 };
+struct c10d_work {
+  c10::intrusive_ptr<c10d::Work> work;
+};
 
 static thread_local std::string last_error;
 static thread_local bool has_error = false;
@@ -194,6 +197,34 @@ int c10d_pg_reduce_scatter_flat_sum(c10d_pg* pg, void* out, void* in) {
     pg->pg->_reduce_scatter_base(o, i, opts)->wait();
     return 0;
   });
+}
+
+c10d_work* c10d_pg_allgather_flat_start(c10d_pg* pg, void* out, void* in) {
+  return guard<c10d_work*>(nullptr, [&] {
+    at::Tensor o = static_cast<at::Tensor*>(out)->detach();
+    at::Tensor i = static_cast<at::Tensor*>(in)->detach();
+    c10d::AllgatherOptions opts;
+    return new c10d_work{pg->pg->_allgather_base(o, i, opts)};
+  });
+}
+
+c10d_work* c10d_pg_reduce_scatter_flat_sum_start(c10d_pg* pg, void* out, void* in) {
+  return guard<c10d_work*>(nullptr, [&] {
+    at::Tensor o = static_cast<at::Tensor*>(out)->detach();
+    at::Tensor i = static_cast<at::Tensor*>(in)->detach();
+    c10d::ReduceScatterOptions opts;
+    opts.reduceOp = c10d::ReduceOp::SUM;
+    return new c10d_work{pg->pg->_reduce_scatter_base(o, i, opts)};
+  });
+}
+
+int c10d_work_wait(c10d_work* w) {
+  int rc = guard<int>(-1, [&] {
+    w->work->wait();
+    return 0;
+  });
+  delete w;
+  return rc;
 }
 
 int c10d_pg_barrier(c10d_pg* pg) {

@@ -12,6 +12,7 @@ extern "C" {
 
 typedef struct c10d_store c10d_store;
 typedef struct c10d_pg c10d_pg;
+typedef struct c10d_work c10d_work;
 
 const char* c10d_last_error(void);
 
@@ -41,6 +42,11 @@ int c10d_pg_broadcast(c10d_pg* pg, void* const* tensors, int n, int root);
 int c10d_pg_allgather_flat(c10d_pg* pg, void* out, void* in);
 /* out (n elements) ← the SUM over the ranks of this rank's block of `in` (world × n elements, flat). */
 int c10d_pg_reduce_scatter_flat_sum(c10d_pg* pg, void* out, void* in);
+/* The same two, started: they run on the backend's own threads (Gloo) or stream (NCCL) until waited for. */
+c10d_work* c10d_pg_allgather_flat_start(c10d_pg* pg, void* out, void* in);
+c10d_work* c10d_pg_reduce_scatter_flat_sum_start(c10d_pg* pg, void* out, void* in);
+/* Waits for a started collective and frees its handle (also on error). */
+int c10d_work_wait(c10d_work* w);
 int c10d_pg_barrier(c10d_pg* pg);
 void c10d_pg_free(c10d_pg* pg);
 

@@ -8,6 +8,10 @@ pub struct c10d_store {
     _private: [u8; 0],
 }
 #[repr(C)]
+pub struct c10d_work {
+    _p: [u8; 0],
+}
+#[repr(C)]
 pub struct c10d_pg {
     _private: [u8; 0],
 }
@@ -29,6 +33,9 @@ extern "C" {
     pub fn c10d_pg_broadcast(pg: *mut c10d_pg, tensors: *const *mut c_void, n: c_int, root: c_int) -> c_int;
     pub fn c10d_pg_allgather_flat(pg: *mut c10d_pg, out: *mut c_void, input: *mut c_void) -> c_int;
     pub fn c10d_pg_reduce_scatter_flat_sum(pg: *mut c10d_pg, out: *mut c_void, input: *mut c_void) -> c_int;
+    pub fn c10d_pg_allgather_flat_start(pg: *mut c10d_pg, out: *mut c_void, input: *mut c_void) -> *mut c10d_work;
+    pub fn c10d_pg_reduce_scatter_flat_sum_start(pg: *mut c10d_pg, out: *mut c_void, input: *mut c_void) -> *mut c10d_work;
+    pub fn c10d_work_wait(w: *mut c10d_work) -> c_int;
     pub fn c10d_pg_barrier(pg: *mut c10d_pg) -> c_int;
     pub fn c10d_pg_free(pg: *mut c10d_pg);
 }

@@ -246,6 +246,22 @@ impl ProcessGroup {
         Ok(())
     }
 
+    /// [`ProcessGroup::all_gather_flat`], started: the buffers must stay untouched until it is waited for.
+    pub fn all_gather_flat_start(&self, out: &Tensor, input: &Tensor) -> Result<Pending> {
+        check_flat(out, input, self.size())?;
+        // SAFETY: both are live at::Tensors for the call; the work keeps its own references to them.
+        let w = unsafe { ffi::c10d_pg_allgather_flat_start(self.ptr, out.as_ptr() as *mut c_void, input.as_ptr() as *mut c_void) };
+        Pending::started(w, "all-gather")
+    }
+
+    /// [`ProcessGroup::reduce_scatter_flat_sum`], started.
+    pub fn reduce_scatter_flat_sum_start(&self, out: &Tensor, input: &Tensor) -> Result<Pending> {
+        check_flat(input, out, self.size())?;
+        // SAFETY: as all_gather_flat_start.
+        let w = unsafe { ffi::c10d_pg_reduce_scatter_flat_sum_start(self.ptr, out.as_ptr() as *mut c_void, input.as_ptr() as *mut c_void) };
+        Pending::started(w, "reduce-scatter")
+    }
+
     pub fn barrier(&self) -> Result<()> {
         // SAFETY: live group.
         if unsafe { ffi::c10d_pg_barrier(self.ptr) } != 0 {
@@ -281,6 +297,44 @@ pub fn buckets(ts: &[Tensor]) -> Vec<std::ops::Range<usize>> {
         start = end;
     }
     out
+}
+
+/// A started collective ([`Communicator::all_gather_flat_start`]): its result is in its output buffer once
+/// [`Pending::wait`] returns. Dropped unwaited, it is waited for (errors ignored), so no handle leaks.
+pub struct Pending {
+    work: Option<*mut ffi::c10d_work>,
+    what: &'static str,
+}
+
+impl Pending {
+    /// A collective that has already completed (one process).
+    pub fn done() -> Pending {
+        Pending { work: None, what: "" }
+    }
+
+    fn started(w: *mut ffi::c10d_work, what: &'static str) -> Result<Pending> {
+        if w.is_null() {
+            return Err(last_error(what));
+        }
+        Ok(Pending { work: Some(w), what })
+    }
+
+    pub fn wait(mut self) -> Result<()> {
+        match self.work.take() {
+            // SAFETY: a live handle from c10d_pg_*_start, freed by the wait.
+            Some(w) if unsafe { ffi::c10d_work_wait(w) } != 0 => Err(last_error(self.what)),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(w) = self.work.take() {
+            // SAFETY: as wait
+            unsafe { ffi::c10d_work_wait(w) };
+        }
+    }
 }
 
 /// A flat collective's buffers: `whole` holds `world` blocks of `block`'s size, both contiguous, one dtype.
@@ -321,6 +375,17 @@ pub trait Communicator {
     fn all_gather_flat(&self, out: &Tensor, input: &Tensor) -> Result<()>;
     /// `out` (n elements) ← the sum over the ranks of this rank's block of `input` (world · n elements).
     fn reduce_scatter_flat_sum(&self, out: &Tensor, input: &Tensor) -> Result<()>;
+    /// [`Communicator::all_gather_flat`], started (it runs while the caller computes; collectives still pair
+    /// up across ranks in the order they are started).
+    fn all_gather_flat_start(&self, out: &Tensor, input: &Tensor) -> Result<Pending> {
+        self.all_gather_flat(out, input)?;
+        Ok(Pending::done())
+    }
+    /// [`Communicator::reduce_scatter_flat_sum`], started.
+    fn reduce_scatter_flat_sum_start(&self, out: &Tensor, input: &Tensor) -> Result<Pending> {
+        self.reduce_scatter_flat_sum(out, input)?;
+        Ok(Pending::done())
+    }
 
     fn is_main(&self) -> bool {
         self.rank() == 0
@@ -528,6 +593,12 @@ impl Communicator for C10d {
     }
     fn reduce_scatter_flat_sum(&self, out: &Tensor, input: &Tensor) -> Result<()> {
         self.group_for(std::slice::from_ref(input))?.reduce_scatter_flat_sum(out, input)
+    }
+    fn all_gather_flat_start(&self, out: &Tensor, input: &Tensor) -> Result<Pending> {
+        self.group_for(std::slice::from_ref(input))?.all_gather_flat_start(out, input)
+    }
+    fn reduce_scatter_flat_sum_start(&self, out: &Tensor, input: &Tensor) -> Result<Pending> {
+        self.group_for(std::slice::from_ref(input))?.reduce_scatter_flat_sum_start(out, input)
     }
 }
 

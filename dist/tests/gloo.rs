@@ -144,6 +144,14 @@ fn flat_all_gather_and_reduce_scatter_over_four_ranks() {
         let contrib = Tensor::arange(12, (Kind::Float, tch::Device::Cpu)) * (r + 1.0);
         let block = Tensor::zeros([3], (Kind::Float, tch::Device::Cpu));
         c.reduce_scatter_flat_sum(&block, &contrib).unwrap();
+        // started, then waited: the same results (two in flight at once)
+        let all2 = Tensor::zeros([12], (Kind::Float, tch::Device::Cpu));
+        let block2 = Tensor::zeros([3], (Kind::Float, tch::Device::Cpu));
+        let a = c.all_gather_flat_start(&all2, &mine).unwrap();
+        let b = c.reduce_scatter_flat_sum_start(&block2, &contrib).unwrap();
+        a.wait().unwrap();
+        b.wait().unwrap();
+        assert!(all2.equal(&all) && block2.equal(&block));
         // a mismatched buffer is an error, not a crash
         let bad = c.all_gather_flat(&Tensor::zeros([5], (Kind::Float, tch::Device::Cpu)), &mine).unwrap_err();
         (Vec::<f32>::try_from(all).unwrap(), Vec::<f32>::try_from(block).unwrap(), bad.to_string())

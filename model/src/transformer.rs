@@ -185,8 +185,10 @@ pub struct Checkpoints {
 /// What the checkpointed training passes tell the layer hook ([`set_layer_hook`]) about decoder layer `i`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LayerEvent {
-    /// Layer `i`'s weights are about to be used (its forward, or its recompute before its backward).
+    /// Layer `i`'s weights are about to be used by its forward (layers in order).
     Enter(usize),
+    /// Layer `i`'s weights are about to be used by its recompute and backward (last layer first).
+    Reenter(usize),
     /// Layer `i`'s backward is done: its parameter gradients are final for this backward.
     BackwardDone(usize),
     /// Layer `i`'s weights are not needed again in this pass.
@@ -199,9 +201,9 @@ thread_local! {
 
 /// Installs (or, with `None`, removes) the function the checkpointed passes call on this thread around each
 /// decoder layer: [`Transformer::hidden_states_checkpointed`] with `Enter(i)` and `Leave(i)` around layer i's
-/// forward, [`Transformer::backward_checkpointed`] (last layer first) with `Enter(i)` before the recompute,
+/// forward, [`Transformer::backward_checkpointed`] (last layer first) with `Reenter(i)` before the recompute,
 /// `BackwardDone(i)` after the layer's backward and `Leave(i)`. Sharded data parallelism gathers a layer's
-/// weights on `Enter`, reduces and frees its gradients on `BackwardDone` and frees the weights on `Leave`.
+/// weights on `Enter` and `Reenter`, reduces and frees its gradients on `BackwardDone` and frees the weights on `Leave`.
 pub fn set_layer_hook(hook: Option<std::rc::Rc<dyn Fn(LayerEvent)>>) {
     LAYER_HOOK.with(|h| *h.borrow_mut() = hook);
 }
@@ -566,7 +568,7 @@ impl Transformer {
         let mut g = x.grad();
         for (i, blk) in self.blocks.iter().enumerate().rev() {
             let x = leaf(saved.pop().expect("one checkpoint per layer"));
-            layer_event(LayerEvent::Enter(i));
+            layer_event(LayerEvent::Reenter(i));
             let out = self.with_dropout(dropout, i, || self.autocast(|| blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), None, None)));
             backward_with(&out, &g);
             g = x.grad();

@@ -39,7 +39,7 @@ fn the_checkpointed_passes_report_each_layer_in_order() {
     // the forward enters and leaves each layer in order; the backward enters each last first, then reports
     // its gradients done, then leaves it
     let mut order: Vec<LayerEvent> = (0..layers).flat_map(|i| [LayerEvent::Enter(i), LayerEvent::Leave(i)]).collect();
-    order.extend((0..layers).rev().flat_map(|i| [LayerEvent::Enter(i), LayerEvent::BackwardDone(i), LayerEvent::Leave(i)]));
+    order.extend((0..layers).rev().flat_map(|i| [LayerEvent::Reenter(i), LayerEvent::BackwardDone(i), LayerEvent::Leave(i)]));
     assert_eq!(*events.borrow(), order);
     events.borrow_mut().clear();
     // the plain backward (one autograd pass) has no layer boundaries to report

@@ -80,6 +80,8 @@ pub struct WeightShards {
     blocks: Vec<Tensor>,
     /// Per bucket: its parameters are whole now.
     gathered: std::cell::RefCell<Vec<bool>>,
+    /// Per bucket: an all-gather started ahead of its use (prefetch), with its output buffer.
+    prefetched: std::cell::RefCell<Vec<Option<(Tensor, dist::Pending)>>>,
 }
 
 impl WeightShards {
@@ -90,6 +92,7 @@ impl WeightShards {
         WeightShards {
             comm,
             gathered: std::cell::RefCell::new(vec![true; layout.buckets.len()]),
+            prefetched: std::cell::RefCell::new((0..layout.buckets.len()).map(|_| None).collect()),
             layout,
             shapes: params.iter().map(|(_, p)| p.size()).collect(),
             params: params.iter().map(|(_, p)| p.shallow_clone()).collect(),
@@ -103,8 +106,18 @@ impl WeightShards {
             return Ok(());
         }
         let bucket = &self.layout.buckets[b];
-        let full = Tensor::zeros([bucket.block * self.layout.world as i64], (bucket.kind, bucket.device));
-        self.comm.all_gather_flat(&full, &self.blocks[b])?;
+        let started = self.prefetched.borrow_mut()[b].take();
+        let full = match started {
+            Some((full, pending)) => {
+                pending.wait()?;
+                full
+            }
+            None => {
+                let full = Tensor::zeros([bucket.block * self.layout.world as i64], (bucket.kind, bucket.device));
+                self.comm.all_gather_flat(&full, &self.blocks[b])?;
+                full
+            }
+        };
         tch::no_grad(|| {
             for &(i, start, n) in &bucket.members {
                 self.params[i].shallow_clone().set_data(&full.narrow(0, start, n).view(self.shapes[i].as_slice()));
@@ -112,6 +125,23 @@ impl WeightShards {
         });
         self.gathered.borrow_mut()[b] = true;
         Ok(())
+    }
+
+    /// Starts bucket `b`'s all-gather, to be finished by [`WeightShards::gather`] (the next layer's weights
+    /// travel while this one computes).
+    fn prefetch(&self, b: usize) -> Result<()> {
+        if self.gathered.borrow()[b] || self.prefetched.borrow()[b].is_some() {
+            return Ok(());
+        }
+        let bucket = &self.layout.buckets[b];
+        let full = Tensor::zeros([bucket.block * self.layout.world as i64], (bucket.kind, bucket.device));
+        let pending = self.comm.all_gather_flat_start(&full, &self.blocks[b])?;
+        self.prefetched.borrow_mut()[b] = Some((full, pending));
+        Ok(())
+    }
+
+    fn prefetch_layer(&self, layer: usize) -> Result<()> {
+        self.buckets_of(Some(layer)).into_iter().try_for_each(|b| self.prefetch(b))
     }
 
     /// Frees bucket `b`'s whole parameters (its block stays).
@@ -177,6 +207,10 @@ pub struct GradReducer {
     shards: Vec<Tensor>,
     /// Buckets reduced in the running micro-batch.
     done: std::cell::RefCell<Vec<bool>>,
+    /// Reduce-scatters started and not yet added to the shards: (bucket, input, output, handle).
+    inflight: std::cell::RefCell<Vec<(usize, Tensor, Tensor, dist::Pending)>>,
+    /// The decoder layers with buckets, in order.
+    layers: Vec<usize>,
     /// A collective that failed inside the backward (reported by [`GradReducer::finish_micro`]).
     error: std::cell::RefCell<Option<String>>,
 }
@@ -190,6 +224,12 @@ impl GradReducer {
             comm: ctx.comm.clone(),
             weights,
             done: std::cell::RefCell::new(vec![false; layout.buckets.len()]),
+            inflight: Default::default(),
+            layers: {
+                let mut l: Vec<usize> = layout.buckets.iter().filter_map(|b| b.layer).collect();
+                l.dedup();
+                l
+            },
             layout,
             params: opt.parameters().iter().map(|(_, p)| p.shallow_clone()).collect(),
             shards: shards.iter().map(|t| t.shallow_clone()).collect(),
@@ -204,14 +244,35 @@ impl GradReducer {
         Some(r)
     }
 
-    /// The model's layer hook.
+    /// The model's layer hook (and the replay of a missing pass, with `zeros`). ZeRO-3 gathers a layer on
+    /// entering it and starts the next one's all-gather (the next in the forward, the one below in the
+    /// backward), so it travels while this layer computes; a finished layer's reduce-scatter runs while the
+    /// layer below computes its backward.
     fn event(&self, e: model::transformer::LayerEvent) {
+        let r = self.handle(e, false);
+        self.note(r);
+    }
+
+    fn handle(&self, e: model::transformer::LayerEvent, zeros: bool) -> Result<()> {
         use model::transformer::LayerEvent;
+        if self.error.borrow().is_some() {
+            return Ok(());
+        }
+        let next = |l: usize, up: bool| if up { self.layers.iter().find(|&&x| x > l).copied() } else { self.layers.iter().rev().find(|&&x| x < l).copied() };
         match (e, &self.weights) {
-            (LayerEvent::Enter(layer), Some(w)) => self.note(w.gather_layer(Some(layer))),
-            (LayerEvent::Leave(layer), Some(w)) => w.release_layer(Some(layer)),
-            (LayerEvent::BackwardDone(layer), _) => self.layer_done(layer),
-            _ => {}
+            (LayerEvent::Enter(l) | LayerEvent::Reenter(l), Some(w)) => {
+                w.gather_layer(Some(l))?;
+                match next(l, matches!(e, LayerEvent::Enter(_))) {
+                    Some(n) => w.prefetch_layer(n),
+                    None => Ok(()),
+                }
+            }
+            (LayerEvent::Leave(l), Some(w)) => {
+                w.release_layer(Some(l));
+                Ok(())
+            }
+            (LayerEvent::BackwardDone(l), _) => self.layer_done(l, zeros),
+            _ => Ok(()),
         }
     }
 
@@ -241,25 +302,21 @@ impl GradReducer {
         }
     }
 
-    /// The model's hook: layer `layer`'s gradients are final for this micro-batch.
-    fn layer_done(&self, layer: usize) {
-        if self.error.borrow().is_some() {
-            return;
-        }
+    /// Layer `layer`'s gradients are final for this micro-batch: its buckets' reduce-scatters start (the one
+    /// before them is finished first, so at most two are in flight).
+    fn layer_done(&self, layer: usize, zeros: bool) -> Result<()> {
         for b in 0..self.layout.buckets.len() {
             if self.layout.buckets[b].layer == Some(layer) {
                 // every rank reduces a bucket once per micro-batch (so a rank out of micro-batches can match
                 // it with zeros): a second backward pass through the layers would need a second round
                 if self.done.borrow()[b] {
-                    *self.error.borrow_mut() = Some(format!("layer {layer}'s gradients were reduced twice in one micro-batch: sharding = \"gradients\" takes one backward pass per micro-batch"));
-                    return;
+                    anyhow::bail!("layer {layer}'s gradients were reduced twice in one micro-batch: sharded gradients take one backward pass per micro-batch");
                 }
-                if let Err(e) = self.reduce(b, false) {
-                    *self.error.borrow_mut() = Some(e.to_string());
-                    return;
-                }
+                self.finish_inflight(1)?;
+                self.reduce_start(b, zeros)?;
             }
         }
+        Ok(())
     }
 
     /// After a micro-batch's backward (or, `zeros`, in place of one): reduces the buckets not reduced yet.
@@ -267,41 +324,55 @@ impl GradReducer {
         if let Some(e) = self.error.borrow_mut().take() {
             anyhow::bail!("{e}");
         }
-        let layers: Vec<usize> = {
-            let mut l: Vec<usize> = self.layout.buckets.iter().filter_map(|b| b.layer).collect();
-            l.dedup();
-            l
-        };
-        // ZeRO-3, a rank without a micro-batch this round: the forward's gathers, layer by layer
-        if let (true, Some(w)) = (zeros, &self.weights) {
-            for &l in &layers {
-                w.gather_layer(Some(l))?;
-                w.release_layer(Some(l));
+        use model::transformer::LayerEvent;
+        // a rank without a micro-batch this round replays the forward's events (ZeRO-3's gathers)
+        if zeros && self.weights.is_some() {
+            for &l in &self.layers {
+                self.handle(LayerEvent::Enter(l), true)?;
+                self.handle(LayerEvent::Leave(l), true)?;
             }
         }
-        // the backward's reductions not done by the hook (no micro-batch, or no backward through the layers),
-        // in the hook's order and with its gathers: each layer last first, then the rest
-        for l in layers.iter().rev().map(|&l| Some(l)).chain([None]) {
-            let todo: Vec<usize> = (0..self.layout.buckets.len()).filter(|&b| self.layout.buckets[b].layer == l && !self.done.borrow()[b]).collect();
-            if todo.is_empty() {
-                continue;
-            }
-            if let (Some(w), Some(_)) = (&self.weights, l) {
-                w.gather_layer(l)?;
-            }
-            for b in todo {
-                self.reduce(b, zeros)?;
-            }
-            if let (Some(w), Some(_)) = (&self.weights, l) {
-                w.release_layer(l);
+        // and, as does a rank whose backward did not reach the layers, the backward's, last layer first:
+        // the same collectives in the same order as the ranks that ran it
+        for &l in self.layers.iter().rev() {
+            let missing = (0..self.layout.buckets.len()).any(|b| self.layout.buckets[b].layer == Some(l) && !self.done.borrow()[b]);
+            if missing {
+                for e in [LayerEvent::Reenter(l), LayerEvent::BackwardDone(l), LayerEvent::Leave(l)] {
+                    self.handle(e, zeros)?;
+                }
             }
         }
+        // then the rest (embedding, final norm, head), whose gradients are final only now
+        for b in 0..self.layout.buckets.len() {
+            if self.layout.buckets[b].layer.is_none() && !self.done.borrow()[b] {
+                self.reduce_start(b, zeros)?;
+            }
+        }
+        self.finish_inflight(0)?;
         self.done.borrow_mut().iter_mut().for_each(|d| *d = false);
         Ok(())
     }
 
-    /// Bucket `b`: this rank's block of the sum over the ranks added to its shard; the gradients released.
-    fn reduce(&self, bi: usize, zeros: bool) -> Result<()> {
+    /// Finishes started reduce-scatters, oldest first, until at most `keep` are in flight: each adds its
+    /// block of the sum to this rank's shard.
+    fn finish_inflight(&self, keep: usize) -> Result<()> {
+        loop {
+            let next = {
+                let mut q = self.inflight.borrow_mut();
+                if q.len() <= keep {
+                    return Ok(());
+                }
+                q.remove(0)
+            };
+            let (b, _input, block, pending) = next;
+            pending.wait()?;
+            let _ = tch::no_grad(|| self.shards[b].shallow_clone().g_add_(&block));
+        }
+    }
+
+    /// Starts bucket `b`'s reduce-scatter (this rank's block of the sum over the ranks, added to its shard when
+    /// finished) and releases the gradients (their values are in its input buffer).
+    fn reduce_start(&self, bi: usize, zeros: bool) -> Result<()> {
         let (b, world) = (&self.layout.buckets[bi], self.layout.world as i64);
         let flat = Tensor::zeros([b.block * world], (b.kind, b.device));
         let block = Tensor::zeros([b.block], (b.kind, b.device));
@@ -313,12 +384,12 @@ impl GradReducer {
                 }
             }
         });
-        self.comm.reduce_scatter_flat_sum(&block, &flat)?;
-        let _ = tch::no_grad(|| self.shards[bi].shallow_clone().g_add_(&block));
+        let pending = self.comm.reduce_scatter_flat_sum_start(&block, &flat)?;
         for &(i, _, _) in &b.members {
             model::release_grad(&self.params[i]);
         }
         self.done.borrow_mut()[bi] = true;
+        self.inflight.borrow_mut().push((bi, flat, block, pending));
         Ok(())
     }
 }
