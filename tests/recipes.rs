@@ -208,6 +208,8 @@ fn dry_run_plans_memory_per_rank_for_the_phi4_recipe_on_8_ranks() {
     assert!(rows("none")[0].starts_with("| none | 7.7 | 15.3 | 15.3 | 30.7 |"), "{text}");
     assert!(rows("none")[3].contains("| no ("), "{text}");
     // ZeRO-2 under activation checkpointing: a 1/8 shard of the gradient plus one layer's and the embedding's,
-    // and the reduction's buffer of the embedding's bucket
-    assert!(rows("gradients")[0].starts_with("| gradients ← | 7.7 | 1.9 | 3.6 | 3.8 |"), "{text}");
+    // two layers' reduce-scatter buffers in flight and the reduction's buffer of the embedding's bucket
+    assert!(rows("gradients")[0].starts_with("| gradients ← | 7.7 | 1.9 | 4.0 | 3.8 |"), "{text}");
+    // ZeRO-3: 1/8 of the weights, two gathered layers (one prefetched) and the embedding group
+    assert!(rows("full")[0].starts_with("| full | 2.6 | 1.9 | 4.0 | 3.8 |"), "{text}");
 }

@@ -119,10 +119,10 @@ impl Plan {
                 r.moments = a * 8.0 * part(Sharding::Optimizer);
             }
             None => {
-                // full sharding: this rank's blocks, one gathered layer, and the embedding, norm and head gathered
-                // for the step's training passes
+                // full sharding: this rank's blocks, the gathered layer and the next one (prefetched), and the
+                // embedding, norm and head gathered for the step's training passes
                 let embed = m.embed_params as f64;
-                r.weights = n * wb as f64 * part(Sharding::Full) + if sharding == Sharding::Full { (layer + embed) * wb as f64 } else { 0.0 };
+                r.weights = n * wb as f64 * part(Sharding::Full) + if sharding == Sharding::Full { (2.0 * layer + embed) * wb as f64 } else { 0.0 };
                 r.update_state = n * extra as f64 * part(Sharding::Optimizer);
                 let full = n * gb as f64;
                 r.gradients = match sharding {
@@ -130,10 +130,10 @@ impl Plan {
                     Sharding::None | Sharding::Optimizer => full * if s.accumulates { 2.0 } else { 1.0 },
                     // this rank's shard of the sum, what the running micro-batch's backward holds before it is
                     // reduced (with checkpointing one layer's gradient and the embedding's and head's, reduced
-                    // layer by layer; else the whole gradient), and the reduce-scatter's flat buffer of the
-                    // largest bucket (the embedding's)
+                    // layer by layer with two layers' reduce-scatter buffers in flight; else the whole
+                    // gradient), and the reduce-scatter's flat buffer of the largest bucket (the embedding's)
                     // (full sharding runs under activation checkpointing)
-                    Sharding::Gradients | Sharding::Full if s.checkpointing || sharding == Sharding::Full => full / w + (layer + 2.0 * embed) * gb as f64,
+                    Sharding::Gradients | Sharding::Full if s.checkpointing || sharding == Sharding::Full => full / w + (3.0 * layer + 2.0 * embed) * gb as f64,
                     Sharding::Gradients | Sharding::Full => full / w + full + embed * gb as f64,
                 };
                 r.moments = n * mb as f64 * part(Sharding::Optimizer);
@@ -225,10 +225,10 @@ mod tests {
         assert_eq!(plan.rank(&accumulating, Sharding::Gradients).state(), state(Sharding::Gradients));
         // with activation checkpointing ZeRO-2 reduces layer by layer: one layer's gradient and the embedding's
         let ck = StageShape { checkpointing: true, ..s };
-        let held = 2.0 * (layer + model.embed_params as f64) + bucket;
+        let held = 2.0 * (3.0 * layer + model.embed_params as f64) + bucket;
         assert!((gb(plan.rank(&ck, Sharding::Gradients).state() - held) - 3.84 * 3.75).abs() < 0.01);
         let embed = model.embed_params as f64;
-        assert!((gb(state(Sharding::Full) - 2.0 * (2.0 * layer + 3.0 * embed)) - 3.84 * 2.0).abs() < 0.01);
+        assert!((gb(state(Sharding::Full) - 2.0 * (5.0 * layer + 3.0 * embed)) - 3.84 * 2.0).abs() < 0.01);
         // LoRA: the frozen base and 16 B per adapter parameter
         let lora = Plan { adapter: Some(10_000_000), ..plan };
         assert!((lora.rank(&s, Sharding::None).state() - (3.84e9 * 2.0 + 16.0 * 1e7)).abs() < 1.0);
