@@ -27,7 +27,7 @@ pub struct Ctx {
     /// (Shared: sharded data parallelism's per-layer gradient hook holds it too.)
     pub comm: std::rc::Rc<dyn dist::Communicator>,
     /// ZeRO-3 (`[run] sharding = "full"`): the running stage's sharded weights (see training::sharding).
-    pub weight_shards: std::cell::RefCell<Option<std::rc::Rc<crate::training::sharding::WeightShards>>>,
+    pub weight_shards: std::cell::RefCell<Option<std::rc::Rc<crate::training::weight_shards::WeightShards>>>,
     /// The world size whose global batch the running stage keeps (see data_parallel::local_accum).
     pub batch_world: std::cell::Cell<usize>,
 }

@@ -19,6 +19,7 @@ pub mod shard_layout;
 pub mod sharding;
 pub mod stage_keys;
 pub mod step;
+pub mod weight_shards;
 
 pub use ctx::Ctx;
 pub use held_out::HeldOut;

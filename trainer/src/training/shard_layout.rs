@@ -103,6 +103,29 @@ impl Layout {
     }
 }
 
+/// This rank's block of bucket `b`: the owned pieces of `piece(i)` (the whole parameter, or a flat state
+/// piece) in bucket order, zero-padded.
+pub(super) fn block_of(b: &Bucket, owned: &[Range<i64>], piece: impl Fn(usize) -> Option<Tensor>, kind: Kind) -> Tensor {
+    let block = Tensor::zeros([b.block], (kind, b.device));
+    tch::no_grad(|| {
+        let mut at = 0;
+        for &(i, _, _) in &b.members {
+            let r = &owned[i];
+            if r.is_empty() {
+                continue;
+            }
+            let len = r.end - r.start;
+            if let Some(t) = piece(i) {
+                // a whole parameter gives its owned run; a state piece is that run already
+                let t = if t.numel() as i64 == len { t.view([-1]) } else { t.view([-1]).narrow(0, r.start, len) };
+                block.narrow(0, at, len).copy_(&t);
+            }
+            at += len;
+        }
+    });
+    block
+}
+
 /// The decoder layer a parameter name belongs to (`model.layers.N.…`).
 fn layer_of(name: &str) -> Option<usize> {
     name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
