@@ -1,9 +1,9 @@
 //! Sharded data parallelism (`[run] sharding`), after ZeRO (Rajbhandari et al. 2020, arXiv 1910.02054).
 //!
-//! The trained parameters are laid out in flat buckets in the model's fixed order (the buckets gradient
-//! all-reduce uses, [`dist::buckets`]); each bucket is padded to a multiple of the world size and rank r owns
-//! its r-th equal block. A rank's piece of a parameter is therefore one contiguous run of its flattened
-//! elements (possibly empty).
+//! The trained parameters are laid out in flat buckets, one per decoder layer and one for the rest, in the
+//! model's fixed order ([`Layout`]); each bucket is padded to a multiple of the world size and rank r owns its
+//! r-th equal block. A rank's piece of a parameter is therefore one contiguous run of its flattened elements
+//! (possibly empty).
 //!
 //! - `optimizer` (ZeRO-1): gradients are all-reduced as under `none`; each rank keeps AdamW's moments and the
 //!   update state (fp32 master weights, Kahan buffers) of its pieces only, updates those elements, and the
