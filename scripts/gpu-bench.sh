@@ -11,7 +11,9 @@
 #   1. scripts/gpu-check.sh: CUDA through the preload rule, smoke test on cuda and cpu, NCCL at world size 1;
 #   2. scripts/bench/generate_gpu.py: rollout engine vs transformers generate, Qwen2.5-0.5B shape, bf16,
 #      batch 64/128/256 x 512 new tokens, against the memory-bandwidth floor;
-#   3. the demo recipe (four stages) on cuda in fp32, then a shortened one under bf16 autocast.
+#   3. the demo recipe (four stages) on cuda in fp32, then a shortened one under bf16 autocast;
+#   4. with SHARDING_BENCH=1 (issue 20, item 6; about 3 minutes more): scripts/bench/sharding_gpu.py, peak GPU
+#      memory and step time of each [run] sharding mode at Phi-4-mini's shape, world size 1, next to the plan.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-./gpu-out}"
@@ -38,5 +40,10 @@ stamp "demo bf16 autocast (shortened)"
     --set model.mixed_precision=bf16 --set stage.0.max_steps=200 --set stage.1.max_steps=60 \
     --set stage.3.max_steps=10 ) > "$OUT/demo-cuda-bf16.txt" 2>&1
 echo "exit $?" >> "$OUT/demo-cuda-bf16.txt"
+if [ "${SHARDING_BENCH:-0}" = 1 ]; then
+  stamp "sharding modes at Phi-4-mini's shape"
+  PYTHONUNBUFFERED=1 timeout "${SHARDING_TIMEOUT:-240}" python3 scripts/bench/sharding_gpu.py \
+    --train target/release/train --out "$OUT" 2>&1 | tee "$OUT/sharding_gpu.txt"
+fi
 stamp "done"
 grep -h -E "accuracy|error|exit|real" "$OUT"/demo-cuda*.txt | tail -20
