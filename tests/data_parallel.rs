@@ -550,6 +550,13 @@ fn full_sharding_equals_gradient_sharding_bitwise_and_resumes() {
             assert!(d < 1e-6, "ZeRO-3 on 4 ranks differs from unsharded by {d}");
         }
     }
+    // two stages (SFT, then DPO on the SFT weights): the second lays out weights the first left sharded
+    let two_stages = format!("{SFT}\n{}", &DPO[DPO.find("[[stage]]").unwrap()..]);
+    let (a, b) = (setup(root.path(), "two-zero2", &two_stages), setup(root.path(), "two-zero3", &two_stages));
+    let both_ck = ["--set", "stage.0.gradient_checkpointing=true", "--set", "stage.1.gradient_checkpointing=true"];
+    ok(&train(&a, Some(2), &[&both_ck[..], &["--set", &mode("gradients")]].concat(), &[]));
+    ok(&train(&b, Some(2), &[&both_ck[..], &["--set", &mode("full")]].concat(), &[]));
+    assert_eq!(weights(&a, 1), weights(&b, 1), "SFT → DPO: ZeRO-3 differs from ZeRO-2");
     let m3 = mode("full");
     let args = [&ck[..], &["--set", &m3]].concat();
     let kill = [("WHET_TEST_KILL", "step:0:4"), ("WHET_TEST_KILL_RANK", "1")];
