@@ -99,6 +99,8 @@ impl AdamW {
             .filter(|(_, (_, piece))| piece.is_none_or(|(_, len)| len > 0))
             .map(|(i, ((name, p), piece))| {
                 let view = piece_of(p, piece);
+                // the piece's run in its bucket's block of `blocks` (gradient shards or weight blocks)
+                let in_block = |blocks: Option<&[Tensor]>| blocks.zip(places.get(i).copied().flatten()).map(|(bs, (b, at))| bs[b].narrow(0, at, view.numel() as i64));
                 Param {
                     decay: decays(name),
                     m: Tensor::zeros(view.size(), (state, p.device())),
@@ -109,8 +111,8 @@ impl AdamW {
                     index: i,
                     shape: p.size(),
                     piece,
-                    grad: grad_shards.as_ref().zip(places.get(i).copied().flatten()).map(|(shards, (b, at))| shards[b].narrow(0, at, piece.map_or(0, |(_, len)| len))),
-                    weight: weight_blocks.as_ref().zip(places.get(i).copied().flatten()).map(|(blocks, (b, at))| blocks[b].narrow(0, at, piece.map_or(0, |(_, len)| len))),
+                    grad: in_block(grad_shards.as_deref()),
+                    weight: in_block(weight_blocks.as_deref()),
                 }
             })
             .collect();
@@ -130,14 +132,15 @@ impl AdamW {
         let mut lost = vec![];
         tch::no_grad(|| {
             for q in self.params.iter_mut() {
+                // the piece's gradient: a view of the gradient shard, or of the parameter's gradient
                 let g = match &q.grad {
                     Some(shard) => shard.shallow_clone(),
-                    None => q.p.grad(),
+                    None => match q.p.grad() {
+                        g if g.defined() => piece_of(&g, q.piece),
+                        _ => continue,
+                    },
                 };
-                if !g.defined() {
-                    continue;
-                }
-                let g = if q.grad.is_some() { g } else { piece_of(&g, q.piece) }.to_kind(Kind::Float);
+                let g = g.to_kind(Kind::Float);
                 let m = moment(&mut q.m, |m| m.g_mul_scalar_(b1).g_add_(&(&g * (1.0 - b1))));
                 let v = moment(&mut q.v, |v| v.g_mul_scalar_(b2).g_add_(&(g.square() * (1.0 - b2))));
                 let denom = (v.sqrt() / bc2_sqrt) + self.cfg.eps;
@@ -217,7 +220,9 @@ impl AdamW {
     /// This rank's state of parameter `index` (by prefix: `m`, `v`, and `master` or `kahan`), flat pieces
     /// when sharded; empty when it owns none of it.
     pub fn state_of(&self, index: usize) -> Vec<(&'static str, &Tensor)> {
-        let Some(q) = self.params.iter().find(|q| q.index == index) else { return vec![] };
+        // the pieces are in parameter order
+        let Ok(at) = self.params.binary_search_by_key(&index, |q| q.index) else { return vec![] };
+        let q = &self.params[at];
         let mut out = vec![("m", &q.m), ("v", &q.v)];
         out.extend(q.slot.state());
         out
@@ -237,19 +242,9 @@ impl AdamW {
             return 0.0;
         }
         let norms: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).norm()).collect();
-        let total = Tensor::stack(&norms, 0).norm();
-        let total_f = total.double_value(&[]);
-        if max_norm > 0.0 && total_f.is_finite() {
-            let coef = (max_norm / (total_f + 1e-6)).min(1.0);
-            if coef < 1.0 {
-                tch::no_grad(|| {
-                    for mut g in grads {
-                        let _ = g.g_mul_scalar_(coef);
-                    }
-                });
-            }
-        }
-        total_f
+        let total = Tensor::stack(&norms, 0).norm().double_value(&[]);
+        clip_to(&grads, total, max_norm);
+        total
     }
 
     /// The state a checkpoint holds, unsharded: moments, step and the precision state (names `m.<param>`,
@@ -307,6 +302,22 @@ impl AdamW {
             );
         }
         Ok(())
+    }
+}
+
+/// Scales `grads` (whose global norm is `total`) down to norm `max_norm` when it is positive and exceeded:
+/// coefficient min(1, max_norm / (total + 1e-6)), as torch.nn.utils.clip_grad_norm_.
+pub fn clip_to(grads: &[Tensor], total: f64, max_norm: f64) {
+    if !(max_norm > 0.0 && total.is_finite()) {
+        return;
+    }
+    let coef = (max_norm / (total + 1e-6)).min(1.0);
+    if coef < 1.0 {
+        tch::no_grad(|| {
+            for g in grads {
+                let _ = g.shallow_clone().g_mul_scalar_(coef);
+            }
+        });
     }
 }
 

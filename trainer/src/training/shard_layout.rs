@@ -92,6 +92,24 @@ impl Layout {
         out
     }
 
+    /// The buckets of decoder layer `layer` (`None`: the embedding, final norm and head).
+    pub(super) fn buckets_of(&self, layer: Option<usize>) -> Vec<usize> {
+        (0..self.buckets.len()).filter(|&b| self.buckets[b].layer == layer).collect()
+    }
+
+    /// The decoder layers that have buckets, in order.
+    pub(super) fn layers(&self) -> Vec<usize> {
+        let mut l: Vec<usize> = self.buckets.iter().filter_map(|b| b.layer).collect();
+        l.dedup();
+        l
+    }
+
+    /// A zero buffer for bucket `b` whole (every rank's block), in dtype `kind`: a collective's flat side.
+    pub(super) fn flat_buffer(&self, b: usize, kind: Kind) -> Tensor {
+        let bucket = &self.buckets[b];
+        Tensor::zeros([bucket.block * self.world as i64], (kind, bucket.device))
+    }
+
     /// A zero tensor per bucket of one block's elements in the bucket's dtype (this rank's gradient shards).
     pub fn zero_blocks(&self) -> Vec<Tensor> {
         self.buckets.iter().map(|b| Tensor::zeros([b.block], (b.kind, b.device))).collect()

@@ -27,7 +27,7 @@ use tch::{Kind, Tensor};
 
 use super::optim::AdamW;
 use super::precision::Slot;
-use super::shard_layout::{block_of, Bucket, Layout};
+use super::shard_layout::{block_of, Layout};
 use super::weight_shards::WeightShards;
 use super::Ctx;
 use crate::settings::Sharding;
@@ -111,11 +111,7 @@ impl GradReducer {
             weights,
             done: std::cell::RefCell::new(vec![false; layout.buckets.len()]),
             inflight: Default::default(),
-            layers: {
-                let mut l: Vec<usize> = layout.buckets.iter().filter_map(|b| b.layer).collect();
-                l.dedup();
-                l
-            },
+            layers: layout.layers(),
             layout,
             params: opt.parameters().iter().map(|(_, p)| p.shallow_clone()).collect(),
             shards: shards.iter().map(|t| t.shallow_clone()).collect(),
@@ -191,16 +187,14 @@ impl GradReducer {
     /// Layer `layer`'s gradients are final for this micro-batch: its buckets' reduce-scatters start (the one
     /// before them is finished first, so at most two are in flight).
     fn layer_done(&self, layer: usize, zeros: bool) -> Result<()> {
-        for b in 0..self.layout.buckets.len() {
-            if self.layout.buckets[b].layer == Some(layer) {
-                // every rank reduces a bucket once per micro-batch (so a rank out of micro-batches can match
-                // it with zeros): a second backward pass through the layers would need a second round
-                if self.done.borrow()[b] {
-                    anyhow::bail!("layer {layer}'s gradients were reduced twice in one micro-batch: sharded gradients take one backward pass per micro-batch");
-                }
-                self.finish_inflight(1)?;
-                self.reduce_start(b, zeros)?;
+        for b in self.layout.buckets_of(Some(layer)) {
+            // every rank reduces a bucket once per micro-batch (so a rank out of micro-batches can match it
+            // with zeros): a second backward pass through the layers would need a second round
+            if self.done.borrow()[b] {
+                anyhow::bail!("layer {layer}'s gradients were reduced twice in one micro-batch: sharded gradients take one backward pass per micro-batch");
             }
+            self.finish_inflight(1)?;
+            self.reduce_start(b, zeros)?;
         }
         Ok(())
     }
@@ -221,7 +215,7 @@ impl GradReducer {
         // and, as does a rank whose backward did not reach the layers, the backward's, last layer first:
         // the same collectives in the same order as the ranks that ran it
         for &l in self.layers.iter().rev() {
-            let missing = (0..self.layout.buckets.len()).any(|b| self.layout.buckets[b].layer == Some(l) && !self.done.borrow()[b]);
+            let missing = self.layout.buckets_of(Some(l)).into_iter().any(|b| !self.done.borrow()[b]);
             if missing {
                 for e in [LayerEvent::Reenter(l), LayerEvent::BackwardDone(l), LayerEvent::Leave(l)] {
                     self.handle(e, zeros)?;
@@ -229,8 +223,8 @@ impl GradReducer {
             }
         }
         // then the rest (embedding, final norm, head), whose gradients are final only now
-        for b in 0..self.layout.buckets.len() {
-            if self.layout.buckets[b].layer.is_none() && !self.done.borrow()[b] {
+        for b in self.layout.buckets_of(None) {
+            if !self.done.borrow()[b] {
                 self.reduce_start(b, zeros)?;
             }
         }
@@ -259,8 +253,8 @@ impl GradReducer {
     /// Starts bucket `b`'s reduce-scatter (this rank's block of the sum over the ranks, added to its shard when
     /// finished) and releases the gradients (their values are in its input buffer).
     fn reduce_start(&self, bi: usize, zeros: bool) -> Result<()> {
-        let (b, world) = (&self.layout.buckets[bi], self.layout.world as i64);
-        let flat = Tensor::zeros([b.block * world], (b.kind, b.device));
+        let b = &self.layout.buckets[bi];
+        let flat = self.layout.flat_buffer(bi, b.kind);
         let block = Tensor::zeros([b.block], (b.kind, b.device));
         tch::no_grad(|| {
             for &(i, start, n) in &b.members {
@@ -294,16 +288,7 @@ pub fn clip_grad_norm(ctx: &Ctx, opt: &mut AdamW, max_norm: f64) -> Result<f64> 
     let mut sq = [shards.iter().map(|s| s.to_kind(Kind::Double).square().sum(Kind::Double).double_value(&[])).sum::<f64>()];
     ctx.comm.all_reduce_f64(&mut sq)?;
     let total = sq[0].sqrt();
-    if max_norm > 0.0 && total.is_finite() {
-        let coef = (max_norm / (total + 1e-6)).min(1.0);
-        if coef < 1.0 {
-            tch::no_grad(|| {
-                for s in shards {
-                    let _ = s.shallow_clone().g_mul_scalar_(coef);
-                }
-            });
-        }
-    }
+    super::optim::clip_to(shards, total, max_norm);
     Ok(total)
 }
 
@@ -318,8 +303,8 @@ pub fn after_step(ctx: &Ctx, opt: &mut AdamW) -> Result<()> {
     }
     let params: Vec<Tensor> = opt.parameters().iter().map(|(_, p)| p.shallow_clone()).collect();
     let owned = layout.owned();
-    for b in &layout.buckets {
-        let full = all_gather(ctx, &layout, b, &owned, |i| Some(params[i].shallow_clone()), b.kind)?;
+    for (bi, b) in layout.buckets.iter().enumerate() {
+        let full = all_gather(ctx, &layout, bi, &owned, |i| Some(params[i].shallow_clone()), b.kind)?;
         tch::no_grad(|| {
             for &(i, start, n) in &b.members {
                 params[i].view([-1]).copy_(&full.narrow(0, start, n));
@@ -347,14 +332,14 @@ pub fn full_state(ctx: &Ctx, opt: &AdamW) -> Result<Vec<(String, Tensor)>> {
     let p = opt.precision();
     let mut out: Vec<(String, Tensor)> = vec![("step".into(), Tensor::from_slice(&[opt.step]))];
     let mut gathered: HashMap<(usize, &'static str), Tensor> = HashMap::new();
-    for b in &layout.buckets {
+    for (bi, b) in layout.buckets.iter().enumerate() {
         let mut prefixes = vec![("m", p.state.kind()), ("v", p.state.kind())];
         if let Some(k) = Slot::kind_for(b.kind, p.update) {
             prefixes.push((if k == Kind::Float { "master" } else { "kahan" }, k));
         }
         for (prefix, kind) in prefixes {
             let piece = |i: usize| opt.state_of(i).into_iter().find(|(n, _)| *n == prefix).map(|(_, t)| t.shallow_clone());
-            let full = all_gather(ctx, layout, b, &owned, piece, kind)?;
+            let full = all_gather(ctx, layout, bi, &owned, piece, kind)?;
             for &(i, start, n) in &b.members {
                 gathered.insert((i, prefix), full.narrow(0, start, n).view(params[i].1.size().as_slice()));
             }
@@ -372,9 +357,9 @@ pub fn full_state(ctx: &Ctx, opt: &AdamW) -> Result<Vec<(String, Tensor)>> {
 
 /// One bucket, gathered: each rank contributes its block — the owned pieces of `piece(i)` (the whole
 /// parameter, or a flat state piece) in bucket order, zero-padded — and gets the whole flat bucket.
-fn all_gather(ctx: &Ctx, layout: &Layout, b: &Bucket, owned: &[Range<i64>], piece: impl Fn(usize) -> Option<Tensor>, kind: Kind) -> Result<Tensor> {
-    let block = block_of(b, owned, piece, kind);
-    let full = Tensor::zeros([b.block * layout.world as i64], (kind, b.device));
+fn all_gather(ctx: &Ctx, layout: &Layout, b: usize, owned: &[Range<i64>], piece: impl Fn(usize) -> Option<Tensor>, kind: Kind) -> Result<Tensor> {
+    let block = block_of(&layout.buckets[b], owned, piece, kind);
+    let full = layout.flat_buffer(b, kind);
     ctx.comm.all_gather_flat(&full, &block)?;
     Ok(full)
 }

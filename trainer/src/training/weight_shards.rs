@@ -9,7 +9,8 @@ use super::shard_layout::{block_of, Layout};
 /// ZeRO-3: the trained weights live in this rank's blocks (one per bucket); a bucket's parameters are whole
 /// only while gathered — a decoder layer's around its forward and its backward (the model's layer hook), the
 /// embedding, final norm and head for a step's training passes, and everything for the passes that read whole
-/// weights (sampling, log-probabilities without gradients, evaluation, checkpoints: [`ensure_whole`]).
+/// weights (sampling, log-probabilities without gradients, evaluation, checkpoints:
+/// [`crate::training::sharding::ensure_whole`]).
 /// Released parameters are empty tensors (`set_data`), so the model's modules keep pointing at them.
 pub struct WeightShards {
     comm: std::rc::Rc<dyn dist::Communicator>,
@@ -44,19 +45,11 @@ impl WeightShards {
         if self.gathered.borrow()[b] {
             return Ok(());
         }
+        // the all-gather started ahead (prefetched), or now
+        self.prefetch(b)?;
+        let (full, pending) = self.prefetched.borrow_mut()[b].take().expect("started just above");
+        pending.wait()?;
         let bucket = &self.layout.buckets[b];
-        let started = self.prefetched.borrow_mut()[b].take();
-        let full = match started {
-            Some((full, pending)) => {
-                pending.wait()?;
-                full
-            }
-            None => {
-                let full = Tensor::zeros([bucket.block * self.layout.world as i64], (bucket.kind, bucket.device));
-                self.comm.all_gather_flat(&full, &self.blocks[b])?;
-                full
-            }
-        };
         tch::no_grad(|| {
             for &(i, start, n) in &bucket.members {
                 self.params[i].shallow_clone().set_data(&full.narrow(0, start, n).view(self.shapes[i].as_slice()));
@@ -72,15 +65,14 @@ impl WeightShards {
         if self.gathered.borrow()[b] || self.prefetched.borrow()[b].is_some() {
             return Ok(());
         }
-        let bucket = &self.layout.buckets[b];
-        let full = Tensor::zeros([bucket.block * self.layout.world as i64], (bucket.kind, bucket.device));
+        let full = self.layout.flat_buffer(b, self.layout.buckets[b].kind);
         let pending = self.comm.all_gather_flat_start(&full, &self.blocks[b])?;
         self.prefetched.borrow_mut()[b] = Some((full, pending));
         Ok(())
     }
 
     pub(super) fn prefetch_layer(&self, layer: usize) -> Result<()> {
-        self.buckets_of(Some(layer)).into_iter().try_for_each(|b| self.prefetch(b))
+        self.layout.buckets_of(Some(layer)).into_iter().try_for_each(|b| self.prefetch(b))
     }
 
     /// Frees bucket `b`'s whole parameters (its block stays).
@@ -97,16 +89,12 @@ impl WeightShards {
         self.gathered.borrow_mut()[b] = false;
     }
 
-    fn buckets_of(&self, layer: Option<usize>) -> Vec<usize> {
-        (0..self.layout.buckets.len()).filter(|&b| self.layout.buckets[b].layer == layer).collect()
-    }
-
     pub(super) fn gather_layer(&self, layer: Option<usize>) -> Result<()> {
-        self.buckets_of(layer).into_iter().try_for_each(|b| self.gather(b))
+        self.layout.buckets_of(layer).into_iter().try_for_each(|b| self.gather(b))
     }
 
     pub(super) fn release_layer(&self, layer: Option<usize>) {
-        self.buckets_of(layer).into_iter().for_each(|b| self.release(b))
+        self.layout.buckets_of(layer).into_iter().for_each(|b| self.release(b))
     }
 
     /// Every parameter whole (all-gathers the buckets that are not).
