@@ -177,26 +177,16 @@ int c10d_pg_broadcast(c10d_pg* pg, void* const* tensors, int n, int root) {
 }
 
 // Flat all-gather and reduce-scatter (the "_base" collectives: one buffer of world equal blocks), as
-// torch.distributed.all_gather_into_tensor / reduce_scatter_tensor; Gloo and NCCL both implement them.
+// torch.distributed.all_gather_into_tensor / reduce_scatter_tensor; Gloo and NCCL both implement them. The
+// blocking forms start the collective and wait for it.
 int c10d_pg_allgather_flat(c10d_pg* pg, void* out, void* in) {
-  return guard<int>(-1, [&] {
-    at::Tensor o = static_cast<at::Tensor*>(out)->detach();
-    at::Tensor i = static_cast<at::Tensor*>(in)->detach();
-    c10d::AllgatherOptions opts;
-    pg->pg->_allgather_base(o, i, opts)->wait();
-    return 0;
-  });
+  c10d_work* w = c10d_pg_allgather_flat_start(pg, out, in);
+  return w ? c10d_work_wait(w) : -1;
 }
 
 int c10d_pg_reduce_scatter_flat_sum(c10d_pg* pg, void* out, void* in) {
-  return guard<int>(-1, [&] {
-    at::Tensor o = static_cast<at::Tensor*>(out)->detach();
-    at::Tensor i = static_cast<at::Tensor*>(in)->detach();
-    c10d::ReduceScatterOptions opts;
-    opts.reduceOp = c10d::ReduceOp::SUM;
-    pg->pg->_reduce_scatter_base(o, i, opts)->wait();
-    return 0;
-  });
+  c10d_work* w = c10d_pg_reduce_scatter_flat_sum_start(pg, out, in);
+  return w ? c10d_work_wait(w) : -1;
 }
 
 c10d_work* c10d_pg_allgather_flat_start(c10d_pg* pg, void* out, void* in) {

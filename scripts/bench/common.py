@@ -3,6 +3,8 @@ import json
 import os
 import subprocess
 import tempfile
+import threading
+import time
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 TRL = os.environ.get("TRL_BENCH_DIR", os.path.join(ROOT, "..", "shared", "bench", "trl"))
@@ -48,3 +50,35 @@ def run_trl(args):
         subprocess.run([VENV_PY, os.path.join(TRL, "workloads.py"), *args, "--out", out], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         return [json.loads(l) for l in open(out)][0]
+
+
+class GpuMemPoll:
+    """nvidia-smi's memory.used (MiB), sampled every 50 ms while a process runs (`enabled` False: reads 0)."""
+
+    def __init__(self, enabled=True):
+        self.enabled, self.peak = enabled, 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def read(self):
+        if not self.enabled:
+            return 0
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=5).stdout
+            return int(out.split()[0])
+        except Exception:
+            return 0
+
+    def run(self):
+        while not self.stop.is_set():
+            self.peak = max(self.peak, self.read())
+            time.sleep(0.05)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()

@@ -33,8 +33,9 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
+
+from common import GpuMemPoll
 
 HF_WORKER = r"""
 import json, sys, time, torch
@@ -94,37 +95,6 @@ print(json.dumps({"bytes_per_s": 2 * x.numel() / ts[len(ts) // 2], "name": p.nam
 """
 
 
-class GpuMemPoll:
-    """Samples nvidia-smi's memory.used (MiB) every 50 ms while a process runs."""
-
-    def __init__(self):
-        self.peak = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    @staticmethod
-    def read():
-        try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True, timeout=5).stdout
-            return int(out.split()[0])
-        except Exception:
-            return 0
-
-    def run(self):
-        while not self.stop.is_set():
-            self.peak = max(self.peak, self.read())
-            time.sleep(0.05)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
-
-
 def run_lines(cmd, env, log):
     """Runs `cmd`; returns its stdout's JSON lines (or one {"error": ...})."""
     t = time.time()
@@ -181,7 +151,7 @@ def main():
         floor_bytes = (n + 1) * weight_bytes + kv_bytes_per_token * b * sum(p + t for t in range(n))
         floor_s = floor_bytes / bw["bytes_per_s"] if "bytes_per_s" in bw else float("nan")
         row.update(floor_tok_s=b * n / floor_s, floor_s=floor_s, weight_bytes=weight_bytes, kv_bytes_per_token=kv_bytes_per_token)
-    idle = GpuMemPoll.read()
+    idle = GpuMemPoll().read()
     for side in a.sides.split(","):
         # one process per side: the model loads once; peak GPU memory is over all its batch sizes
         with GpuMemPoll() as mem:

@@ -19,8 +19,9 @@ import re
 import statistics
 import subprocess
 import tempfile
-import threading
 import time
+
+from common import GpuMemPoll
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 TINY = {"model_type": "phi3", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
@@ -73,38 +74,6 @@ grad_accum = 2
 gradient_checkpointing = true
 lr = 1e-5
 """
-
-
-class GpuMemPoll:
-    """nvidia-smi's memory.used (MiB), sampled every 50 ms while a process runs."""
-
-    def __init__(self, enabled):
-        self.enabled, self.peak = enabled, 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def read(self):
-        if not self.enabled:
-            return 0
-        try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True, timeout=5).stdout
-            return int(out.split()[0])
-        except Exception:
-            return 0
-
-    def run(self):
-        while not self.stop.is_set():
-            self.peak = max(self.peak, self.read())
-            time.sleep(0.05)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
 
 
 def main():
