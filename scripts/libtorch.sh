@@ -101,6 +101,30 @@ flock 8
 gloo=$(gloo_include)
 flock -u 8
 
+# The CUDA headers the model crate's CUDA-graph shim includes beyond the runtime headers every flavour has
+# (crt/, cccl's nv/target; 3 MB of wheels, the pins of cuda-toolkit 13.0.2): the cuda flavour has them in
+# place; for the cpu flavour they are unpacked into the cache, so that one binary built here can capture
+# CUDA graphs on a GPU machine.
+cuda_include() {
+  [ -e "$target/nvidia/cu13/include/crt/host_config.h" ] && return
+  local dir="$cache/cuda-headers-13.0"
+  if [ ! -e "$dir/.complete" ]; then
+    local tmp; tmp=$(mktemp -d "$cache/.tmp-cuda-headers.XXXXXX")
+    if "$py" -m pip install --quiet --disable-pip-version-check --no-deps --only-binary=:all: --no-cache-dir \
+        --target "$tmp/pkg" nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85 >/dev/null 2>&1; then
+      rm -rf "$dir"; mv "$tmp/pkg" "$dir"; touch "$dir/.complete"
+    else
+      echo "whet: warning: could not install the CUDA crt/cccl headers; building without CUDA graphs" >&2
+    fi
+    rm -rf "$tmp"
+  fi
+  [ -e "$dir/.complete" ] && echo "$dir/nvidia/cu13/include"
+}
+exec 7>"$cache/.cuda-headers.lock"
+flock 7
+cuda_inc=$(cuda_include || true)
+flock -u 7
+
 real=$(readlink -f "$target")
 ln -sfn "$real" "$repo/.libtorch.tmp" && mv -T "$repo/.libtorch.tmp" "$repo/.libtorch"
 mkdir -p "$repo/.cargo"
@@ -111,6 +135,7 @@ new=$(mktemp "$repo/.cargo/.config.XXXXXX")
   echo "[env]"
   echo "LIBTORCH = \"$real/torch\""
   [ -n "$gloo" ] && echo "WHET_GLOO_INCLUDE = \"$gloo\""
+  [ -n "$cuda_inc" ] && echo "WHET_CUDA_INCLUDE = \"$cuda_inc\""
   if command -v ccache >/dev/null 2>&1; then echo 'CXX = "ccache g++"'; echo 'CC = "ccache gcc"'; fi
 } > "$new"
 if cmp -s "$new" "$cfg" 2>/dev/null; then rm -f "$new"; else mv "$new" "$cfg"; fi

@@ -61,7 +61,9 @@ impl KvCache {
         (&mut self.k[i], &mut self.v[i])
     }
 
-    pub(crate) fn advance(&mut self, t: i64) {
+    /// Counts `t` more cached positions: what a forward through the cache does, and what the caller of a
+    /// static step ([`crate::Transformer::decode_static`], which leaves the host side alone) does for it.
+    pub fn advance(&mut self, t: i64) {
         self.len += t;
     }
 

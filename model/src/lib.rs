@@ -6,6 +6,7 @@
 
 pub mod autocast;
 pub mod config;
+pub mod cuda_graph;
 pub mod error;
 pub mod gguf;
 pub mod kv_cache;

@@ -693,7 +693,7 @@ impl Transformer {
             for (i, blk) in self.blocks.iter().enumerate() {
                 let (k, v) = cache.layer_mut(i);
                 let fused = weights.map(|(layers, _)| &layers[i]);
-                x = blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), Some((k, v, past)), fused);
+                x = blk.forward(&x, &cos, &sin, &self.rope, mask.as_ref(), Some((k, v, CacheWrite::At(past))), fused);
             }
             let x = match head {
                 Head::All => x,
@@ -708,6 +708,62 @@ impl Transformer {
         });
         cache.advance(t);
         logits
+    }
+
+    /// One decode step whose shapes and host arguments stay the same from step to step, so that it can be
+    /// captured once and replayed (a CUDA graph): every row feeds one token (`input_ids` `[B, 1]` at
+    /// `position_ids` `[B, 1]`), writes its key and value into cache slot `slot` (an int64 `[1]` tensor on the
+    /// model's device, the same slot for every row, as [`Transformer::forward_cached`] writes at
+    /// `cache.len()`) and attends over the first `span` slots: those where `key_mask` `[B, ≥ span]` is true
+    /// and that are not after `slot`. Returns logits `[B, vocab]`. Neither the cache's length nor anything
+    /// else on the host changes: the caller advances the cache ([`KvCache::advance`]) and the slot.
+    ///
+    /// Same arithmetic as [`Transformer::forward_cached_with`] except that attention runs over `span` keys
+    /// (the extra ones masked) instead of `cache.len() + 1`. The cache's LongRoPE choice must be set (a
+    /// prefill sets it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_static(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        key_mask: &Tensor,
+        slot: &Tensor,
+        span: i64,
+        cache: &mut KvCache,
+        weights: Option<&DecodeWeights>,
+    ) -> Tensor {
+        let (b, t) = input_ids.size2().expect("input_ids must be [batch, 1]");
+        assert!(t == 1 && span <= cache.capacity(), "a static step feeds one token per row over at most the capacity");
+        let weights = match weights.map(|w| &w.inner) {
+            Some(DecodeInner::Torch { layers, lm_head }) => Some((layers, lm_head)),
+            Some(DecodeInner::Native(_)) => panic!("a static decode step runs on libtorch's decode weights, not the native ones"),
+            None => None,
+        };
+        let long = cache.rope_long().expect("a static decode step follows a prefill, which fixes the LongRoPE choice");
+        let device = self.device();
+        let (cos, sin) = self.rope.cos_sin(position_ids, long, self.kind());
+        let k_idx = Tensor::arange(span, (Kind::Int64, device));
+        let mut upto = k_idx.le_tensor(slot);
+        if let Some(w) = self.cfg.sliding_window {
+            upto = upto.logical_and(&(slot - &k_idx).lt(w));
+        }
+        let upto = upto.view([1, span]);
+        let visible = key_mask.narrow(1, 0, span).logical_and(&upto).view([b, 1, 1, span]);
+        let kind = self.autocast_kind().unwrap_or(self.kind());
+        let mask = Tensor::zeros([b, 1, 1, span], (kind, device)).masked_fill(&visible.logical_not(), f64::NEG_INFINITY);
+        self.autocast(|| {
+            let mut x = self.embed.embedding_fwd(input_ids);
+            for (i, blk) in self.blocks.iter().enumerate() {
+                let (k, v) = cache.layer_mut(i);
+                let fused = weights.map(|(layers, _)| &layers[i]);
+                x = blk.forward(&x, &cos, &sin, &self.rope, Some(&mask), Some((k, v, CacheWrite::Slot(slot, span))), fused);
+            }
+            let x = self.norm.forward(&x.select(1, 0));
+            match weights {
+                Some((_, lm_head)) => lm_head.forward(&x),
+                None => x.linear(&self.lm_head, None::<Tensor>),
+            }
+        })
     }
 
     /// The projection weights laid out for [`Transformer::forward_cached_with`]: per layer q/k/v
@@ -821,6 +877,14 @@ impl Transformer {
             .collect();
         crate::native::NativeWeights::new(&self.cfg, parts, &self.norm.w, &self.lm_head, &self.embed, &self.rope, threads, isa)
     }
+}
+
+/// Where a cached forward writes its keys and values: at a host position (all rows at `cache.len()`), or at
+/// a slot given as a device tensor with attention over a fixed span ([`Transformer::decode_static`]).
+#[derive(Clone, Copy)]
+enum CacheWrite<'a> {
+    At(i64),
+    Slot(&'a Tensor, i64),
 }
 
 /// Which positions of a cached forward get logits.
@@ -943,7 +1007,7 @@ impl Block {
         sin: &Tensor,
         rope: &Rope,
         mask: Option<&Tensor>,
-        cache: Option<(&mut Tensor, &mut Tensor, i64)>,
+        cache: Option<(&mut Tensor, &mut Tensor, CacheWrite)>,
         fused: Option<&DecodeLayer>,
     ) -> Tensor {
         let h = self.attn.forward(&self.input_norm.forward(x), cos, sin, rope, mask, cache, fused);
@@ -981,7 +1045,7 @@ impl Attention {
         sin: &Tensor,
         rope: &Rope,
         mask: Option<&Tensor>,
-        cache: Option<(&mut Tensor, &mut Tensor, i64)>,
+        cache: Option<(&mut Tensor, &mut Tensor, CacheWrite)>,
         fused: Option<&DecodeLayer>,
     ) -> Tensor {
         let (b, t, _) = x.size3().unwrap();
@@ -1005,7 +1069,7 @@ impl Attention {
             k = kn.forward(&k);
         }
         let cache = match (t, cache) {
-            (1, Some((kc, vc, past))) => {
+            (1, Some((kc, vc, write))) => {
                 // One new token per row: the query heads that share a KV head become rows of one attention
                 // over that head ([B, KV heads, group, head_dim] against [B, KV heads, keys, head_dim]), so
                 // grouped-query attention needs no repeated copy of the cache; the mask [B, 1, 1, keys]
@@ -1019,9 +1083,20 @@ impl Attention {
                     }
                     _ => (rope.apply(&q.view([b, nkv, g, hd]), cos, sin), rope.apply(&k.view([b, nkv, 1, hd]), cos, sin)),
                 };
-                kc.narrow(2, past, 1).copy_(&k);
-                vc.narrow(2, past, 1).copy_(&v.view([b, nkv, 1, hd]));
-                let (k, v) = (kc.narrow(2, 0, past + 1), vc.narrow(2, 0, past + 1));
+                let v = v.view([b, nkv, 1, hd]);
+                let keys = match write {
+                    CacheWrite::At(past) => {
+                        kc.narrow(2, past, 1).copy_(&k);
+                        vc.narrow(2, past, 1).copy_(&v);
+                        past + 1
+                    }
+                    CacheWrite::Slot(slot, span) => {
+                        let _ = kc.index_copy_(2, slot, &k);
+                        let _ = vc.index_copy_(2, slot, &v);
+                        span
+                    }
+                };
+                let (k, v) = (kc.narrow(2, 0, keys), vc.narrow(2, 0, keys));
                 let y = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, false, None, false);
                 return o.forward(&y.reshape([b, 1, nh * hd]));
             }
@@ -1031,7 +1106,8 @@ impl Attention {
         let k = rope.apply(&k.transpose(1, 2), cos, sin);
         let v = v.view([b, t, nkv, hd]).transpose(1, 2);
         let (k, v) = match cache {
-            Some((kc, vc, past)) => {
+            Some((_, _, CacheWrite::Slot(..))) => unreachable!("a static decode step feeds one token per row"),
+            Some((kc, vc, CacheWrite::At(past))) => {
                 kc.narrow(2, past, t).copy_(&k);
                 vc.narrow(2, past, t).copy_(&v);
                 (kc.narrow(2, 0, past + t), vc.narrow(2, 0, past + t))

@@ -33,6 +33,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use tch::{Kind, Tensor};
 
+mod static_wave;
+
 /// Engine settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -67,6 +69,24 @@ pub struct EngineConfig {
     /// and `cache_budget_tokens` (the merge briefly holds the old and the new cache). Default true; false
     /// runs waiting sequences in a later wave.
     pub slot_refill: bool,
+    /// Static decoding (`engine/static_wave.rs`): every step of a wave has the same shapes and reads nothing
+    /// back to the host (the key written at a slot given as a device tensor, attention over a fixed span with
+    /// a mask, sampling and its uniforms on the device), and the host reads tokens every `sync_every` steps.
+    /// On a CUDA device each step is then a replayed CUDA graph (`cuda_graphs`). No slot refill; finished
+    /// rows leave at the reads. Same results as the dynamic path up to floating-point rounding. Default false
+    /// (the dynamic path; on an AVX-512 CPU its native step is the fast one).
+    pub static_decode: bool,
+    /// Static decoding: decode steps between host reads (stop checks). A row that ends is noticed up to this
+    /// many steps late (the extra samples are dropped). Default 16.
+    pub sync_every: usize,
+    /// Static decoding on a CUDA device: record each step shape (batch bucket × attention span) as a CUDA
+    /// graph once and replay it (needs a binary built with the CUDA-graph shim; otherwise steps run eagerly).
+    /// Default true.
+    pub cuda_graphs: bool,
+    /// Static decoding: pad the batch to a graph bucket and compact only into smaller buckets. `None`
+    /// (default): exactly when CUDA graphs are used. For tests of that path where graphs cannot run.
+    #[doc(hidden)]
+    pub bucket_rows: Option<bool>,
 }
 
 impl Default for EngineConfig {
@@ -82,6 +102,10 @@ impl Default for EngineConfig {
             prefill_chunk: 0,
             fuse_weights: true,
             slot_refill: true,
+            static_decode: false,
+            sync_every: 16,
+            cuda_graphs: true,
+            bucket_rows: None,
         }
     }
 }
@@ -105,6 +129,11 @@ pub struct GenerateStats {
     pub peak_cache_tokens: i64,
     /// Tokens generated.
     pub generated_tokens: usize,
+    /// Static decoding: host reads of the sampled tokens.
+    pub host_syncs: usize,
+    /// Static decoding with CUDA graphs: graphs recorded (each also ran its step once) and replayed.
+    pub graph_captures: usize,
+    pub graph_replays: usize,
 }
 
 /// Generates completions with a model in this process (the same tensors the trainer updates).
@@ -159,6 +188,9 @@ impl<'m> Engine<'m> {
         }
         if cfg.cache_budget_tokens < 2 {
             return Err(RolloutError::Config(format!("cache_budget_tokens must be at least 2, got {}", cfg.cache_budget_tokens)));
+        }
+        if cfg.static_decode && cfg.sync_every == 0 {
+            return Err(RolloutError::Config("sync_every must be at least 1".into()));
         }
         if !(0.0..=1.0).contains(&cfg.compact_fraction) {
             return Err(RolloutError::Config(format!("compact_fraction must be in [0, 1], got {}", cfg.compact_fraction)));
@@ -230,7 +262,9 @@ impl<'m> Engine<'m> {
                 })
                 .collect(),
         };
-        let mut fused = (self.cfg.fuse_weights && !queue.is_empty()).then(|| self.model.decode_weights());
+        // static steps run on libtorch's operators (the native CPU step is host-driven)
+        let native = (!self.cfg.static_decode).then(|| tch::get_num_threads().max(1) as usize);
+        let mut fused = (self.cfg.fuse_weights && !queue.is_empty()).then(|| self.model.decode_weights_with(native));
         while !queue.is_empty() {
             let chunks = self.take_chunks(&mut queue, requests, 0, |p, n| (p + n) as i64);
             if chunks.is_empty() {
@@ -238,7 +272,11 @@ impl<'m> Engine<'m> {
                 return Err(RolloutError::Config("internal: a queued sequence fits no batch".into()));
             }
             stats.waves += 1;
-            self.run_wave(&ctx, chunks, &mut queue, fused.as_mut(), &mut out, &mut stats)?;
+            if self.cfg.static_decode {
+                self.run_wave_static(&ctx, chunks, fused.as_ref(), &mut out, &mut stats)?;
+            } else {
+                self.run_wave(&ctx, chunks, &mut queue, fused.as_mut(), &mut out, &mut stats)?;
+            }
         }
         out.sort_by_key(|c| (c.request_index, c.sample_index));
         stats.generated_tokens = out.iter().map(|c| c.completion_tokens).sum();
@@ -410,28 +448,7 @@ impl<'m> Engine<'m> {
             let u: Vec<f64> = active.iter().map(|&i| rng::uniform(rows[i].seed, rows[i].sample as u64, rows[i].tokens.len() as u64)).collect();
             let s = sampling.sample(&logits, &u);
             for (k, &i) in active.iter().enumerate() {
-                let row = &mut rows[i];
-                if row.finish.is_some() {
-                    continue;
-                }
-                let req = &requests[row.req];
-                let tok = s.ids[k];
-                row.tokens.push(tok);
-                row.lp_sampled.push(s.logprob_sampled[k]);
-                row.lp_model.push(s.logprob_model[k]);
-                if ctx.stop_ids[row.req].contains(&tok) {
-                    row.finish = Some(FinishReason::Stop);
-                } else if let (false, Some(dec)) = (ctx.stops[row.req].is_empty(), &self.decoder) {
-                    if let Some((stop, at, full)) = ctx.stops[row.req].check(dec.as_ref(), &row.tokens) {
-                        row.finish = Some(FinishReason::Stop);
-                        row.text = Some(full[..at].to_string());
-                        row.stop_string = Some(stop);
-                    }
-                }
-                if row.finish.is_none() && row.tokens.len() >= req.params.max_new_tokens {
-                    row.finish = Some(FinishReason::Length);
-                }
-                if row.finish.is_some() {
+                if rows[i].finish.is_none() && self.accept(ctx, &mut rows[i], s.ids[k], s.logprob_sampled[k], s.logprob_model[k]) {
                     finished_in_cache += 1;
                 }
             }
@@ -506,6 +523,27 @@ impl<'m> Engine<'m> {
             out.push(self.finish_row(row, req, rope_long, &self.decoder));
         }
         Ok(())
+    }
+
+    /// Appends a sampled token to a live row and decides whether the row ends there (a stop token id, a
+    /// stop string, `max_new_tokens`); returns whether it did.
+    fn accept(&self, ctx: &Ctx, row: &mut Row, tok: i64, lp_sampled: f32, lp_model: f32) -> bool {
+        row.tokens.push(tok);
+        row.lp_sampled.push(lp_sampled);
+        row.lp_model.push(lp_model);
+        if ctx.stop_ids[row.req].contains(&tok) {
+            row.finish = Some(FinishReason::Stop);
+        } else if let (false, Some(dec)) = (ctx.stops[row.req].is_empty(), &self.decoder) {
+            if let Some((stop, at, full)) = ctx.stops[row.req].check(dec.as_ref(), &row.tokens) {
+                row.finish = Some(FinishReason::Stop);
+                row.text = Some(full[..at].to_string());
+                row.stop_string = Some(stop);
+            }
+        }
+        if row.finish.is_none() && row.tokens.len() >= ctx.requests[row.req].params.max_new_tokens {
+            row.finish = Some(FinishReason::Length);
+        }
+        row.finish.is_some()
     }
 
     fn finish_row(&self, mut row: Row, req: &Request, rope_long: bool, decoder: &Option<Arc<dyn TokenDecoder>>) -> Completion {

@@ -48,6 +48,16 @@ pub struct Sampled {
     pub logprob_model: Vec<f32>,
 }
 
+/// Sampled tokens of one step, left on the device ([`RowSampling::sample_on_device`]).
+pub struct DeviceSampled {
+    /// `[B]` int64.
+    pub tokens: Tensor,
+    /// `[B]` float32, as [`Sampled::logprob_sampled`].
+    pub logprob_sampled: Tensor,
+    /// `[B]` float32, as [`Sampled::logprob_model`].
+    pub logprob_model: Tensor,
+}
+
 impl RowSampling {
     pub fn new(params: &[&SamplingParams], vocab: i64, device: Device) -> RowSampling {
         let greedy: Vec<bool> = params.iter().map(|p| p.is_greedy()).collect();
@@ -189,6 +199,25 @@ impl RowSampling {
 
     /// [`RowSampling::sample`] with tensor operations on the logits' device.
     pub fn sample_tensors(&self, logits: &Tensor, u: &[f64]) -> Sampled {
+        let b = u.len() as i64;
+        let u = Tensor::from_slice(u).to_device(logits.device());
+        let s = self.sample_on_device(logits, &u);
+        // one device-to-host transfer per step (token ids are exact in f32 below 2^24)
+        let host = Tensor::stack(&[s.tokens.to_kind(Kind::Float), s.logprob_sampled, s.logprob_model], 0).to_device(Device::Cpu);
+        let host: Vec<f32> = Vec::try_from(host.view([-1])).expect("host copy of sampled tokens");
+        let n = b as usize;
+        Sampled {
+            tokens: s.tokens,
+            ids: host[..n].iter().map(|&x| x as i64).collect(),
+            logprob_sampled: host[n..2 * n].to_vec(),
+            logprob_model: host[2 * n..].to_vec(),
+        }
+    }
+
+    /// [`RowSampling::sample_tensors`] with the uniforms as a float64 `[B]` tensor on the logits' device and
+    /// nothing copied to the host: every operation is a device kernel whose shapes depend only on the batch
+    /// and this sampling's parameters, so it can be part of a captured decode step.
+    pub fn sample_on_device(&self, logits: &Tensor, u: &Tensor) -> DeviceSampled {
         let device = logits.device();
         let (b, v) = logits.size2().expect("logits must be [batch, vocab]");
         let lf = logits.to_kind(Kind::Float);
@@ -228,8 +257,7 @@ impl RowSampling {
             };
             let cdf = probs.cumsum(-1, Kind::Float);
             let total = cdf.narrow(1, v - 1, 1);
-            let uu: Vec<f32> = u.iter().map(|&x| x as f32).collect();
-            let target = Tensor::from_slice(&uu).view([b, 1]).to_device(device) * total;
+            let target = u.to_kind(Kind::Float).view([b, 1]) * total;
             let tok = cdf.lt_tensor(&target).sum_dim_intlist(-1, false, Kind::Int64).clamp_max(v - 1);
             let lp = probs.gather(-1, &tok.unsqueeze(-1), false).squeeze_dim(-1).log();
             if self.any_greedy {
@@ -240,16 +268,7 @@ impl RowSampling {
             }
         };
         let lp_model = logp_model.gather(-1, &tokens.unsqueeze(-1), false).squeeze_dim(-1);
-        // one device-to-host transfer per step (token ids are exact in f32 below 2^24)
-        let host = Tensor::stack(&[tokens.to_kind(Kind::Float), lp_sampled, lp_model], 0).to_device(Device::Cpu);
-        let host: Vec<f32> = Vec::try_from(host.view([-1])).expect("host copy of sampled tokens");
-        let n = b as usize;
-        Sampled {
-            tokens,
-            ids: host[..n].iter().map(|&x| x as i64).collect(),
-            logprob_sampled: host[n..2 * n].to_vec(),
-            logprob_model: host[2 * n..].to_vec(),
-        }
+        DeviceSampled { tokens, logprob_sampled: lp_sampled, logprob_model: lp_model }
     }
 }
 
