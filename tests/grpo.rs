@@ -172,12 +172,19 @@ fn generation_table_sets_the_engine_batching() {
     let rewards = |d: &Path| -> Vec<f64> { metrics(d).iter().filter_map(|m| m.get("reward_mean").and_then(Value::as_f64)).collect() };
     assert_eq!(rewards(&da).len(), 4);
     assert_eq!(rewards(&da), rewards(&db));
+    // static decode steps (the path CUDA graphs replay) sample the same completions on the CPU
+    let (s, ds) = run("static", "decode = \"static\"\nsync_every = 3");
+    assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
+    assert_eq!(rewards(&da), rewards(&ds));
     let (c, _) = run("tight", "cache_budget_tokens = 8");
     let err = String::from_utf8_lossy(&c.stderr);
     assert!(!c.status.success() && err.contains("but cache_budget_tokens is 8"), "{err}");
     let (d, _) = run("zero", "max_batch_seqs = 0");
     let err = String::from_utf8_lossy(&d.stderr);
     assert!(!d.status.success() && err.contains("[generation] max_batch_seqs must be at least 1"), "{err}");
+    let (e, _) = run("sync", "decode = \"static\"\nsync_every = 0");
+    let err = String::from_utf8_lossy(&e.stderr);
+    assert!(!e.status.success() && err.contains("[generation] sync_every must be at least 1"), "{err}");
 }
 
 /// Each policy loss with a rollout correction, DeepSeek-V3.2's off-policy masking and its unbiased KL switched on

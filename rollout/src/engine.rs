@@ -141,6 +141,8 @@ pub struct Engine<'m> {
     model: &'m Transformer,
     cfg: EngineConfig,
     decoder: Option<Arc<dyn TokenDecoder>>,
+    /// A CUDA graph could not be recorded: this engine decodes without graphs from then on.
+    graphs_failed: std::cell::Cell<bool>,
 }
 
 /// A part of a request's group placed in one wave: samples `first..first + count`.
@@ -199,7 +201,7 @@ impl<'m> Engine<'m> {
         if let Some(&t) = cfg.eos_token_ids.iter().chain([&cfg.pad_token_id]).find(|&&t| t < 0 || t >= v) {
             return Err(RolloutError::Config(format!("token id {t} (eos or pad) is outside the vocabulary (0..{v})")));
         }
-        Ok(Engine { model, cfg, decoder: None })
+        Ok(Engine { model, cfg, decoder: None, graphs_failed: std::cell::Cell::new(false) })
     }
 
     /// Gives the engine a decoder: completions then carry text, and stop strings work.
@@ -228,6 +230,18 @@ impl<'m> Engine<'m> {
 
     /// [`Engine::generate`], also returning what it cost.
     pub fn generate_with_stats(&self, requests: &[Request]) -> Result<(Vec<Completion>, GenerateStats)> {
+        match self.generate_once(requests) {
+            // graphs replay the same kernels as eager static steps: the call is redone without them, same results
+            Err(RolloutError::CudaGraph(e)) => {
+                eprintln!("whet: warning: recording a CUDA graph failed ({e}); decoding without CUDA graphs from now on");
+                self.graphs_failed.set(true);
+                self.generate_once(requests)
+            }
+            r => r,
+        }
+    }
+
+    fn generate_once(&self, requests: &[Request]) -> Result<(Vec<Completion>, GenerateStats)> {
         let _guard = tch::no_grad_guard();
         self.validate(requests)?;
         let seeds: Vec<u64> = requests

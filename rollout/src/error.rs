@@ -15,6 +15,9 @@ pub enum RolloutError {
     /// The engine configuration is invalid.
     #[error("engine config: {0}")]
     Config(String),
+    /// Recording a CUDA graph failed (the engine then decodes the call again without graphs).
+    #[error("CUDA graph: {0}")]
+    CudaGraph(String),
     /// A tensor operation failed (out of memory, device error).
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),

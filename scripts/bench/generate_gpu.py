@@ -67,14 +67,32 @@ for b in a["batches"]:
                       "torch_peak_bytes": torch.cuda.max_memory_allocated()}), flush=True)
 """
 
+# the shapes of issue 21: Qwen2.5-0.5B, Qwen2.5-1.5B (their config.json values) and Phi-4-mini
+# (recipes/configs/phi4-mini-instruct-shape.json)
+SHAPES = {
+    "qwen0.5b": dict(arch="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                     num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
+                     rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645),
+    "qwen1.5b": dict(arch="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                     num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
+                     rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645),
+    "phi4mini": dict(arch="phi3"),
+}
+
 MAKE_MODEL = r"""
-import sys, torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
-cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
-                  rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645)
+import json, sys, torch
+spec = json.loads(sys.argv[2])
+arch = spec.pop("arch")
+if arch == "qwen2":
+    from transformers import Qwen2Config as C, Qwen2ForCausalLM as M
+    cfg = C(**spec)
+else:
+    from transformers import Phi3Config as C, Phi3ForCausalLM as M
+    shape = json.load(open(sys.argv[3]))
+    cfg = C(**{k: v for k, v in shape.items() if not k.startswith("_") and k not in ("architectures", "torch_dtype", "model_type")})
 torch.manual_seed(0)
-m = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+with torch.device("cuda"):
+    m = M(cfg).to(torch.bfloat16)
 m.save_pretrained(sys.argv[1])
 print(sum(p.numel() for p in m.parameters()))
 """
@@ -95,6 +113,9 @@ print(json.dumps({"bytes_per_s": 2 * x.numel() / ts[len(ts) // 2], "name": p.nam
 """
 
 
+WHET_FLAGS = {"whet": [], "whet_nofuse": ["--no-fuse"], "whet_static": ["--static", "--no-graphs"], "whet_graphs": ["--static"]}
+
+
 def run_lines(cmd, env, log):
     """Runs `cmd`; returns its stdout's JSON lines (or one {"error": ...})."""
     t = time.time()
@@ -110,15 +131,20 @@ def run_lines(cmd, env, log):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--whet-bin", required=True)
-    ap.add_argument("--model-dir", default="/tmp/qwen2.5-0.5b-shape")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen0.5b")
+    ap.add_argument("--model-dir", default=None, help="default /tmp/<shape>-shape")
     ap.add_argument("--batches", default="64,128,256")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--sides", default="whet,hf", help="whet, whet_nofuse (decoding on the parameters), hf")
+    ap.add_argument("--sides", default="whet_graphs,whet,hf",
+                    help="whet_graphs (static decoding replayed as CUDA graphs), whet_static (static, eager), whet "
+                         "(dynamic), whet_nofuse (dynamic on the parameters), hf")
+    ap.add_argument("--check-graphs", action="store_true", help="first compare graph replay with eager static decoding")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/whet-gpu-bench"))
     a = ap.parse_args()
+    a.model_dir = a.model_dir or f"/tmp/{a.shape}-shape"
     os.makedirs(a.out, exist_ok=True)
     log = open(os.path.join(a.out, "generate_gpu.log"), "a")
     py = sys.executable
@@ -127,15 +153,16 @@ def main():
     env = dict(os.environ, LD_LIBRARY_PATH=os.path.join(os.path.dirname(torch.__file__), "lib"),
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if not os.path.exists(os.path.join(a.model_dir, "config.json")):
-        n_params = int(subprocess.run([py, "-c", MAKE_MODEL, a.model_dir], env=env, capture_output=True, text=True,
-                                      check=True).stdout.split()[-1])
+        phi = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "configs", "phi4-mini-instruct-shape.json")
+        n_params = int(subprocess.run([py, "-c", MAKE_MODEL, a.model_dir, json.dumps(SHAPES[a.shape]), phi], env=env,
+                                      capture_output=True, text=True, check=True).stdout.split()[-1])
     else:
         n_params = None
     cfg = json.load(open(os.path.join(a.model_dir, "config.json")))
     bw = run_lines([py, "-c", BANDWIDTH], env, log)[0]
     print(f"device: {bw.get('name')}, copy bandwidth {bw.get('bytes_per_s', 0) / 1e12:.2f} TB/s", flush=True)
     g = torch.Generator().manual_seed(1)
-    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     kv_bytes_per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 2
     if n_params is None:
         import safetensors.torch as st
@@ -152,13 +179,21 @@ def main():
         floor_s = floor_bytes / bw["bytes_per_s"] if "bytes_per_s" in bw else float("nan")
         row.update(floor_tok_s=b * n / floor_s, floor_s=floor_s, weight_bytes=weight_bytes, kv_bytes_per_token=kv_bytes_per_token)
     idle = GpuMemPoll().read()
+    if a.check_graphs:
+        # graph replay against the same static steps run eagerly (issue 21: "graph replay is tested against eager
+        # decoding on the GPU"), on the first batch size with greedy, T = 1 and top-p rows
+        chk = run_lines([a.whet_bin, "--model", a.model_dir, "--prompts", pfile, "--new-tokens", str(n), "--device", "cuda",
+                         "--dtype", "bfloat16", "--batches", str(batches[0]), "--check-graphs"], env, log)
+        print(f"graph replay vs eager static decoding: {json.dumps(chk[0])}", flush=True)
+        with open(os.path.join(a.out, "graph_check.jsonl"), "a") as f:
+            f.write(json.dumps(dict(chk[0], shape=a.shape, batch=batches[0])) + "\n")
     for side in a.sides.split(","):
         # one process per side: the model loads once; peak GPU memory is over all its batch sizes
         with GpuMemPoll() as mem:
             if side.startswith("whet"):
                 res = run_lines([a.whet_bin, "--model", a.model_dir, "--prompts", pfile, "--n", "1", "--new-tokens", str(n),
                                  "--repeats", str(a.repeats), "--warmup", str(a.warmup), "--device", "cuda", "--dtype",
-                                 "bfloat16", "--batches", a.batches] + (["--no-fuse"] if side == "whet_nofuse" else []), env, log)
+                                 "bfloat16", "--batches", a.batches] + WHET_FLAGS[side], env, log)
             else:
                 res = run_lines([py, "-c", HF_WORKER, json.dumps({"model": a.model_dir, "prompts": pfile, "new": n,
                                  "warmup": a.warmup, "repeats": a.repeats, "batches": batches})], env, log)
@@ -174,18 +209,21 @@ def main():
     with open(os.path.join(a.out, "generate_gpu.jsonl"), "a") as f:
         for row in rows:
             f.write(json.dumps(dict(row, device=bw.get("name"), bandwidth=bw.get("bytes_per_s"))) + "\n")
-    print(f"\n{bw.get('name')}, bf16, Qwen2.5-0.5B shape ({n_params / 1e6:.0f}M parameters, random init), prompt "
+    sides = [x for x in a.sides.split(",") if x.startswith("whet")]
+    best = lambda r: max((r[x]["tok_s"] for x in sides if r.get(x, {}).get("tok_s")), default=None)
+    print(f"\n{bw.get('name')}, bf16, {a.shape} shape ({n_params / 1e6:.0f}M parameters, random init), prompt "
           f"{a.prompt_len} + {a.new_tokens} new tokens, copy bandwidth {bw.get('bytes_per_s', 0) / 1e12:.2f} TB/s\n")
-    print("| batch | floor tok/s | whet tok/s | % of floor | transformers tok/s | whet / transformers | whet GPU peak | transformers GPU peak |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| batch | floor tok/s | " + " | ".join(f"{x} tok/s" for x in sides) +
+          " | best % of floor | transformers tok/s | best whet / transformers | " + " | ".join(f"{x} GPU peak" for x in sides) +
+          " | transformers GPU peak |")
+    print("|---:|---:|" + "---:|" * (2 * len(sides) + 4))
+    f = lambda v: f"{v:.0f}" if v else "–"
     for r in rows:
-        w, h = r.get("whet", {}), r.get("hf", {})
-        wt, ht = w.get("tok_s"), h.get("tok_s")
-        if "whet_nofuse" in r and r["whet_nofuse"].get("tok_s"):
-            print(f"|   (batch {r['batch']}, whet without fused weights: {r['whet_nofuse']['tok_s']:.0f} tok/s) |")
-        f = lambda v: f"{v:.0f}" if v else "–"
-        print(f"| {r['batch']} | {r['floor_tok_s']:.0f} | {f(wt)} | {f(wt and 100 * wt / r['floor_tok_s'])} % | {f(ht)} | "
-              f"{(wt / ht) if wt and ht else float('nan'):.2f}× | {w.get('gpu_peak_mib', '–')} MiB | {h.get('gpu_peak_mib', '–')} MiB |")
+        h, wt = r.get("hf", {}), best(r)
+        ht = h.get("tok_s")
+        print(f"| {r['batch']} | {r['floor_tok_s']:.0f} | " + " | ".join(f(r.get(x, {}).get("tok_s")) for x in sides) +
+              f" | {f(wt and 100 * wt / r['floor_tok_s'])} % | {f(ht)} | {(wt / ht) if wt and ht else float('nan'):.2f}× | " +
+              " | ".join(f"{r.get(x, {}).get('gpu_peak_mib', '–')} MiB" for x in sides) + f" | {h.get('gpu_peak_mib', '–')} MiB |")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,13 @@
 //! scripts/bench/generate.py, which runs transformers' `generate` on the same model files and prompts.
 //!
 //!     rollout-bench --model DIR --prompts prompts.json --n 8 --new-tokens 128 --repeats 5 --warmup 1 --threads 1 \
-//!         [--device cuda] [--dtype bfloat16] [--max-batch-seqs N] [--no-fuse] [--batches 64,128,256] [--adapter DIR]
+//!         [--device cuda] [--dtype bfloat16] [--max-batch-seqs N] [--no-fuse] [--batches 64,128,256] [--adapter DIR] \
+//!         [--static [--no-graphs] [--sync-every 16]] [--check-graphs]
+//!
+//! `--static` decodes with fixed-shape steps (`EngineConfig::static_decode`), on a CUDA device replayed as CUDA
+//! graphs unless `--no-graphs`. `--check-graphs` instead compares, on the first batch size, static decoding
+//! with graphs against the same without (greedy, T = 1 and top-p 0.9 rows): one JSON line with how many tokens
+//! agree and the largest log-probability difference.
 //!
 //! `--adapter DIR` puts a PEFT LoRA adapter on the model: fused decoding then runs on weights with the adapter
 //! merged in (once per call), `--no-fuse` applies it unmerged in every projection.
@@ -39,6 +45,7 @@ fn run() -> Result<(), String> {
     let mut fuse = true;
     let mut adapter = None;
     let mut batches: Option<Vec<usize>> = None;
+    let (mut static_decode, mut graphs, mut sync_every, mut check_graphs) = (false, true, 16usize, false);
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut val = || it.next().ok_or_else(|| format!("{a} needs a value"));
@@ -55,6 +62,10 @@ fn run() -> Result<(), String> {
             "--device" => device = val()?,
             "--dtype" => dtype = val()?,
             "--no-fuse" => fuse = false,
+            "--static" => static_decode = true,
+            "--no-graphs" => graphs = false,
+            "--sync-every" => sync_every = num(val()?)?,
+            "--check-graphs" => check_graphs = true,
             "--adapter" => adapter = Some(PathBuf::from(val()?)),
             "--batches" => batches = Some(val()?.split(',').map(|x| num(x.to_string())).collect::<Result<_, _>>()?),
             _ => return Err(format!("unknown argument {a}")),
@@ -78,11 +89,22 @@ fn run() -> Result<(), String> {
     if let Some(&k) = batches.iter().find(|&&k| k == 0 || k > prompts.len()) {
         return Err(format!("--batches: {k} is not within 1..={} (the prompts given)", prompts.len()));
     }
+    if check_graphs {
+        return compare_graphs(&m, &prompts[..batches[0]], new_tokens, max_batch, fuse, sync_every);
+    }
     for &k in &batches {
         let prompts = &prompts[..k];
         let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
         let rows = prompts.len() * n;
-        let cfg = EngineConfig { max_batch_seqs: max_batch, cache_budget_tokens: (rows * (longest + new_tokens)) as i64, fuse_weights: fuse, ..Default::default() };
+        let cfg = EngineConfig {
+            max_batch_seqs: max_batch,
+            cache_budget_tokens: (rows * (longest + new_tokens)) as i64,
+            fuse_weights: fuse,
+            static_decode,
+            cuda_graphs: graphs,
+            sync_every,
+            ..Default::default()
+        };
         let engine = Engine::new(&m.net, cfg).map_err(|e| e.to_string())?;
         let mut times = Vec::new();
         let mut stats = None;
@@ -122,9 +144,66 @@ fn run() -> Result<(), String> {
             serde_json::json!({
                 "side": "whet", "batch": k, "times": times, "tokens": tokens, "median_s": median, "tok_s": tokens as f64 / median,
                 "peak_rss_kb": peak_rss_kb(), "threads": threads, "stats": stats, "fuse_weights": fuse,
-                "native_decode": native,
+                "native_decode": native && !static_decode, "static_decode": static_decode,
+                "cuda_graphs": static_decode && graphs && model::cuda_graph::available(device).is_ok(),
+                "graphs_unavailable": model::cuda_graph::available(device).err(),
             })
         );
     }
+    Ok(())
+}
+
+/// Static decoding with CUDA graphs against the same steps run eagerly, on greedy, T = 1 and top-p rows.
+fn compare_graphs(m: &Model, prompts: &[Vec<i64>], new_tokens: usize, max_batch: usize, fuse: bool, sync_every: usize) -> Result<(), String> {
+    let device = m.net.device();
+    model::cuda_graph::available(device)?;
+    let reqs: Vec<Request> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let base = SamplingParams { max_new_tokens: new_tokens, ignore_eos: true, seed: Some(i as u64), ..Default::default() };
+            let params = match i % 3 {
+                0 => SamplingParams { temperature: 0.0, ..base },
+                1 => SamplingParams { temperature: 1.0, ..base },
+                _ => SamplingParams { temperature: 0.8, top_p: 0.9, ..base },
+            };
+            Request { prompt_ids: p.clone(), n: 1, params }
+        })
+        .collect();
+    let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let run = |cuda_graphs: bool| {
+        let cfg = EngineConfig {
+            max_batch_seqs: max_batch,
+            cache_budget_tokens: (prompts.len() * (longest + new_tokens)) as i64,
+            fuse_weights: fuse,
+            static_decode: true,
+            cuda_graphs,
+            sync_every,
+            ..Default::default()
+        };
+        Engine::new(&m.net, cfg).and_then(|e| e.generate_with_stats(&reqs)).map_err(|e| e.to_string())
+    };
+    let (eager, _) = run(false)?;
+    let (graphed, stats) = run(true)?;
+    let (mut same, mut total, mut first_diff, mut max_lp) = (0usize, 0usize, Vec::new(), 0f32);
+    for (a, b) in eager.iter().zip(&graphed) {
+        let agree = a.token_ids.iter().zip(&b.token_ids).take_while(|(x, y)| x == y).count();
+        same += agree;
+        total += a.token_ids.len();
+        if agree < a.token_ids.len() {
+            first_diff.push((a.request_index, agree));
+        }
+        for (x, y) in a.logprobs_model.iter().zip(&b.logprobs_model).take(agree) {
+            max_lp = max_lp.max((x - y).abs());
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "check": "cuda_graphs", "rows": reqs.len(), "tokens": total, "tokens_equal_before_first_difference": same,
+            "rows_differing": first_diff.len(), "first_differences": first_diff.iter().take(8).collect::<Vec<_>>(),
+            "max_logprob_diff": max_lp, "graph_captures": stats.graph_captures, "graph_replays": stats.graph_replays,
+        })
+    );
     Ok(())
 }

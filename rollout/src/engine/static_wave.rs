@@ -116,7 +116,7 @@ impl<'m> Engine<'m> {
     pub(super) fn run_wave_static(&self, ctx: &Ctx, chunks: Vec<Chunk>, weights: Option<&DecodeWeights>, out: &mut Vec<Completion>, stats: &mut GenerateStats) -> Result<()> {
         let m = self.model;
         let device = m.device();
-        let graphs = self.cfg.cuda_graphs && model::cuda_graph::available(device).is_ok();
+        let graphs = self.cfg.cuda_graphs && !self.graphs_failed.get() && model::cuda_graph::available(device).is_ok();
         let padded = self.cfg.bucket_rows.unwrap_or(graphs);
         let k = self.cfg.sync_every.max(1);
         let max_new = chunks.iter().map(|c| ctx.requests[c.req].params.max_new_tokens).max().unwrap_or(0);
@@ -194,16 +194,15 @@ impl<'m> Engine<'m> {
     /// One step through a CUDA graph for this span: replayed if recorded, else recorded (which runs the step
     /// once). Graphs of one state share a memory pool and are replayed in the order recorded (spans grow).
     fn graph_step(&self, state: &mut State, cache: &mut KvCache, weights: Option<&DecodeWeights>, span: i64, stats: &mut GenerateStats) -> Result<()> {
-        let failed = |e: String| RolloutError::Config(format!("CUDA graph decoding failed ({e}); set cuda_graphs = false to decode eagerly"));
         if let Some((_, g)) = state.graphs.iter().find(|(s, _)| *s == span) {
             stats.graph_replays += 1;
-            return g.replay().map_err(failed);
+            return g.replay().map_err(|e| RolloutError::Config(format!("{e}; set cuda_graphs = false to decode without graphs")));
         }
         let m = self.model;
         let pool = std::mem::take(&mut state.graphs);
         let g = {
             let st = &mut *state;
-            CudaGraph::record(m.device(), pool.first().map(|(_, g)| g), || st.step(m, cache, weights, span)).map_err(failed)?
+            CudaGraph::record(m.device(), pool.first().map(|(_, g)| g), || st.step(m, cache, weights, span)).map_err(RolloutError::CudaGraph)?
         };
         state.graphs = pool;
         state.graphs.push((span, g));

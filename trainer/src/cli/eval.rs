@@ -86,6 +86,9 @@ pub struct EvalArgs {
     /// Most sequences decoded together.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
+    /// Decode steps: dynamic, static (fixed shapes; CUDA graphs on a GPU) or auto (static where CUDA graphs work).
+    #[arg(long, value_enum, default_value = "dynamic")]
+    pub decode: crate::settings::DecodeMode,
     /// KV cache budget in tokens (rows × (prompt + max tokens)); default: batch_size × (longest prompt + max tokens).
     #[arg(long)]
     pub cache_tokens: Option<i64>,
@@ -305,7 +308,15 @@ fn engine<'m>(a: &EvalArgs, m: &'m Model, tok: &Arc<data::Tokenizer>, problems: 
     eos.dedup();
     let longest = problems.iter().map(|p| p.prompt_ids.len()).max().unwrap_or(0);
     let cache = a.cache_tokens.unwrap_or((a.batch_size * (longest + a.max_tokens)) as i64);
-    let cfg = EngineConfig { max_batch_seqs: a.batch_size, cache_budget_tokens: cache, eos_token_ids: eos, pad_token_id: tok.pad_id as i64, ..Default::default() };
+    let static_decode = a.decode.is_static(m.net.device());
+    let cfg = EngineConfig {
+        max_batch_seqs: a.batch_size,
+        cache_budget_tokens: cache,
+        eos_token_ids: eos,
+        pad_token_id: tok.pad_id as i64,
+        static_decode,
+        ..Default::default()
+    };
     let mut engine = Engine::new(&m.net, cfg)?;
     engine.set_decoder(Arc::new(TokDecoder(tok.clone())));
     Ok(engine)

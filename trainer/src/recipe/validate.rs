@@ -39,6 +39,9 @@ pub fn validate(r: &Recipe, origin: &str) -> Vec<String> {
     if r.generation.max_batch_seqs == 0 {
         p.push(format!("{origin}: [generation] max_batch_seqs must be at least 1"));
     }
+    if r.generation.sync_every == 0 {
+        p.push(format!("{origin}: [generation] sync_every must be at least 1"));
+    }
     if r.generation.cache_budget_tokens < 2 {
         p.push(format!("{origin}: [generation] cache_budget_tokens must be at least 2, got {}", r.generation.cache_budget_tokens));
     }

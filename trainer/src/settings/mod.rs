@@ -8,7 +8,7 @@ mod model;
 mod run;
 
 pub use eval::{EvalSpec, SyntheticSpec};
-pub use generation::GenerationSpec;
+pub use generation::{DecodeMode, GenerationSpec};
 pub use model::{is_default, ModelSpec, UpdatePrecision, WeightUpdate};
 #[cfg(test)]
 pub use model::StateDtype;

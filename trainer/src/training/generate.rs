@@ -22,7 +22,7 @@ pub fn generate_at(ctx: &Ctx, net: &Transformer, prompts: &[Vec<i64>], n: usize,
     // ZeRO-3: the engine decodes on whole weights (gathered once for the round)
     super::sharding::ensure_whole(ctx)?;
     let tok = &ctx.tok;
-    let cfg = EngineConfig { eos_token_ids: stop_ids(tok), pad_token_id: tok.pad_id as i64, seed, ..ctx.generation.engine() };
+    let cfg = EngineConfig { eos_token_ids: stop_ids(tok), pad_token_id: tok.pad_id as i64, seed, ..ctx.generation.engine(net.device()) };
     let engine = Engine::new(net, cfg)?;
     let requests: Vec<Request> = prompts
         .iter()
