@@ -42,21 +42,24 @@ import json, sys, time, torch
 from transformers import AutoModelForCausalLM
 a = json.loads(sys.argv[1])
 prompts = json.load(open(a["prompts"]))
-model = AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.bfloat16).to("cuda").eval()
+dev = a["device"]
+sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+model = AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.bfloat16).to(dev).eval()
 kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=a["new"], min_new_tokens=a["new"],
           use_cache=True, pad_token_id=0)
 for b in a["batches"]:
-    ids = torch.tensor(prompts[:b], device="cuda")
+    ids = torch.tensor(prompts[:b], device=dev)
     mask = torch.ones_like(ids)
     times = []
-    torch.cuda.reset_peak_memory_stats()
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode():
         for i in range(a["warmup"] + a["repeats"]):
             torch.manual_seed(i)
-            torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
             out = model.generate(input_ids=ids, attention_mask=mask, **kw)
-            torch.cuda.synchronize()
+            sync()
             dt = time.perf_counter() - t
             assert out.shape[1] - ids.shape[1] == a["new"], out.shape
             if i >= a["warmup"]:
@@ -64,7 +67,7 @@ for b in a["batches"]:
     tokens = ids.shape[0] * a["new"]
     med = sorted(times)[len(times) // 2]
     print(json.dumps({"side": "hf", "batch": b, "times": times, "tokens": tokens, "median_s": med, "tok_s": tokens / med,
-                      "torch_peak_bytes": torch.cuda.max_memory_allocated()}), flush=True)
+                      "torch_peak_bytes": torch.cuda.max_memory_allocated() if dev == "cuda" else None}), flush=True)
 """
 
 # the shapes of issue 21: Qwen2.5-0.5B, Qwen2.5-1.5B (their config.json values) and Phi-4-mini
@@ -77,6 +80,9 @@ SHAPES = {
                      num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
                      rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645),
     "phi4mini": dict(arch="phi3"),
+    # for a dry run on a CPU
+    "tiny": dict(arch="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True),
 }
 
 MAKE_MODEL = r"""
@@ -91,7 +97,7 @@ else:
     shape = json.load(open(sys.argv[3]))
     cfg = C(**{k: v for k, v in shape.items() if not k.startswith("_") and k not in ("architectures", "torch_dtype", "model_type")})
 torch.manual_seed(0)
-with torch.device("cuda"):
+with torch.device(sys.argv[4]):
     m = M(cfg).to(torch.bfloat16)
 m.save_pretrained(sys.argv[1])
 print(sum(p.numel() for p in m.parameters()))
@@ -141,6 +147,7 @@ def main():
     ap.add_argument("--sides", default="whet_graphs,whet,hf",
                     help="whet_graphs (static decoding replayed as CUDA graphs), whet_static (static, eager), whet "
                          "(dynamic), whet_nofuse (dynamic on the parameters), hf")
+    ap.add_argument("--device", default="cuda", help="cuda; cpu for a dry run (no floor, no GPU memory)")
     ap.add_argument("--check-graphs", action="store_true", help="first compare graph replay with eager static decoding")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/whet-gpu-bench"))
     a = ap.parse_args()
@@ -154,12 +161,13 @@ def main():
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if not os.path.exists(os.path.join(a.model_dir, "config.json")):
         phi = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "configs", "phi4-mini-instruct-shape.json")
-        n_params = int(subprocess.run([py, "-c", MAKE_MODEL, a.model_dir, json.dumps(SHAPES[a.shape]), phi], env=env,
+        n_params = int(subprocess.run([py, "-c", MAKE_MODEL, a.model_dir, json.dumps(SHAPES[a.shape]), phi, a.device], env=env,
                                       capture_output=True, text=True, check=True).stdout.split()[-1])
     else:
         n_params = None
     cfg = json.load(open(os.path.join(a.model_dir, "config.json")))
-    bw = run_lines([py, "-c", BANDWIDTH], env, log)[0]
+    gpu = a.device == "cuda"
+    bw = run_lines([py, "-c", BANDWIDTH], env, log)[0] if gpu else {"name": "cpu"}
     print(f"device: {bw.get('name')}, copy bandwidth {bw.get('bytes_per_s', 0) / 1e12:.2f} TB/s", flush=True)
     g = torch.Generator().manual_seed(1)
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
@@ -178,25 +186,25 @@ def main():
         floor_bytes = (n + 1) * weight_bytes + kv_bytes_per_token * b * sum(p + t for t in range(n))
         floor_s = floor_bytes / bw["bytes_per_s"] if "bytes_per_s" in bw else float("nan")
         row.update(floor_tok_s=b * n / floor_s, floor_s=floor_s, weight_bytes=weight_bytes, kv_bytes_per_token=kv_bytes_per_token)
-    idle = GpuMemPoll().read()
+    idle = GpuMemPoll(gpu).read()
     if a.check_graphs:
         # graph replay against the same static steps run eagerly (issue 21: "graph replay is tested against eager
         # decoding on the GPU"), on the first batch size with greedy, T = 1 and top-p rows
-        chk = run_lines([a.whet_bin, "--model", a.model_dir, "--prompts", pfile, "--new-tokens", str(n), "--device", "cuda",
+        chk = run_lines([a.whet_bin, "--model", a.model_dir, "--prompts", pfile, "--new-tokens", str(n), "--device", a.device,
                          "--dtype", "bfloat16", "--batches", str(batches[0]), "--check-graphs"], env, log)
         print(f"graph replay vs eager static decoding: {json.dumps(chk[0])}", flush=True)
         with open(os.path.join(a.out, "graph_check.jsonl"), "a") as f:
             f.write(json.dumps(dict(chk[0], shape=a.shape, batch=batches[0])) + "\n")
-    for side in a.sides.split(","):
+    for side in [x for x in a.sides.split(",") if x]:
         # one process per side: the model loads once; peak GPU memory is over all its batch sizes
-        with GpuMemPoll() as mem:
+        with GpuMemPoll(gpu) as mem:
             if side.startswith("whet"):
                 res = run_lines([a.whet_bin, "--model", a.model_dir, "--prompts", pfile, "--n", "1", "--new-tokens", str(n),
-                                 "--repeats", str(a.repeats), "--warmup", str(a.warmup), "--device", "cuda", "--dtype",
+                                 "--repeats", str(a.repeats), "--warmup", str(a.warmup), "--device", a.device, "--dtype",
                                  "bfloat16", "--batches", a.batches] + WHET_FLAGS[side], env, log)
             else:
                 res = run_lines([py, "-c", HF_WORKER, json.dumps({"model": a.model_dir, "prompts": pfile, "new": n,
-                                 "warmup": a.warmup, "repeats": a.repeats, "batches": batches})], env, log)
+                                 "warmup": a.warmup, "repeats": a.repeats, "batches": batches, "device": a.device})], env, log)
         for r in res:
             if "error" in r:
                 print(f"{side}: {r['error']}", flush=True)
