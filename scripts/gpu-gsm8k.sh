@@ -19,7 +19,10 @@ fi
 run=/tmp/whet-gsm8k
 set -- --set "model.path=$model" --set "stage.0.data.path=$data/train.jsonl" --set "stage.0.eval.data.path=$data/test.jsonl" \
   --set "stage.1.data.path=$data/train.jsonl" --set "stage.1.eval.data.path=$data/test.jsonl" \
-  --set "stage.1.max_steps=${GRPO_STEPS:-20}" --set model.device=cuda
+  --set "stage.1.max_steps=${GRPO_STEPS:-20}" --set "model.device=${DEVICE:-cuda}"
+# a dry run on a CPU: DEVICE=cpu LIMIT=8 EXTRA="--set model.dtype=float32 --set stage.0.max_steps=2 ..."
+# shellcheck disable=SC2086
+set -- "$@" ${EXTRA:-} ${LIMIT:+--set stage.0.eval.data.limit=$LIMIT --set stage.1.eval.data.limit=$LIMIT}
 ( time ./target/release/train --recipe recipes/smollm2-gsm8k.toml --output "$run" --resume never "$@" ) > "$W/gsm8k.log" 2>&1
 echo "train exit $?" >> "$W/gsm8k.log"
 echo "greedy accuracy on the 1,319 GSM8K test problems (the recipe's stage evaluations):"
@@ -31,7 +34,7 @@ echo "|---|---:|"
 for m in "base:$model" "after SFT:$run/checkpoints/s00-final/model" "after GRPO:$run/checkpoints/s01-final/model"; do
   name=${m%%:*}; dir=${m#*:}
   [ -e "$dir/config.json" ] || { echo "| $name | (missing) |"; continue; }
-  ./target/release/train --device cuda eval --model "$dir" --data "$data/test.jsonl" --samples 1 --seeds 1 --temperature 0.6 \
-    --max-tokens 320 --batch-size 256 --decode auto --out "$W/eval-${name// /-}.jsonl" > "$W/eval-${name// /-}.json" 2>> "$W/gsm8k.log"
-  echo "| $name | $(python3 -c 'import json,sys; d=json.loads(open(sys.argv[1]).read().strip().splitlines()[-1]); print(d.get("pass@1", d))' "$W/eval-${name// /-}.json" 2>/dev/null) |"
+  ./target/release/train --device "${DEVICE:-cuda}" eval --model "$dir" --data "$data/test.jsonl" --samples 1 --seeds 1 --temperature 0.6 \
+    --max-tokens "${EVAL_TOKENS:-320}" --batch-size 256 --decode auto ${LIMIT:+--limit $LIMIT} --out "$W/eval-${name// /-}.jsonl" > "$W/eval-${name// /-}.json" 2>> "$W/gsm8k.log"
+  echo "| $name | $(python3 -c 'import json,sys; d=json.loads(open(sys.argv[1]).read().strip().splitlines()[-1]); p = d["pass@1"]["mean"]; print("%.2f %% (%d problems, %.0f tok/s)" % (100 * p, d["problems"], d["generated_tokens"] / d["generate_seconds"]))' "$W/eval-${name// /-}.json" 2>/dev/null) |"
 done
