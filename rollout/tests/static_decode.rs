@@ -173,3 +173,31 @@ fn sync_every_zero_is_a_configuration_error() {
     let err = Engine::new(&m.net, EngineConfig { static_decode: true, sync_every: 0, ..Default::default() }).err().expect("an error");
     assert!(err.to_string().contains("sync_every"), "{err}");
 }
+
+/// On a machine with CUDA (and a build with the CUDA-graph shim): static decoding replayed as CUDA graphs gives
+/// exactly what the same steps give run eagerly (the same kernels), and graphs were recorded and replayed.
+/// Skips, saying why, elsewhere; `rollout-bench --check-graphs` runs the same comparison at a real model's shape
+/// (scripts/gpu-bench.sh, part `graphs`).
+#[test]
+fn cuda_graph_replay_equals_eager_static_decoding() {
+    setup();
+    let device = Device::Cuda(0);
+    if let Err(why) = model::cuda_graph::available(device) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/qwen2");
+    let m = Model::load(&dir, None, device).unwrap();
+    let reqs = mixed_requests(-1);
+    // both padded to the graph buckets, so that every step multiplies the same shapes
+    let cfg = |cuda_graphs| EngineConfig { static_decode: true, cuda_graphs, sync_every: 4, bucket_rows: Some(true), slot_refill: false, ..Default::default() };
+    let (eager, s0) = run(&m, cfg(false), &reqs);
+    let (graphed, s1) = run(&m, cfg(true), &reqs);
+    assert_eq!((s0.graph_captures, s0.graph_replays), (0, 0));
+    assert!(s1.graph_captures >= 1 && s1.graph_replays > s1.graph_captures, "{s1:?}");
+    for (a, b) in eager.iter().zip(&graphed) {
+        assert_eq!(a.token_ids, b.token_ids);
+        assert_eq!(a.logprobs_model, b.logprobs_model);
+        assert_eq!(a.logprobs_sampled, b.logprobs_sampled);
+    }
+}

@@ -179,6 +179,8 @@ fn compare_graphs(m: &Model, prompts: &[Vec<i64>], new_tokens: usize, max_batch:
             static_decode: true,
             cuda_graphs,
             sync_every,
+            // both padded to the graph buckets, so that every step multiplies the same shapes
+            bucket_rows: Some(true),
             ..Default::default()
         };
         Engine::new(&m.net, cfg).and_then(|e| e.generate_with_stats(&reqs)).map_err(|e| e.to_string())
