@@ -64,13 +64,17 @@ if want graphs; then
   grep -h "graph replay" "$W/graphs.txt" >> "$summary"
 fi
 
-if want gen05; then
-  stamp "gen05"
-  timeout "${GEN05_TIMEOUT:-170}" python3 scripts/bench/generate_gpu.py --whet-bin target/release/rollout-bench --out "$W" \
-    --shape qwen0.5b --batches 64,128,256 --repeats 1 --warmup 1 --sides whet_graphs,whet,hf > "$W/gen05.txt" 2>&1
-  section "generation, Qwen2.5-0.5B shape"
-  sed -n '/^|/p;/shape (/p' "$W/gen05.txt" >> "$summary"
-fi
+# generation at one shape: part name, shape, batch sizes, sides, time limit, title
+gen() {
+  want "$1" || return 0
+  stamp "$1"
+  timeout "$5" python3 scripts/bench/generate_gpu.py --whet-bin target/release/rollout-bench --out "$W" \
+    --shape "$2" --batches "$3" --repeats 1 --warmup 1 --sides "$4" > "$W/$1.txt" 2>&1
+  section "$6"
+  sed -n '/^|/p;/shape (/p' "$W/$1.txt" >> "$summary"
+}
+
+gen gen05 qwen0.5b 64,128,256 whet_graphs,whet,hf "${GEN05_TIMEOUT:-170}" "generation, Qwen2.5-0.5B shape"
 
 if want train; then
   stamp "train"
@@ -86,21 +90,8 @@ if want gsm8k; then
   echo "exit $?" >> "$summary"
 fi
 
-if want gen15; then
-  stamp "gen15"
-  timeout "${GEN15_TIMEOUT:-120}" python3 scripts/bench/generate_gpu.py --whet-bin target/release/rollout-bench --out "$W" \
-    --shape qwen1.5b --batches 64,128,256 --repeats 1 --warmup 1 --sides whet_graphs,hf > "$W/gen15.txt" 2>&1
-  section "generation, Qwen2.5-1.5B shape"
-  sed -n '/^|/p;/shape (/p' "$W/gen15.txt" >> "$summary"
-fi
-
-if want genphi; then
-  stamp "genphi"
-  timeout "${GENPHI_TIMEOUT:-120}" python3 scripts/bench/generate_gpu.py --whet-bin target/release/rollout-bench --out "$W" \
-    --shape phi4mini --batches 64 --repeats 1 --warmup 1 --sides whet_graphs,hf > "$W/genphi.txt" 2>&1
-  section "generation, Phi-4-mini shape"
-  sed -n '/^|/p;/shape (/p' "$W/genphi.txt" >> "$summary"
-fi
+gen gen15 qwen1.5b 64,128,256 whet_graphs,hf "${GEN15_TIMEOUT:-120}" "generation, Qwen2.5-1.5B shape"
+gen genphi phi4mini 64 whet_graphs,hf "${GENPHI_TIMEOUT:-120}" "generation, Phi-4-mini shape"
 
 if want sharding; then
   stamp "sharding"

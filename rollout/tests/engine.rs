@@ -2,26 +2,13 @@
 //! step-by-step argmax over full forwards, log-probabilities equal log-softmax of full forwards, determinism,
 //! stop tokens and stop strings, budgets and compaction.
 
+mod common;
+
+use common::{load, prompt, reference_greedy, setup, two_letter};
 use model::{Batch, Model};
 use rollout::{Completion, Engine, EngineConfig, FinishReason, FnDecoder, Request, RolloutError, SamplingParams};
-use std::path::PathBuf;
 use std::sync::Arc;
-use tch::{Device, Kind, Tensor};
-
-fn setup() {
-    model::runtime::preload_cuda();
-    tch::set_num_threads(1);
-}
-
-fn load(name: &str) -> Model {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures").join(name);
-    Model::load(&dir, None, Device::Cpu).unwrap()
-}
-
-/// Deterministic prompts of different lengths (ids within the fixtures' 256-token vocabulary).
-fn prompt(len: usize, salt: i64) -> Vec<i64> {
-    (0..len as i64).map(|i| (i * 37 + salt * 11 + 5) % 250 + 3).collect()
-}
+use tch::{Kind, Tensor};
 
 fn req(prompt_ids: Vec<i64>, n: usize, params: SamplingParams) -> Request {
     Request { prompt_ids, n, params }
@@ -32,20 +19,6 @@ fn full_logits(m: &Model, prompt: &[i64], c: &Completion) -> Tensor {
     let ids: Vec<i64> = prompt.iter().chain(c.token_ids.iter()).copied().collect();
     let t = Tensor::from_slice(&ids).view([1, -1]);
     tch::no_grad(|| m.net.forward(&Batch { rope_long: Some(c.rope_long), ..Batch::causal(&t) })).squeeze_dim(0)
-}
-
-/// Greedy decoding by full forwards: argmax at the last position, appended, repeated.
-fn reference_greedy(m: &Model, prompt: &[i64], steps: usize, rope_long: bool) -> Vec<i64> {
-    let mut ids = prompt.to_vec();
-    let mut out = Vec::new();
-    for _ in 0..steps {
-        let t = Tensor::from_slice(&ids).view([1, -1]);
-        let l = tch::no_grad(|| m.net.forward(&Batch { rope_long: Some(rope_long), ..Batch::causal(&t) }));
-        let next = l.select(1, -1).argmax(-1, false).int64_value(&[0]);
-        out.push(next);
-        ids.push(next);
-    }
-    out
 }
 
 fn engine(m: &Model) -> Engine<'_> {
@@ -195,11 +168,6 @@ fn same_seed_same_samples_and_batch_composition_does_not_change_them() {
     assert_eq!(a, e.generate(&[req(prompt(4, 7), 2, unseeded.clone())]).unwrap());
     let e2 = Engine::new(&m.net, EngineConfig { seed: 99, ..Default::default() }).unwrap();
     assert_ne!(a, e2.generate(&[req(prompt(4, 7), 2, unseeded)]).unwrap());
-}
-
-/// Token `i` decodes to two letters, so substrings can span token boundaries.
-fn two_letter(ids: &[i64]) -> String {
-    ids.iter().map(|&i| format!("{}{}", (b'a' + (i % 26) as u8) as char, (b'A' + ((i / 26) % 26) as u8) as char)).collect()
 }
 
 #[test]

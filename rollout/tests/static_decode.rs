@@ -3,25 +3,13 @@
 //! within 1e-5, the same finish reasons, through stop ids, stop strings, compaction, padding to graph buckets
 //! and attention spans that grow past 128 slots.
 
-use model::{Batch, Model};
+mod common;
+
+use common::{load, prompt, reference_greedy, setup, two_letter};
+use model::Model;
 use rollout::{Completion, Engine, EngineConfig, FinishReason, FnDecoder, GenerateStats, Request, SamplingParams};
-use std::path::PathBuf;
 use std::sync::Arc;
-use tch::{Device, Tensor};
-
-fn setup() {
-    model::runtime::preload_cuda();
-    tch::set_num_threads(1);
-}
-
-fn load(name: &str) -> Model {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures").join(name);
-    Model::load(&dir, None, Device::Cpu).unwrap()
-}
-
-fn prompt(len: usize, salt: i64) -> Vec<i64> {
-    (0..len as i64).map(|i| (i * 37 + salt * 11 + 5) % 250 + 3).collect()
-}
+use tch::Device;
 
 /// Requests with prompts of 3–15 tokens and every kind of sampling: greedy, temperature, top-k, top-p,
 /// min-p, one with stop ids, lengths 3–31.
@@ -110,20 +98,6 @@ fn padded_buckets_compact_only_into_smaller_buckets() {
     assert_eq!(s1.decode_row_steps, 16 * 3 + 8 * 4 + 4 * 2 + 2 + 1, "{s1:?}");
 }
 
-/// Greedy decoding by full forwards: argmax at the last position, appended, repeated.
-fn reference_greedy(m: &Model, prompt: &[i64], steps: usize, rope_long: bool) -> Vec<i64> {
-    let mut ids = prompt.to_vec();
-    let mut out = Vec::new();
-    for _ in 0..steps {
-        let t = Tensor::from_slice(&ids).view([1, -1]);
-        let l = tch::no_grad(|| m.net.forward(&Batch { rope_long: Some(rope_long), ..Batch::causal(&t) }));
-        let next = l.select(1, -1).argmax(-1, false).int64_value(&[0]);
-        out.push(next);
-        ids.push(next);
-    }
-    out
-}
-
 #[test]
 fn static_greedy_equals_full_forwards_across_growing_spans() {
     setup();
@@ -144,11 +118,6 @@ fn static_greedy_equals_full_forwards_across_growing_spans() {
         assert_eq!(stats.decode_steps, 150);
     }
 }
-
-fn two_letter(ids: &[i64]) -> String {
-    ids.iter().map(|&i| format!("{}{}", (b'a' + (i % 26) as u8) as char, (b'A' + ((i / 26) % 26) as u8) as char)).collect()
-}
-
 #[test]
 fn stop_strings_end_rows_at_the_same_token_as_the_dynamic_engine() {
     setup();
@@ -186,8 +155,7 @@ fn cuda_graph_replay_equals_eager_static_decoding() {
         eprintln!("skipped: {why}");
         return;
     }
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/qwen2");
-    let m = Model::load(&dir, None, device).unwrap();
+    let m = common::load_on("qwen2", device);
     let reqs = mixed_requests(-1);
     // both padded to the graph buckets, so that every step multiplies the same shapes
     let cfg = |cuda_graphs| EngineConfig { static_decode: true, cuda_graphs, sync_every: 4, bucket_rows: Some(true), slot_refill: false, ..Default::default() };

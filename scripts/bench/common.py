@@ -27,6 +27,36 @@ def random_llama_recipe(run_keys, stage, vocab=32000, hidden=768, inter=2048):
             f'save_every = 0\n{run_keys}\n[[stage]]\n{stage}')
 
 
+def toml_inline(d):
+    """A dict as a TOML inline table (for `[model] config = {...}`)."""
+    def val(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        return repr(v)
+    return "{ " + ", ".join(f"{k} = {val(v)}" for k, v in d.items()) + " }"
+
+
+def random_model_recipe(cfg, device, dtype, out, run_keys=""):
+    """The `[model]` and `[run]` tables of a run on a random-init model of config `cfg` (a dict of config.json
+    keys) with the byte tokenizer, logging every step and saving nothing; `run_keys`: more `[run]` lines."""
+    return f"""
+[model]
+config = {toml_inline(cfg)}
+tokenizer = "builtin:bytes"
+device = "{device}"
+dtype = "{dtype}"
+
+[run]
+output_dir = "{out}"
+seed = 1
+log_every = 1
+save_every = 0
+report_to = "none"
+{run_keys}"""
+
+
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
 
 

@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 import time
 
-from common import GpuMemPoll
+from common import GpuMemPoll, random_model_recipe
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 TINY = {"model_type": "phi3", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
@@ -37,32 +37,8 @@ def shape(name):
     return {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("architectures", "torch_dtype")}
 
 
-def toml_inline(d):
-    def val(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return json.dumps(v)
-        return repr(v)
-    return "{ " + ", ".join(f"{k} = {val(v)}" for k, v in d.items()) + " }"
-
-
 def recipe(cfg, device, sharding, tokens, steps, out):
-    return f"""
-[model]
-config = {toml_inline(cfg)}
-tokenizer = "builtin:bytes"
-device = "{device}"
-dtype = "bfloat16"
-
-[run]
-output_dir = "{out}"
-seed = 1
-log_every = 1
-save_every = 0
-sharding = "{sharding}"
-report_to = "none"
-
+    return random_model_recipe(cfg, device, "bfloat16", out, f'sharding = "{sharding}"\n') + f"""
 [[stage]]
 kind = "sft"
 synthetic = {{ count = 4096, arithmetic = {{ seed = 1 }} }}

@@ -29,9 +29,8 @@ import subprocess
 import tempfile
 import time
 
-from common import GpuMemPoll, ROOT
+from common import GpuMemPoll, ROOT, random_model_recipe
 from generate_gpu import SHAPES
-from sharding_gpu import toml_inline
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 TINY = dict(arch="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -59,25 +58,8 @@ def flops_per_token(cfg, t):
     return 6 * n + 12 * layers * heads * hd * t, n
 
 
-def header(cfg, device, dtype, out):
-    return f"""
-[model]
-config = {toml_inline(cfg)}
-tokenizer = "builtin:bytes"
-device = "{device}"
-dtype = "{dtype}"
-
-[run]
-output_dir = "{out}"
-seed = 1
-log_every = 1
-save_every = 0
-report_to = "none"
-"""
-
-
 def sft_recipe(cfg, device, dtype, tokens, steps, checkpointing, out):
-    return header(cfg, device, dtype, out) + f"""
+    return random_model_recipe(cfg, device, dtype, out) + f"""
 [[stage]]
 kind = "sft"
 synthetic = {{ count = 20000, arithmetic = {{ seed = 1 }} }}
@@ -92,7 +74,7 @@ lr = 1e-5
 
 
 def grpo_recipe(cfg, device, dtype, prompts, new, steps, checkpointing, out):
-    return header(cfg, device, dtype, out) + f"""
+    return random_model_recipe(cfg, device, dtype, out) + f"""
 [generation]
 decode = "auto"
 
