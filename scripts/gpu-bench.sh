@@ -13,6 +13,7 @@
 #           test problems before and after SFT and GRPO (GRPO_STEPS, default 20), then pass@1 at T 0.6  (~200 s)
 #   gen15   generation at the 1.5B shape (batch 64/128/256) and                                        (~90 s)
 #   genphi  at Phi-4-mini's shape (batch 64)                                                            (~90 s)
+#   demo    the demo recipe's four stages on cuda (fp32), the regression check of earlier GPU sessions      (~60 s)
 #   sharding  issue 20, item 6: scripts/bench/sharding_gpu.py, each [run] sharding mode at Phi-4-mini's shape,
 #           world size 1, peak memory and step time next to the plan                                  (~180 s)
 #
@@ -92,6 +93,14 @@ fi
 
 gen gen15 qwen1.5b 64,128,256 whet_graphs,hf "${GEN15_TIMEOUT:-120}" "generation, Qwen2.5-1.5B shape"
 gen genphi phi4mini 64 whet_graphs,hf "${GENPHI_TIMEOUT:-120}" "generation, Phi-4-mini shape"
+
+if want demo; then
+  stamp "demo"
+  ( time timeout "${DEMO_TIMEOUT:-130}" ./target/release/train --recipe recipes/demo.toml --output /tmp/demo-cuda --resume never \
+      --set model.device=cuda ) > "$W/demo.txt" 2>&1
+  section "demo recipe on cuda (fp32)"
+  grep -h -E "held-out accuracy: |real|error" "$W/demo.txt" >> "$summary"
+fi
 
 if want sharding; then
   stamp "sharding"
