@@ -47,15 +47,28 @@ pub(crate) fn span_for(needed: i64, capacity: i64) -> i64 {
     ((needed + step - 1) / step * step).min(capacity)
 }
 
+/// Per cache row: the last logits `[B, vocab]`, the next position `[B, 1]` and which slots hold keys `[B,
+/// capacity]`.
+struct RowTensors {
+    logits: Tensor,
+    pos: Tensor,
+    key_mask: Tensor,
+}
+
+impl RowTensors {
+    /// Rows `idx` (int64 on the device; repeats allowed).
+    fn select(&self, idx: &Tensor) -> RowTensors {
+        RowTensors { logits: self.logits.index_select(0, idx), pos: self.pos.index_select(0, idx), key_mask: self.key_mask.index_select(0, idx) }
+    }
+}
+
 /// The device state of a static wave: what a step reads and writes in place.
 struct State {
     /// Device rows (live rows, then padding copies of the last one).
     rows: i64,
     sampling: RowSampling,
     keys: Tensor,
-    logits: Tensor,
-    pos: Tensor,
-    key_mask: Tensor,
+    t: RowTensors,
     /// Tokens sampled so far by every row (the generator's step), the slot the next forward writes, the
     /// buffer column of the next sample: int64 `[1]` each.
     step: Tensor,
@@ -68,10 +81,11 @@ struct State {
 }
 
 impl State {
-    /// The state for cache rows `active` (row ids) plus `pad` copies of the last one, whose cache, mask,
-    /// positions and logits are already in that order.
-    fn new(ctx: &Ctx, rows: &[Row], active: &[usize], pad: usize, logits: Tensor, pos: Tensor, key_mask: Tensor, sync_every: usize, vocab: i64) -> State {
-        let device = logits.device();
+    /// The state for cache rows `active` (row ids) plus `pad` copies of the last one, whose cache and row
+    /// tensors `t` are already in that order.
+    fn new(ctx: &Ctx, rows: &[Row], active: &[usize], pad: usize, t: RowTensors, sync_every: usize) -> State {
+        let device = t.logits.device();
+        let vocab = t.logits.size()[1];
         let ids: Vec<usize> = active.iter().copied().chain(std::iter::repeat_n(*active.last().expect("a wave has rows"), pad)).collect();
         let params: Vec<_> = ids.iter().map(|&i| &ctx.requests[rows[i].req].params).collect();
         let keys: Vec<i64> = ids.iter().map(|&i| rng::row_key(rows[i].seed, rows[i].sample as u64) as i64).collect();
@@ -82,9 +96,7 @@ impl State {
             rows: n,
             sampling: RowSampling::new(&params, vocab, device),
             keys: Tensor::from_slice(&keys).to_device(device),
-            logits,
-            pos,
-            key_mask,
+            t,
             step: scalar(),
             slot: scalar(),
             col: scalar(),
@@ -98,15 +110,15 @@ impl State {
     /// One step, all on the device: sample from the current logits, record, feed the samples.
     fn step(&mut self, m: &model::Transformer, cache: &mut KvCache, weights: Option<&DecodeWeights>, span: i64) {
         let u = rng::uniform_tensor(&self.keys, &self.step);
-        let s = self.sampling.sample_on_device(&self.logits, &u);
+        let s = self.sampling.sample_on_device(&self.t.logits, &u);
         let n = self.rows;
         let _ = self.out_tokens.index_copy_(1, &self.col, &s.tokens.view([n, 1]));
         let _ = self.out_lp_sampled.index_copy_(1, &self.col, &s.logprob_sampled.view([n, 1]));
         let _ = self.out_lp_model.index_copy_(1, &self.col, &s.logprob_model.view([n, 1]));
-        let next = m.decode_static(&s.tokens.view([n, 1]), &self.pos, &self.key_mask, &self.slot, span, cache, weights);
-        self.logits.copy_(&next);
-        for t in [&mut self.pos, &mut self.step, &mut self.slot, &mut self.col] {
-            let _ = t.g_add_scalar_(1);
+        let next = m.decode_static(&s.tokens.view([n, 1]), &self.t.pos, &self.t.key_mask, &self.slot, span, cache, weights);
+        self.t.logits.copy_(&next);
+        for c in [&mut self.t.pos, &mut self.step, &mut self.slot, &mut self.col] {
+            let _ = c.g_add_scalar_(1);
         }
     }
 }
@@ -126,16 +138,14 @@ impl<'m> Engine<'m> {
         let pos = Tensor::from_slice(&next_pos).view([-1, 1]).to_device(device);
         let mut active = row_ids;
         let mut pad = if padded { bucket(active.len()) - active.len() } else { 0 };
-        let (logits, pos, key_mask) = if pad > 0 {
+        let mut t = RowTensors { logits, pos, key_mask };
+        if pad > 0 {
             let idx = pad_index(active.len(), pad, device);
             cache.select_rows(&idx);
-            (logits.index_select(0, &idx), pos.index_select(0, &idx), key_mask.index_select(0, &idx))
-        } else {
-            (logits, pos, key_mask)
-        };
+            t = t.select(&idx);
+        }
         stats.peak_cache_tokens = stats.peak_cache_tokens.max(cache.batch() * cache.capacity());
-        let vocab = m.cfg.vocab_size;
-        let mut state = State::new(ctx, &rows, &active, pad, logits, pos, key_mask, k, vocab);
+        let mut state = State::new(ctx, &rows, &active, pad, t, k);
         let mut taken = 0usize;
         while taken < max_new {
             let n = k.min(max_new - taken);
@@ -179,8 +189,7 @@ impl<'m> Engine<'m> {
                 let idx = Tensor::from_slice(&keep).to_device(device);
                 cache.select_rows(&idx);
                 active = live.iter().map(|&r| active[r as usize]).collect();
-                let (logits, pos, key_mask) = (state.logits.index_select(0, &idx), state.pos.index_select(0, &idx), state.key_mask.index_select(0, &idx));
-                state = State::new(ctx, &rows, &active, pad, logits, pos, key_mask, k, vocab);
+                state = State::new(ctx, &rows, &active, pad, state.t.select(&idx), k);
                 stats.compactions += 1;
             }
         }
