@@ -24,6 +24,8 @@
 #   cargo build --release -p trainer --bin train -p rollout --bin rollout-bench
 #   mkdir -p gpu-bin && strip -o gpu-bin/train target/release/train && strip -o gpu-bin/rollout-bench target/release/rollout-bench
 #   bash scripts/gpu-stage.sh        # gpu-assets/: GSM8K's two files and the SmolLM2 GGUF in parts (see there)
+#   # optional, NCCL (part check runs them when present): in a clone with `scripts/libtorch.sh cuda`, build `train`
+#   # and example `nccl_check` with `--features trainer/nccl` and strip them to gpu-bin/train-nccl and gpu-bin/nccl_check
 #
 # and carry gpu-bin and gpu-assets/gsm8k. The SmolLM2 weights (a 98 MB GGUF) exceed one call's limit: the staging
 # calls that scripts/gpu-stage.sh prints copy its parts to /tmp/whet-assets on the warm machine first; without

@@ -1,7 +1,9 @@
 // CUDA graphs for the rollout engine's static decode step: capture a sequence of libtorch kernels once and
 // replay it, so a decode step costs one graph launch instead of hundreds of kernel launches from the host.
-// tch 0.24 does not bind at::cuda::CUDAGraph; this shim does (compiled only with the model crate's feature
-// `cuda-graphs`, against the cuda flavour of libtorch: `scripts/libtorch.sh cuda`).
+// tch 0.24 does not bind at::cuda::CUDAGraph; this shim does. model/build.rs compiles it into a shared library
+// (headers only, no CUDA library at link time) that the binary carries and dlopens once the CUDA preload has
+// loaded libtorch_cuda (model/src/cuda_graph.rs); scripts/check-cuda-graph-shim.sh links it against the
+// wheel's CUDA libraries to show every symbol it needs is there.
 //
 // Capture follows PyTorch's rules (torch.cuda.graphs): it must run on a stream other than the legacy default
 // stream, so a graph owns a side stream that waits for the current stream before and is waited on after; the
@@ -13,7 +15,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <cstring>
 #include <optional>
 #include <string>
 

@@ -93,11 +93,6 @@ pub fn available(device: Device) -> Result<(), String> {
     }
 }
 
-/// Whether this binary carries the shim (it can capture once CUDA is there).
-pub fn built_in() -> bool {
-    shim_bytes().is_some()
-}
-
 /// A captured sequence of kernels.
 pub struct CudaGraph {
     ptr: *mut c_void,

@@ -86,7 +86,7 @@ impl State {
     fn new(ctx: &Ctx, rows: &[Row], active: &[usize], pad: usize, t: RowTensors, sync_every: usize) -> State {
         let device = t.logits.device();
         let vocab = t.logits.size()[1];
-        let ids: Vec<usize> = active.iter().copied().chain(std::iter::repeat_n(*active.last().expect("a wave has rows"), pad)).collect();
+        let ids = with_pad(active, pad);
         let params: Vec<_> = ids.iter().map(|&i| &ctx.requests[rows[i].req].params).collect();
         let keys: Vec<i64> = ids.iter().map(|&i| rng::row_key(rows[i].seed, rows[i].sample as u64) as i64).collect();
         let n = ids.len() as i64;
@@ -130,7 +130,7 @@ impl<'m> Engine<'m> {
         let device = m.device();
         let graphs = self.cfg.cuda_graphs && !self.graphs_failed.get() && model::cuda_graph::available(device).is_ok();
         let padded = self.cfg.bucket_rows.unwrap_or(graphs);
-        let k = self.cfg.sync_every.max(1);
+        let k = self.cfg.sync_every;
         let max_new = chunks.iter().map(|c| ctx.requests[c.req].params.max_new_tokens).max().unwrap_or(0);
         let mut rows: Vec<Row> = Vec::new();
         let Prefilled { mut cache, key_mask, logits, next_pos, row_ids } = self.prefill(ctx, &chunks, max_new as i64, self.cfg.rope_long, &mut rows, stats);
@@ -140,7 +140,7 @@ impl<'m> Engine<'m> {
         let mut pad = if padded { bucket(active.len()) - active.len() } else { 0 };
         let mut t = RowTensors { logits, pos, key_mask };
         if pad > 0 {
-            let idx = pad_index(active.len(), pad, device);
+            let idx = Tensor::from_slice(&with_pad(&(0..active.len() as i64).collect::<Vec<_>>(), pad)).to_device(device);
             cache.select_rows(&idx);
             t = t.select(&idx);
         }
@@ -185,8 +185,7 @@ impl<'m> Engine<'m> {
             let smaller = !padded || bucket(live.len()) < state.rows as usize;
             if finished > 0 && smaller && finished as f64 >= self.cfg.compact_fraction * active.len() as f64 {
                 pad = if padded { bucket(live.len()) - live.len() } else { 0 };
-                let keep: Vec<i64> = live.iter().copied().chain(std::iter::repeat_n(*live.last().unwrap(), pad)).collect();
-                let idx = Tensor::from_slice(&keep).to_device(device);
+                let idx = Tensor::from_slice(&with_pad(&live, pad)).to_device(device);
                 cache.select_rows(&idx);
                 active = live.iter().map(|&r| active[r as usize]).collect();
                 state = State::new(ctx, &rows, &active, pad, state.t.select(&idx), k);
@@ -220,10 +219,10 @@ impl<'m> Engine<'m> {
     }
 }
 
-/// Row indices `0..rows` followed by `pad` copies of the last.
-fn pad_index(rows: usize, pad: usize, device: Device) -> Tensor {
-    let idx: Vec<i64> = (0..rows as i64).chain(std::iter::repeat_n(rows as i64 - 1, pad)).collect();
-    Tensor::from_slice(&idx).to_device(device)
+/// `items` followed by `pad` copies of the last (a batch padded to its bucket with copies of its last row).
+fn with_pad<T: Copy>(items: &[T], pad: usize) -> Vec<T> {
+    let last = *items.last().expect("a wave has rows");
+    items.iter().copied().chain(std::iter::repeat_n(last, pad)).collect()
 }
 
 #[cfg(test)]
